@@ -1,0 +1,33 @@
+# Set-up is part of every target: a fresh clone needs only `make demo` or `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+CATALOG ?= ../shared/data/luma
+DEMO_CATALOG ?= demo-catalog
+BIN = $(VENV)/bin
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(BIN)/python scripts/demo.py --source $(CATALOG) --catalog $(DEMO_CATALOG)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests bench scripts
+
+bench: setup
+	$(BIN)/python bench/bench_eval.py
+	$(BIN)/python bench/bench_index.py
+
+clean:
+	rm -rf $(DEMO_CATALOG) .pytest_cache

@@ -1,0 +1,502 @@
+"""A catalog is a directory: an SQLite store (truth) plus a vector index (a cache of it).
+
+Crash safety: each ingest batch is one SQLite transaction, and images are unique per
+(item, content hash), so re-running an interrupted ingest adds exactly what is missing.
+The index file is written atomically and stamped with the store's ``vector_epoch``; when
+the stamp is stale (a crash between commit and save) the index is rebuilt from the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from vestis.catalog.index import DEFAULT_FACTORY, FaissIndex, VectorIndex, create_index
+from vestis.catalog.sources import IngestRecord, read_source, unique_records
+from vestis.catalog.store import ImageRow, NewImage, Store
+from vestis.images import Box, ImageSource
+from vestis.models import DEFAULT_MODEL, Encoder
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+DB_NAME = "catalog.db"
+INDEX_NAME = "index.faiss"
+INDEX_STAMP_NAME = "index.json"
+LOCK_NAME = "write.lock"
+
+
+class ModelMismatchError(ValueError):
+    """Vectors from one model were offered to a catalog built with another."""
+
+
+@dataclass(frozen=True)
+class Match:
+    """One catalog item found by a search: the best-matching image of the item."""
+
+    item_id: str
+    score: float
+    image_id: int
+    path: str
+    metadata: dict[str, Any]
+    box: Box | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "item_id": self.item_id,
+            "score": round(float(self.score), 6),
+            "image_id": self.image_id,
+            "path": self.path,
+            "box": list(self.box) if self.box else None,
+            "metadata": self.metadata,
+        }
+
+
+@dataclass
+class IngestReport:
+    added: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.added / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Item:
+    item_id: str
+    metadata: dict[str, Any]
+    images: list[ImageRow]
+
+
+class Catalog:
+    """A persistent, searchable catalog of garment images.
+
+    >>> catalog = Catalog("shop-catalog", model="lite0")      # creates or opens
+    >>> catalog.add("photos/")                                 # folder, CSV or list of paths
+    >>> catalog.search("query.jpg", k=10, where={"category": "Tops"})
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        model: str | None = None,
+        factory: str | None = None,
+        encoder: Encoder | None = None,
+    ):
+        self.path = Path(path).expanduser()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._store = Store(self.path / DB_NAME)
+        self._encoder = encoder
+        self._init_model(model or (encoder.name if encoder else None))
+        self._init_factory(factory)
+        self._index: VectorIndex | None = None
+        self._index_dirty = False
+
+    # -- identity ----------------------------------------------------------------------
+    def _init_model(self, model: str | None) -> None:
+        stored = self._store.get_meta("model_name")
+        if stored is None:
+            name = model or DEFAULT_MODEL
+            encoder = self._encoder or Encoder.from_name(name)
+            self._encoder = encoder
+            self._store.set_meta(
+                {"model_name": name, "model_id": encoder.model_id, "dim": str(encoder.dim)}
+            )
+        elif model is not None and model != stored:
+            candidate = self._encoder or Encoder.from_name(model)
+            if candidate.model_id != self._store.get_meta("model_id"):
+                raise ModelMismatchError(
+                    f"catalog {self.path} was built with model {stored!r} "
+                    f"({self._store.get_meta('model_id')}); it cannot use {model!r} "
+                    f"({candidate.model_id}). Use a new catalog directory for another model."
+                )
+            self._encoder = candidate
+
+    def _init_factory(self, factory: str | None) -> None:
+        stored = self._store.get_meta("factory")
+        if stored is None:
+            self._store.set_meta({"factory": factory or DEFAULT_FACTORY})
+        elif factory is not None and factory != stored:
+            raise ValueError(
+                f"catalog {self.path} uses index {stored!r}; rebuild it to change to {factory!r}"
+            )
+
+    @property
+    def model_name(self) -> str:
+        return self._store.get_meta("model_name")
+
+    @property
+    def model_id(self) -> str:
+        return self._store.get_meta("model_id")
+
+    @property
+    def dim(self) -> int:
+        return int(self._store.get_meta("dim"))
+
+    @property
+    def factory(self) -> str:
+        return self._store.get_meta("factory")
+
+    @property
+    def encoder(self) -> Encoder:
+        """The catalog's own model, loaded on first use."""
+        if self._encoder is None:
+            self._encoder = Encoder.from_name(self.model_name)
+            self._check_model(self._encoder.model_id)
+        return self._encoder
+
+    def _check_model(self, model_id: str) -> None:
+        if model_id != self.model_id:
+            raise ModelMismatchError(
+                f"vectors from model {model_id!r} cannot go into catalog {self.path}, "
+                f"built with {self.model_id!r}"
+            )
+
+    # -- life cycle --------------------------------------------------------------------
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._index_dirty:
+                self._save_index()
+            self._store.close()
+
+    def __len__(self) -> int:
+        return self._store.count_items()
+
+    @property
+    def num_images(self) -> int:
+        return self._store.count_images()
+
+    def info(self) -> dict[str, Any]:
+        index = self._vector_index()
+        return {
+            "path": str(self.path),
+            "items": len(self),
+            "images": self.num_images,
+            "model": self.model_name,
+            "model_id": self.model_id,
+            "dim": self.dim,
+            "index": self.factory,
+            "indexed_vectors": len(index),
+            "metadata_fields": self._store.metadata_keys(),
+        }
+
+    # -- the vector index ------------------------------------------------------------
+    def _vector_index(self) -> VectorIndex:
+        with self._lock:
+            if self._index is None:
+                self._index = self._load_or_rebuild_index()
+            return self._index
+
+    def _load_or_rebuild_index(self) -> VectorIndex:
+        stamp = self._read_stamp()
+        epoch = self._store.vector_epoch
+        index_file = self.path / INDEX_NAME
+        if stamp.get("epoch") == epoch and index_file.exists():
+            with contextlib.suppress(RuntimeError):
+                index = FaissIndex.load(index_file, self.factory)
+                if len(index) == self._store.count_images() and index.dim == self.dim:
+                    return index
+        return self._rebuild_index()
+
+    def _rebuild_index(self) -> VectorIndex:
+        index = create_index(self.dim, self.factory)
+        for ids, vectors in self._store.iter_vectors():
+            index.add(ids, vectors)
+        self._index = index
+        self._save_index()
+        return index
+
+    def rebuild_index(self) -> None:
+        """Rebuild the vector index from the stored vectors (no re-embedding)."""
+        with self._lock, self._write_lock():
+            self._rebuild_index()
+
+    def _read_stamp(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.path / INDEX_STAMP_NAME).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _save_index(self) -> None:
+        # Order matters: the index file first, then the stamp that vouches for it.
+        epoch = self._store.vector_epoch
+        self._index.save(self.path / INDEX_NAME)
+        stamp = {"epoch": epoch, "count": len(self._index), "factory": self.factory}
+        tmp = self.path / f".{INDEX_STAMP_NAME}.tmp"
+        tmp.write_text(json.dumps(stamp))
+        os.replace(tmp, self.path / INDEX_STAMP_NAME)
+        self._index_dirty = False
+
+    def save(self) -> None:
+        """Persist the vector index now (it is also saved after each write operation)."""
+        with self._lock:
+            if self._index is not None:
+                self._save_index()
+
+    @contextlib.contextmanager
+    def _write_lock(self):
+        """One writing process at a time per catalog directory."""
+        with open(self.path / LOCK_NAME, "a") as handle:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # -- writes ----------------------------------------------------------------------
+    def add(
+        self,
+        source: str | Path | Sequence[str | Path | IngestRecord],
+        *,
+        item_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        progress: bool = False,
+        on_error: Callable[[str, str], None] | None = None,
+    ) -> IngestReport:
+        """Add images from a folder, a CSV, or a list of paths or records.
+
+        Bad images are reported in ``IngestReport.failed`` (and to ``on_error``) and the
+        rest are added. Images already in the catalog for the same item are skipped.
+        ``item_id`` and ``metadata`` apply to every image of a list or file source.
+        """
+        import time
+
+        started = time.perf_counter()
+        records = unique_records(read_source(source))
+        if item_id is not None or metadata:
+            records = [
+                IngestRecord(
+                    r.path, item_id or r.item_id, {**r.metadata, **(metadata or {})}, r.box
+                )
+                for r in records
+            ]
+        report = IngestReport()
+        with self._lock, self._write_lock():
+            self._check_model(self.encoder.model_id)
+            hashed = self._hash_records(records, report, on_error, progress)
+            known = self._store.known_hashes((r.item_id, sha) for r, sha in hashed)
+            todo = [(r, sha) for r, sha in hashed if (r.item_id, sha) not in known]
+            report.skipped = len(hashed) - len(todo)
+            self._embed_and_store(todo, report, on_error, progress)
+            if self._index_dirty:
+                self._save_index()
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _hash_records(self, records, report, on_error, progress) -> list[tuple[IngestRecord, str]]:
+        def digest(record: IngestRecord) -> tuple[IngestRecord, str | None, str | None]:
+            try:
+                data = Path(record.path).read_bytes()
+            except OSError as exc:
+                return record, None, f"cannot be read ({exc.strerror or exc})"
+            if not data:
+                return record, None, "empty file (0 bytes)"
+            return record, _content_hash(data, record.box), None
+
+        hashed, seen = [], set()
+        with ThreadPoolExecutor(4) as pool:
+            results = pool.map(digest, records)
+            bar = tqdm(
+                results, total=len(records), desc="hashing", unit="img", disable=not progress
+            )
+            for record, sha, error in bar:
+                if error:
+                    self._fail(report, on_error, str(record.path), error)
+                elif (record.item_id, sha) not in seen:
+                    seen.add((record.item_id, sha))
+                    hashed.append((record, sha))
+        return hashed
+
+    @staticmethod
+    def _fail(report: IngestReport, on_error, path: str, reason: str) -> None:
+        report.failed.append((path, reason))
+        if on_error is not None:
+            on_error(path, reason)
+
+    def _embed_and_store(self, todo, report, on_error, progress) -> None:
+        if not todo:
+            return
+        index = self._vector_index()
+        paths = [record.path for record, _ in todo]
+        boxes = [record.box for record, _ in todo]
+        for batch in self.encoder.iter_batches(paths, boxes, progress=progress, desc="indexing"):
+            for position, error in batch.errors:
+                self._fail(report, on_error, str(paths[position]), error.reason)
+            if not batch.indices:
+                continue
+            new_images, item_metadata = [], {}
+            for position, vector in zip(batch.indices, batch.vectors, strict=False):
+                record, sha = todo[position]
+                new_images.append(
+                    NewImage(
+                        record.item_id, str(record.path), sha, vector, record.metadata, record.box
+                    )
+                )
+                item_metadata.setdefault(record.item_id, {}).update(record.metadata)
+            ids = self._store.add_images(new_images, item_metadata)
+            self._index_dirty = True
+            added = [(i, v) for i, v in zip(ids, batch.vectors, strict=False) if i != -1]
+            if added:
+                index.add(np.array([i for i, _ in added]), np.stack([v for _, v in added]))
+            report.added += len(added)
+            report.skipped += len(ids) - len(added)
+
+    def add_vectors(
+        self,
+        item_ids: Sequence[str],
+        vectors: np.ndarray,
+        *,
+        model_id: str,
+        paths: Sequence[str] | None = None,
+        metadata: Sequence[dict[str, Any]] | None = None,
+    ) -> int:
+        """Add precomputed embeddings; ``model_id`` must be the catalog's model id."""
+        self._check_model(model_id)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"vectors must have shape (n, {self.dim}), got {vectors.shape}")
+        if len(item_ids) != len(vectors):
+            raise ValueError(f"{len(item_ids)} item ids for {len(vectors)} vectors")
+        paths = paths or [""] * len(vectors)
+        metadata = metadata or [{} for _ in vectors]
+        new_images, item_metadata = [], {}
+        for item_id, vector, path, meta in zip(item_ids, vectors, paths, metadata, strict=False):
+            sha = hashlib.sha256(vector.tobytes()).hexdigest()
+            new_images.append(NewImage(str(item_id), str(path), sha, vector, dict(meta)))
+            item_metadata.setdefault(str(item_id), {}).update(meta)
+        with self._lock, self._write_lock():
+            index = self._vector_index()
+            ids = self._store.add_images(new_images, item_metadata)
+            keep = [n for n, i in enumerate(ids) if i != -1]
+            if keep:
+                index.add(np.array([ids[n] for n in keep]), vectors[keep])
+                self._save_index()
+        return len(keep)
+
+    def remove(self, item_id: str) -> int:
+        """Remove an item and all its images; returns the number of images removed."""
+        with self._lock, self._write_lock():
+            index = self._vector_index()
+            try:
+                ids = self._store.remove_item(item_id)
+            except KeyError:
+                raise KeyError(f"no item {item_id!r} in catalog {self.path}") from None
+            index.remove(np.array(ids, dtype=np.int64))
+            self._save_index()
+        return len(ids)
+
+    def update(self, item_id: str, metadata: dict[str, Any]) -> dict[str, Any]:
+        """Set metadata on an item (a ``None`` value deletes the key)."""
+        with self._lock, self._write_lock():
+            try:
+                return self._store.update_item(item_id, metadata)
+            except KeyError:
+                raise KeyError(f"no item {item_id!r} in catalog {self.path}") from None
+
+    # -- reads -----------------------------------------------------------------------
+    def get(self, item_id: str) -> Item:
+        metadata = self._store.item_metadata(item_id)
+        if metadata is None:
+            raise KeyError(f"no item {item_id!r} in catalog {self.path}")
+        return Item(item_id, metadata, self._store.images_of(item_id))
+
+    def __contains__(self, item_id: str) -> bool:
+        return self._store.item_metadata(item_id) is not None
+
+    def item_ids(self) -> list[str]:
+        return self._store.item_ids()
+
+    def image(self, image_id: int) -> ImageRow:
+        rows = self._store.images_by_id([image_id])
+        if image_id not in rows:
+            raise KeyError(f"no image {image_id} in catalog {self.path}")
+        return rows[image_id]
+
+    def embed(self, query: ImageSource, box: Box | None = None) -> np.ndarray:
+        return self.encoder.embed_one(query, box)
+
+    def search(
+        self,
+        query: ImageSource | np.ndarray,
+        k: int = 10,
+        *,
+        where: dict[str, Any] | None = None,
+        box: Box | None = None,
+    ) -> list[Match]:
+        """The ``k`` best items for an image (path, bytes, PIL) or a query vector.
+
+        ``where`` keeps only images whose metadata equals every given value (AND).
+        Each item appears once, with its best-matching image.
+        """
+        vector = query if isinstance(query, np.ndarray) else self.embed(query, box)
+        return self.search_vectors(np.atleast_2d(vector), k, where=where)[0]
+
+    def search_vectors(
+        self, vectors: np.ndarray, k: int = 10, *, where: dict[str, Any] | None = None
+    ) -> list[list[Match]]:
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"query vectors must have shape (n, {self.dim}), got {vectors.shape}")
+        with self._lock:
+            index = self._vector_index()
+            allowed = self._store.filtered_image_ids(where) if where else None
+            if allowed is not None and not len(allowed):
+                return [[] for _ in vectors]
+            available = len(index) if allowed is None else len(allowed)
+            return [self._top_items(index, row, k, allowed, available) for row in vectors]
+
+    def _top_items(self, index, vector, k, allowed, available) -> list[Match]:
+        # Items have several images: widen the image search until k distinct items appear.
+        fetch = min(available, k * 4)
+        while True:
+            scores, ids = index.search(vector[None], fetch, allowed)
+            best: dict[str, tuple[float, int]] = {}
+            hits = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=False) if i != -1]
+            rows = self._store.images_by_id([i for _, i in hits])
+            for score, image_id in hits:
+                row = rows.get(image_id)
+                if row is not None and row.item_id not in best:
+                    best[row.item_id] = (score, image_id)
+            if len(best) >= k or fetch >= available:
+                break
+            fetch = min(available, fetch * 4)
+        return [self._match(rows[i], score) for score, i in list(best.values())[:k]]
+
+    def _match(self, row: ImageRow, score: float) -> Match:
+        metadata = {**(self._store.item_metadata(row.item_id) or {}), **row.metadata}
+        return Match(row.item_id, score, row.image_id, row.path, metadata, row.box)
+
+
+def _content_hash(data: bytes, box: Box | None) -> str:
+    digest = hashlib.sha256(data)
+    if box is not None:
+        digest.update(repr(tuple(box)).encode())
+    return digest.hexdigest()

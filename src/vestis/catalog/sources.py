@@ -1,0 +1,118 @@
+"""Read what to ingest: a folder of photos, a CSV, or a list of paths."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vestis.images import Box, is_image_path
+
+RESERVED_COLUMNS = ("image", "item_id")
+BOX_COLUMNS = ("x1", "y1", "x2", "y2")
+
+
+@dataclass(frozen=True)
+class IngestRecord:
+    """One image to add: its file, the item it shows, and metadata."""
+
+    path: Path
+    item_id: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    box: Box | None = None
+
+
+def read_source(source: str | Path | Sequence[str | Path | IngestRecord]) -> list[IngestRecord]:
+    """Records from a folder, a CSV file, or a list of paths or records."""
+    if isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        if path.is_dir():
+            return read_folder(path)
+        if path.is_file() and path.suffix.lower() == ".csv":
+            return read_csv(path)
+        if path.is_file():
+            return [record_for_path(path)]
+        raise FileNotFoundError(f"{path}: no such folder, CSV or image file")
+    return [
+        item if isinstance(item, IngestRecord) else record_for_path(Path(item)) for item in source
+    ]
+
+
+def record_for_path(path: Path) -> IngestRecord:
+    return IngestRecord(path=path.resolve(), item_id=path.stem)
+
+
+def read_folder(folder: Path) -> list[IngestRecord]:
+    """``folder/<item_id>/*.jpg`` names items by sub-folder; files at the top by their stem."""
+    folder = folder.resolve()
+    records = []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or not is_image_path(path) or _is_hidden(path, folder):
+            continue
+        relative = path.relative_to(folder)
+        item_id = relative.parts[0] if len(relative.parts) > 1 else path.stem
+        records.append(IngestRecord(path=path, item_id=item_id))
+    return records
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def read_csv(csv_path: Path) -> list[IngestRecord]:
+    """A CSV with ``image`` and ``item_id`` columns (paths relative to the CSV) and any
+    metadata columns. Optional ``x1,y1,x2,y2`` columns give a garment box."""
+    csv_path = csv_path.resolve()
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        missing = [name for name in RESERVED_COLUMNS if name not in columns]
+        if missing:
+            raise ValueError(
+                f"{csv_path}: missing column(s) {', '.join(missing)}; "
+                f"the CSV needs 'image,item_id' (found: {', '.join(columns) or 'no header'})"
+            )
+        return [_csv_record(row, csv_path, line) for line, row in enumerate(reader, start=2)]
+
+
+def _csv_record(row: dict[str, str], csv_path: Path, line: int) -> IngestRecord:
+    image, item_id = (row.get("image") or "").strip(), (row.get("item_id") or "").strip()
+    if not image or not item_id:
+        raise ValueError(f"{csv_path}:{line}: empty 'image' or 'item_id'")
+    path = Path(image).expanduser()
+    if not path.is_absolute():
+        path = csv_path.parent / path
+    metadata = {
+        key: value
+        for key, value in row.items()
+        if key
+        and key not in RESERVED_COLUMNS
+        and key not in BOX_COLUMNS
+        and value not in (None, "")
+    }
+    return IngestRecord(
+        path=path, item_id=item_id, metadata=metadata, box=_csv_box(row, csv_path, line)
+    )
+
+
+def _csv_box(row: dict[str, str], csv_path: Path, line: int) -> Box | None:
+    values = [row.get(name) for name in BOX_COLUMNS]
+    if all(value in (None, "") for value in values):
+        return None
+    try:
+        x1, y1, x2, y2 = (int(float(value)) for value in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"{csv_path}:{line}: bad box {values}") from None
+    return (x1, y1, x2, y2)
+
+
+def unique_records(records: Iterable[IngestRecord]) -> list[IngestRecord]:
+    seen, unique = set(), []
+    for record in records:
+        key = (str(record.path), record.item_id, record.box)
+        if key not in seen:
+            seen.add(key)
+            unique.append(record)
+    return unique

@@ -1,0 +1,302 @@
+"""SQLite store of a catalog: items, their images, content hashes, metadata and vectors.
+
+SQLite is the source of truth. The vector index is a cache rebuilt from the stored vectors
+whenever it is missing or older than the store (``vector_epoch`` counts vector changes).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    item_id  TEXT PRIMARY KEY,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    created  REAL NOT NULL,
+    updated  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS images (
+    image_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    item_id  TEXT NOT NULL REFERENCES items(item_id) ON DELETE CASCADE,
+    path     TEXT NOT NULL,
+    sha256   TEXT NOT NULL,
+    box      TEXT,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    vector   BLOB NOT NULL,
+    added    REAL NOT NULL,
+    UNIQUE (item_id, sha256)
+);
+CREATE INDEX IF NOT EXISTS images_by_item ON images(item_id);
+"""
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    image_id: int
+    item_id: str
+    path: str
+    sha256: str
+    box: tuple[int, int, int, int] | None
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class NewImage:
+    item_id: str
+    path: str
+    sha256: str
+    vector: np.ndarray
+    metadata: dict[str, Any]
+    box: tuple[int, int, int, int] | None = None
+
+
+def json_path(key: str) -> str:
+    """A JSON path for a metadata key, quoted so any key name is safe."""
+    return '$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class Store:
+    """All SQL lives here. Methods that change data run in one transaction each."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        with self.transaction():
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('vector_epoch', '0')")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, params: Sequence = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    # -- meta ------------------------------------------------------------------------
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else default
+
+    def set_meta(self, values: dict[str, str]) -> None:
+        with self.transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(values.items()))
+
+    @property
+    def vector_epoch(self) -> int:
+        return int(self.get_meta("vector_epoch", "0"))
+
+    @staticmethod
+    def _bump_epoch(db: sqlite3.Connection) -> None:
+        db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'vector_epoch'")
+
+    # -- reads -----------------------------------------------------------------------
+    def count_items(self) -> int:
+        return self._query("SELECT COUNT(*) FROM items")[0][0]
+
+    def count_images(self) -> int:
+        return self._query("SELECT COUNT(*) FROM images")[0][0]
+
+    def known_hashes(self, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which (item_id, sha256) pairs are already stored."""
+        wanted = set(pairs)
+        if not wanted:
+            return set()
+        rows = self._query("SELECT item_id, sha256 FROM images")
+        return wanted & {(item_id, sha) for item_id, sha in rows}
+
+    def item_metadata(self, item_id: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT metadata FROM items WHERE item_id = ?", (item_id,))
+        return json.loads(rows[0][0]) if rows else None
+
+    def images_of(self, item_id: str) -> list[ImageRow]:
+        return self._image_rows("WHERE item_id = ? ORDER BY image_id", (item_id,))
+
+    def images_by_id(self, image_ids: Sequence[int]) -> dict[int, ImageRow]:
+        if not len(image_ids):
+            return {}
+        marks = ",".join("?" * len(image_ids))
+        rows = self._image_rows(f"WHERE image_id IN ({marks})", [int(i) for i in image_ids])
+        return {row.image_id: row for row in rows}
+
+    def _image_rows(self, where: str, params: Sequence) -> list[ImageRow]:
+        rows = self._query(
+            f"SELECT image_id, item_id, path, sha256, box, metadata FROM images {where}", params
+        )
+        return [
+            ImageRow(
+                r[0], r[1], r[2], r[3], tuple(json.loads(r[4])) if r[4] else None, json.loads(r[5])
+            )
+            for r in rows
+        ]
+
+    def item_ids(self) -> list[str]:
+        return [row[0] for row in self._query("SELECT item_id FROM items ORDER BY item_id")]
+
+    def iter_vectors(self, batch: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All (image ids, vectors) in id order, in chunks."""
+        last = -1
+        while True:
+            rows = self._query(
+                "SELECT image_id, vector FROM images WHERE image_id > ? ORDER BY image_id LIMIT ?",
+                (last, batch),
+            )
+            if not rows:
+                return
+            ids = np.array([row[0] for row in rows], dtype=np.int64)
+            vectors = np.stack([np.frombuffer(row[1], dtype=np.float32) for row in rows])
+            yield ids, vectors
+            last = int(ids[-1])
+
+    def filtered_image_ids(self, where: dict[str, Any]) -> np.ndarray:
+        """Ids of images whose metadata (the image's own, else its item's) equals every
+        ``where`` value. ``item_id`` filters on the item itself."""
+        clauses, params = [], []
+        for key, value in where.items():
+            if key == "item_id":
+                clauses.append("images.item_id = ?")
+                params.append(str(value))
+                continue
+            path = json_path(key)
+            clauses.append(
+                "CAST(COALESCE(json_extract(images.metadata, ?), json_extract(items.metadata, ?))"
+                " AS TEXT) = ?"
+            )
+            params.extend([path, path, _as_text(value)])
+        sql = "SELECT images.image_id FROM images JOIN items ON items.item_id = images.item_id" + (
+            " WHERE " + " AND ".join(clauses) if clauses else ""
+        )
+        return np.array([row[0] for row in self._query(sql, params)], dtype=np.int64)
+
+    def metadata_keys(self) -> list[str]:
+        rows = self._query(
+            "SELECT DISTINCT key FROM items, json_each(items.metadata) "
+            "UNION SELECT DISTINCT key FROM images, json_each(images.metadata)"
+        )
+        return sorted(row[0] for row in rows)
+
+    # -- writes ----------------------------------------------------------------------
+    def add_images(self, images: Sequence[NewImage], item_metadata: dict[str, dict]) -> list[int]:
+        """Insert images (creating or updating their items) in one transaction.
+
+        Returns the new image ids; an image already stored for its item gets id -1.
+        """
+        now = time.time()
+        ids = []
+        with self.transaction() as db:
+            for item_id, metadata in item_metadata.items():
+                self._upsert_item(db, item_id, metadata, now)
+            for image in images:
+                cursor = db.execute(
+                    "INSERT OR IGNORE INTO images (item_id, path, sha256, box, metadata, vector,"
+                    " added) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        image.item_id,
+                        image.path,
+                        image.sha256,
+                        json.dumps(list(image.box)) if image.box else None,
+                        json.dumps(image.metadata, sort_keys=True),
+                        np.ascontiguousarray(image.vector, dtype=np.float32).tobytes(),
+                        now,
+                    ),
+                )
+                ids.append(cursor.lastrowid if cursor.rowcount else -1)
+            if any(i != -1 for i in ids):
+                self._bump_epoch(db)
+        return ids
+
+    @staticmethod
+    def _upsert_item(db: sqlite3.Connection, item_id: str, metadata: dict, now: float) -> None:
+        row = db.execute("SELECT metadata FROM items WHERE item_id = ?", (item_id,)).fetchone()
+        if row is None:
+            db.execute(
+                "INSERT INTO items VALUES (?, ?, ?, ?)",
+                (item_id, json.dumps(metadata, sort_keys=True), now, now),
+            )
+        elif metadata:
+            merged = {**json.loads(row[0]), **metadata}
+            db.execute(
+                "UPDATE items SET metadata = ?, updated = ? WHERE item_id = ?",
+                (json.dumps(merged, sort_keys=True), now, item_id),
+            )
+
+    def remove_item(self, item_id: str) -> list[int]:
+        """Delete an item and its images; returns the removed image ids."""
+        with self.transaction() as db:
+            ids = [
+                r[0]
+                for r in db.execute("SELECT image_id FROM images WHERE item_id = ?", (item_id,))
+            ]
+            db.execute("DELETE FROM images WHERE item_id = ?", (item_id,))
+            deleted = db.execute("DELETE FROM items WHERE item_id = ?", (item_id,)).rowcount
+            if ids:
+                self._bump_epoch(db)
+        if not deleted:
+            raise KeyError(item_id)
+        return ids
+
+    def update_item(self, item_id: str, metadata: dict[str, Any]) -> dict[str, Any]:
+        """Set metadata keys on an item (``None`` deletes a key); returns the new metadata.
+
+        The item-level value then applies to all its images, replacing per-image values.
+        """
+        with self.transaction() as db:
+            row = db.execute("SELECT metadata FROM items WHERE item_id = ?", (item_id,)).fetchone()
+            if row is None:
+                raise KeyError(item_id)
+            merged = json.loads(row[0])
+            for key, value in metadata.items():
+                if value is None:
+                    merged.pop(key, None)
+                else:
+                    merged[key] = value
+            db.execute(
+                "UPDATE items SET metadata = ?, updated = ? WHERE item_id = ?",
+                (json.dumps(merged, sort_keys=True), time.time(), item_id),
+            )
+            for key in metadata:
+                db.execute(
+                    "UPDATE images SET metadata = json_remove(metadata, ?) WHERE item_id = ?",
+                    (json_path(key), item_id),
+                )
+        return merged
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)

@@ -1,0 +1,232 @@
+"""The ``vestis`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    name="vestis",
+    help="Clothing image retrieval: index a catalog, search it with a photo, evaluate models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+CatalogOption = typer.Option(..., "--catalog", "-c", help="Catalog directory.")
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def friendly_errors(command: Callable) -> Callable:
+    """Turn expected failures into a one-line message and exit code 2, never a traceback."""
+
+    @wraps(command)
+    def run(*args, **kwargs):
+        from vestis.catalog import ModelMismatchError
+        from vestis.images import ImageError
+
+        try:
+            return command(*args, **kwargs)
+        except (ImageError, ModelMismatchError, FileNotFoundError, ValueError) as exc:
+            fail(str(exc))
+        except KeyError as exc:
+            fail(str(exc.args[0]) if exc.args else "not found")
+
+    return run
+
+
+def parse_where(pairs: list[str] | None) -> dict[str, str]:
+    where = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--where expects key=value, got {pair!r}")
+        where[key.strip()] = value
+    return where
+
+
+def open_catalog(path: Path, model: str | None = None, factory: str | None = None):
+    from vestis.catalog import Catalog
+
+    return Catalog(path, model=model, factory=factory)
+
+
+@app.command()
+@friendly_errors
+def index(
+    source: Path = typer.Argument(..., help="Folder of photos or CSV with image,item_id columns."),
+    catalog: Path = CatalogOption,
+    model: str | None = typer.Option(None, help="Model name or checkpoint (new catalogs)."),
+    factory: str | None = typer.Option(None, "--index", help="FAISS factory string."),
+    batch_size: int = typer.Option(32, min=1, help="Images per embedding batch."),
+) -> None:
+    """Add the images of SOURCE to the catalog (created if missing)."""
+    from tqdm.auto import tqdm
+
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such folder or file")
+
+    def report_bad(path: str, reason: str) -> None:
+        tqdm.write(f"failed: {path}: {reason}", file=sys.stderr)
+
+    with open_catalog(catalog, model, factory) as cat:
+        cat.encoder.batch_size = batch_size
+        report = cat.add(source, progress=True, on_error=report_bad)
+        typer.echo(
+            f"indexed {report.added} images ({report.skipped} already present, "
+            f"{len(report.failed)} failed) in {report.seconds:.1f} s "
+            f"({report.images_per_second:.1f} images/s); catalog has {len(cat)} items, "
+            f"{cat.num_images} images"
+        )
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly_errors
+def search(
+    image: Path = typer.Argument(..., help="Query photo."),
+    catalog: Path = CatalogOption,
+    k: int = typer.Option(10, "-k", "--k", min=1, help="Number of items to return."),
+    where: list[str] | None = typer.Option(None, "--where", help="Filter key=value (AND)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Find the catalog items that best match a photo."""
+    with open_catalog(catalog) as cat:
+        matches = cat.search(image, k=k, where=parse_where(where))
+    if as_json:
+        typer.echo(
+            json.dumps({"query": str(image), "results": [m.to_dict() for m in matches]}, indent=2)
+        )
+        return
+    if not matches:
+        typer.echo("no results")
+    for rank, match in enumerate(matches, start=1):
+        label = match.metadata.get("name") or match.metadata.get("category") or ""
+        typer.echo(f"{rank:>3}  {match.score:.4f}  {match.item_id}  {label}  {match.path}")
+
+
+@app.command()
+@friendly_errors
+def remove(item_id: str, catalog: Path = CatalogOption) -> None:
+    """Remove an item (and all its images) from the catalog."""
+    with open_catalog(catalog) as cat:
+        removed = cat.remove(item_id)
+    typer.echo(f"removed item {item_id} ({removed} images)")
+
+
+@app.command()
+@friendly_errors
+def update(
+    item_id: str,
+    catalog: Path = CatalogOption,
+    set_: list[str] = typer.Option(..., "--set", help="Metadata key=value to set."),
+) -> None:
+    """Set metadata fields of an item."""
+    with open_catalog(catalog) as cat:
+        metadata = cat.update(item_id, parse_where(set_))
+    typer.echo(json.dumps({"item_id": item_id, "metadata": metadata}))
+
+
+@app.command()
+@friendly_errors
+def info(catalog: Path = CatalogOption, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Describe a catalog: counts, model, index."""
+    if not (catalog / "catalog.db").exists():
+        raise FileNotFoundError(f"{catalog}: not a vestis catalog (no catalog.db)")
+    with open_catalog(catalog) as cat:
+        details = cat.info()
+    if as_json:
+        typer.echo(json.dumps(details, indent=2))
+        return
+    for key, value in details.items():
+        shown = ", ".join(value) if isinstance(value, list) else value
+        typer.echo(f"{key:>16}: {shown}")
+
+
+@app.command()
+@friendly_errors
+def embed(
+    source: Path = typer.Argument(..., help="CSV with image,item_id columns, or a folder."),
+    model: str = typer.Option("lite0", help="Model name or checkpoint path."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .npz file."),
+    batch_size: int = typer.Option(32, min=1),
+) -> None:
+    """Embed images into an .npz: embeddings, item_ids and paths, in row order."""
+    import numpy as np
+
+    from vestis.catalog import read_source
+    from vestis.models import Encoder
+
+    records = read_source(source)
+    if not records:
+        raise ValueError(f"{source}: no images found")
+    encoder = Encoder.from_name(model, batch_size=batch_size)
+    vectors = encoder.embed([r.path for r in records], [r.box for r in records], progress=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.npz")
+    np.savez(
+        tmp,
+        embeddings=vectors,
+        item_ids=np.array([r.item_id for r in records]),
+        paths=np.array([str(r.path) for r in records]),
+        model=np.array(encoder.model_id),
+    )
+    tmp.replace(out)
+    typer.echo(f"wrote {len(records)} embeddings of dimension {vectors.shape[1]} to {out}")
+
+
+@app.command(name="eval")
+@friendly_errors
+def eval_(
+    dataset: Path = typer.Argument(..., help="CSV, DeepFashion folder or DeepFashion2 folder."),
+    format: str | None = typer.Option(None, "--format", help="csv | inshop | c2s | df2."),
+    model: str = typer.Option("lite0", help="Model name or checkpoint path."),
+    split: str = typer.Option("test", help="Split to evaluate (c2s)."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write metrics as JSON."),
+    report: Path | None = typer.Option(None, "--report", help="Write a Markdown report."),
+    batch_size: int = typer.Option(32, min=1),
+) -> None:
+    """Measure retrieval quality: Recall@K (hit rate), mAP, MAP@R, P@1."""
+    from vestis.evaluate import evaluate
+    from vestis.evaluate.report import format_table
+
+    if format is not None and format not in ("csv", "inshop", "c2s", "df2"):
+        raise ValueError(f"--format must be csv, inshop, c2s or df2, got {format!r}")
+    result = evaluate(
+        dataset,
+        model,
+        format=format,
+        split=split,
+        batch_size=batch_size,
+        progress=True,
+        report_dir=report,
+        json_path=json_out,
+    )
+    typer.echo(format_table(result.metrics))
+
+
+@app.command()
+def models() -> None:
+    """List the registered models."""
+    from vestis.models import list_models
+
+    for name in list_models():
+        typer.echo(name)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

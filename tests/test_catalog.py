@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from vestis.catalog import Catalog, ModelMismatchError
+from vestis.catalog.catalog import INDEX_NAME, INDEX_STAMP_NAME
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, luma_subset_csv, encoder):
+    path = tmp_path_factory.mktemp("catalog")
+    catalog = Catalog(path, encoder=encoder)
+    report = catalog.add(luma_subset_csv)
+    yield catalog, report
+    catalog.close()
+
+
+def rows_of(csv_path):
+    with open(csv_path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_ingest_counts_items_and_images(built, luma_subset_csv):
+    catalog, report = built
+    rows = rows_of(luma_subset_csv)
+    assert report.added == len(rows) and not report.failed
+    assert catalog.num_images == len(rows)
+    assert len(catalog) == len({row["item_id"] for row in rows})
+    assert catalog.info()["indexed_vectors"] == len(rows)
+
+
+def test_search_with_a_catalog_image_returns_its_item_first(built, luma_subset_csv):
+    catalog, _ = built
+    for row in rows_of(luma_subset_csv)[:5]:
+        matches = catalog.search(row["image"], k=5)
+        assert matches[0].item_id == row["item_id"]
+        assert matches[0].score == pytest.approx(1.0, abs=1e-4)
+        assert len({m.item_id for m in matches}) == len(matches)  # one entry per item
+
+
+def test_where_filters_are_equality_combined_by_and(built, luma_subset_csv):
+    catalog, _ = built
+    rows = rows_of(luma_subset_csv)
+    query = rows[0]["image"]
+    other_category = next(r["category"] for r in rows if r["category"] != rows[0]["category"])
+    matches = catalog.search(query, k=20, where={"category": other_category})
+    assert matches and all(m.metadata["category"] == other_category for m in matches)
+    both = catalog.search(query, k=20, where={"category": other_category, "view": "back"})
+    assert all(m.metadata["view"] == "back" for m in both)
+    assert catalog.search(query, k=5, where={"category": "no such category"}) == []
+
+
+def test_adding_the_same_source_twice_adds_nothing(built, luma_subset_csv):
+    catalog, _ = built
+    before = (len(catalog), catalog.num_images)
+    report = catalog.add(luma_subset_csv)
+    assert report.added == 0 and report.skipped == before[1]
+    assert (len(catalog), catalog.num_images) == before
+
+
+def test_update_metadata_is_searchable(built, luma_subset_csv):
+    catalog, _ = built
+    item = rows_of(luma_subset_csv)[0]["item_id"]
+    catalog.update(item, {"on_sale": "yes"})
+    matches = catalog.search(rows_of(luma_subset_csv)[0]["image"], k=5, where={"on_sale": "yes"})
+    assert [m.item_id for m in matches] == [item]
+    assert catalog.get(item).metadata["on_sale"] == "yes"
+    with pytest.raises(KeyError):
+        catalog.update("no-such-item", {"a": "b"})
+
+
+def test_remove_makes_the_item_disappear(tmp_path, luma_subset_csv, encoder):
+    with Catalog(tmp_path / "cat", encoder=encoder) as catalog:
+        catalog.add(luma_subset_csv)
+        row = rows_of(luma_subset_csv)[0]
+        removed = catalog.remove(row["item_id"])
+        assert removed >= 1 and row["item_id"] not in catalog
+        assert row["item_id"] not in [m.item_id for m in catalog.search(row["image"], k=50)]
+        with pytest.raises(KeyError):
+            catalog.remove(row["item_id"])
+    # Still gone after reopening, and the index is consistent with the store.
+    with Catalog(tmp_path / "cat", encoder=encoder) as reopened:
+        assert row["item_id"] not in [m.item_id for m in reopened.search(row["image"], k=50)]
+        assert reopened.info()["indexed_vectors"] == reopened.num_images
+
+
+def test_a_stale_index_is_rebuilt_from_the_store(tmp_path, luma_subset_csv, encoder):
+    path = tmp_path / "cat"
+    with Catalog(path, encoder=encoder) as catalog:
+        catalog.add(luma_subset_csv)
+        count = catalog.num_images
+    # Simulate a crash between the store's commit and the index save.
+    stamp = json.loads((path / INDEX_STAMP_NAME).read_text())
+    (path / INDEX_STAMP_NAME).write_text(json.dumps({**stamp, "epoch": stamp["epoch"] - 1}))
+    (path / INDEX_NAME).write_bytes(b"garbage")
+    with Catalog(path, encoder=encoder) as reopened:
+        row = rows_of(luma_subset_csv)[3]
+        assert reopened.search(row["image"], k=1)[0].item_id == row["item_id"]
+        assert reopened.info()["indexed_vectors"] == count
+
+
+def test_vectors_from_another_model_are_refused(tmp_path, encoder):
+    with Catalog(tmp_path / "cat", encoder=encoder) as catalog:
+        vectors = np.eye(4, encoder.dim, dtype=np.float32)
+        assert catalog.add_vectors(list("abcd"), vectors, model_id=encoder.model_id) == 4
+        with pytest.raises(ModelMismatchError):
+            catalog.add_vectors(["e"], vectors[:1], model_id="lite2")
+        with pytest.raises(ValueError, match="shape"):
+            catalog.add_vectors(["e"], vectors[:1, :10], model_id=encoder.model_id)
+        assert catalog.search(vectors[2], k=1)[0].item_id == "c"
+    with pytest.raises(ModelMismatchError):
+        Catalog(tmp_path / "cat", model="lite1")
+
+
+def test_bad_files_are_reported_and_good_ones_indexed(tmp_path, data_dir, encoder):
+    folder = tmp_path / "photos"
+    (folder / "mh06-blue").mkdir(parents=True)
+    good = data_dir / "luma" / "images" / "mh06-blue_main.jpg"
+    (folder / "mh06-blue" / "front.jpg").write_bytes(good.read_bytes())
+    (folder / "back.jpg").write_bytes(
+        (data_dir / "luma" / "images" / "mh06-blue_back.jpg").read_bytes()
+    )
+    (folder / "cut.jpg").write_bytes(good.read_bytes()[:2000])
+    (folder / "readme.jpg").write_text("not an image")
+    with Catalog(tmp_path / "cat", encoder=encoder) as catalog:
+        report = catalog.add(folder)
+        failed = dict(report.failed)
+        assert set(failed) == {str(folder / "cut.jpg"), str(folder / "readme.jpg")}
+        assert "truncated" in failed[str(folder / "cut.jpg")]
+        assert "not an image" in failed[str(folder / "readme.jpg")]
+        assert report.added == 2
+        assert sorted(catalog.item_ids()) == ["back", "mh06-blue"]

@@ -1,0 +1,159 @@
+"""The command line, run as a user runs it: the installed ``vestis`` script."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import write_luma_subset
+
+VESTIS = str(Path(sys.executable).with_name("vestis"))
+
+
+def vestis(*args, check=True) -> subprocess.CompletedProcess:
+    result = subprocess.run([VESTIS, *map(str, args)], capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"vestis {args} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def rows_of(csv_path):
+    with open(csv_path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, luma_subset_csv):
+    catalog = tmp_path_factory.mktemp("cli") / "catalog"
+    first = vestis("index", luma_subset_csv, "--catalog", catalog)
+    return catalog, first
+
+
+def test_index_then_search_returns_the_query_item_first(indexed, luma_subset_csv):
+    catalog, first = indexed
+    assert "indexed" in first.stdout and "images/s" in first.stdout
+    row = rows_of(luma_subset_csv)[2]
+    result = vestis("search", row["image"], "--catalog", catalog, "-k", "5", "--json")
+    results = json.loads(result.stdout)["results"]
+    assert results[0]["item_id"] == row["item_id"]
+
+
+def test_where_returns_only_that_category(indexed, luma_subset_csv):
+    catalog, _ = indexed
+    rows = rows_of(luma_subset_csv)
+    category = rows[-1]["category"]
+    out = vestis(
+        "search",
+        rows[0]["image"],
+        "-c",
+        catalog,
+        "-k",
+        "20",
+        "--json",
+        "--where",
+        f"category={category}",
+    )
+    results = json.loads(out.stdout)["results"]
+    assert results and {r["metadata"]["category"] for r in results} == {category}
+
+
+def test_indexing_twice_leaves_the_count_unchanged(indexed, luma_subset_csv):
+    catalog, _ = indexed
+    before = json.loads(vestis("info", "-c", catalog, "--json").stdout)
+    again = vestis("index", luma_subset_csv, "--catalog", catalog)
+    after = json.loads(vestis("info", "-c", catalog, "--json").stdout)
+    assert "indexed 0 images" in again.stdout
+    assert (after["items"], after["images"]) == (before["items"], before["images"])
+
+
+def test_remove_makes_the_item_disappear(tmp_path, luma_subset_csv):
+    catalog = tmp_path / "catalog"
+    vestis("index", luma_subset_csv, "--catalog", catalog)
+    row = rows_of(luma_subset_csv)[0]
+    vestis("remove", row["item_id"], "--catalog", catalog)
+    out = vestis("search", row["image"], "-c", catalog, "-k", "50", "--json")
+    assert row["item_id"] not in {r["item_id"] for r in json.loads(out.stdout)["results"]}
+    missing = vestis("remove", row["item_id"], "--catalog", catalog, check=False)
+    assert missing.returncode == 2 and "no item" in missing.stderr
+
+
+def test_bad_files_are_named_with_a_reason_and_the_rest_indexed(tmp_path, data_dir):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    images = sorted((data_dir / "luma" / "images").glob("mh0*_main.jpg"))[:4]
+    for image in images:
+        (folder / image.name).write_bytes(image.read_bytes())
+    (folder / "broken.jpg").write_bytes(images[0].read_bytes()[:1500])
+    (folder / "notes.jpg").write_text("a text file\n")
+    result = vestis("index", folder, "--catalog", tmp_path / "catalog", check=False)
+    assert result.returncode == 1
+    failed = [line for line in result.stderr.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 2
+    assert any("broken.jpg" in line and "truncated" in line for line in failed)
+    assert any("notes.jpg" in line and "not an image" in line for line in failed)
+    info = json.loads(vestis("info", "-c", tmp_path / "catalog", "--json").stdout)
+    assert info["images"] == len(images)
+
+
+def test_kill_9_during_index_then_rerun_gives_every_image_once(tmp_path, luma_rows, data_dir):
+    source = write_luma_subset(luma_rows, data_dir, tmp_path / "catalog.csv", n_products=40)
+    total = len(rows_of(source))
+    catalog = tmp_path / "catalog"
+    command = [VESTIS, "index", str(source), "--catalog", str(catalog), "--batch-size", "8"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        stored = wait_for_images(catalog / "catalog.db", minimum=8, process=process)
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    assert 0 < stored < total, "the kill must land in the middle of the ingest"
+
+    vestis(*command[1:])
+    db = sqlite3.connect(catalog / "catalog.db")
+    paths = [row[0] for row in db.execute("SELECT path FROM images")]
+    db.close()
+    assert len(paths) == len(set(paths)) == total
+    info = json.loads(vestis("info", "-c", catalog, "--json").stdout)
+    assert info["indexed_vectors"] == info["images"] == total
+
+
+def wait_for_images(db_path: Path, minimum: int, process: subprocess.Popen) -> int:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if db_path.exists():
+            try:
+                with sqlite3.connect(db_path, timeout=1) as db:
+                    count = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+            except sqlite3.OperationalError:
+                count = 0
+            if count >= minimum:
+                return count
+        time.sleep(0.05)
+    raise AssertionError("the ingest never committed a batch")
+
+
+def test_embed_writes_vectors_and_ids_in_row_order(tmp_path, luma_subset_csv):
+    out = tmp_path / "vectors.npz"
+    vestis("embed", luma_subset_csv, "--model", "lite0", "--out", out)
+    data = np.load(out)
+    rows = rows_of(luma_subset_csv)
+    assert data["embeddings"].shape == (len(rows), 1280)
+    assert list(data["item_ids"]) == [row["item_id"] for row in rows]
+    assert np.allclose(np.linalg.norm(data["embeddings"], axis=1), 1.0, atol=1e-5)
+
+
+def test_unknown_model_and_missing_source_are_one_line_errors(tmp_path):
+    result = vestis("index", tmp_path / "nowhere", "--catalog", tmp_path / "c", check=False)
+    assert result.returncode == 2 and result.stderr.startswith("error:")
+    result = vestis("embed", tmp_path, "--model", "nope", "--out", tmp_path / "x.npz", check=False)
+    assert result.returncode == 2 and "error:" in result.stderr

