@@ -197,8 +197,8 @@ def eval_(
     batch_size: int = typer.Option(32, min=1),
 ) -> None:
     """Measure retrieval quality: Recall@K (hit rate), mAP, MAP@R, P@1."""
-    from vestis.evaluate import evaluate
-    from vestis.evaluate.report import format_table
+    from vestis.evaluation import evaluate
+    from vestis.evaluation.report import format_table
 
     if format is not None and format not in ("csv", "inshop", "c2s", "df2"):
         raise ValueError(f"--format must be csv, inshop, c2s or df2, got {format!r}")

@@ -1,0 +1,17 @@
+"""Evaluate retrieval models on clothing benchmarks: datasets, metrics and reports."""
+
+from vestis.evaluation.datasets import EvalDataset, Sample, load_dataset
+from vestis.evaluation.metrics import RetrievalResult, retrieval_metrics
+from vestis.evaluation.report import format_table, write_report
+from vestis.evaluation.run import evaluate
+
+__all__ = [
+    "EvalDataset",
+    "RetrievalResult",
+    "Sample",
+    "evaluate",
+    "format_table",
+    "load_dataset",
+    "retrieval_metrics",
+    "write_report",
+]
