@@ -1,4 +1,8 @@
-"""The main job of the README: index a folder of product photos and search it."""
+"""The main job of the README: index a folder of product photos and search it.
+
+A few photos are held out of the index and used as queries: a * marks results that are
+the query's own item, found through its other photos.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,14 @@ import argparse
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from vestis.catalog import Catalog, read_source
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--source",
         default="../shared/data/luma",
@@ -20,7 +25,7 @@ def main() -> int:
     )
     parser.add_argument("--catalog", default="demo-catalog", help="catalog directory")
     parser.add_argument("--model", default=None, help="model name or checkpoint")
-    parser.add_argument("--queries", type=int, default=3)
+    parser.add_argument("--queries", type=int, default=5)
     args = parser.parse_args()
 
     source = Path(args.source)
@@ -29,9 +34,15 @@ def main() -> int:
     if not source.exists():
         print(f"error: {source} does not exist (set CATALOG=<folder>)", file=sys.stderr)
         return 2
-    print(f"indexing {source} into {args.catalog}/")
+    records = read_source(source)
+    counts = Counter(record.item_id for record in records)
+    candidates = [r for r in records if counts[r.item_id] > 1] or records
+    queries = random.Random(0).sample(candidates, min(args.queries, len(candidates)))
+    indexed = [r for r in records if r not in queries]
+
+    print(f"indexing {source} into {args.catalog}/ ({len(queries)} photos held out as queries)")
     with Catalog(args.catalog, model=args.model) as catalog:
-        report = catalog.add(source, progress=True)
+        report = catalog.add(indexed, progress=True)
         for path, reason in report.failed:
             print(f"failed: {path}: {reason}", file=sys.stderr)
         print(
@@ -39,8 +50,7 @@ def main() -> int:
             f"at {report.images_per_second:.1f} images/s; "
             f"{len(catalog)} items, {catalog.num_images} images, model {catalog.model_name}"
         )
-        records = read_source(source)
-        for record in random.Random(0).sample(records, min(args.queries, len(records))):
+        for record in queries:
             started = time.perf_counter()
             matches = catalog.search(record.path, k=5)
             elapsed = (time.perf_counter() - started) * 1000

@@ -157,3 +157,6 @@ def test_unknown_model_and_missing_source_are_one_line_errors(tmp_path):
     assert result.returncode == 2 and result.stderr.startswith("error:")
     result = vestis("embed", tmp_path, "--model", "nope", "--out", tmp_path / "x.npz", check=False)
     assert result.returncode == 2 and "error:" in result.stderr
+    result = vestis("search", __file__, "--catalog", tmp_path / "none", check=False)
+    assert result.returncode == 2 and "not a vestis catalog" in result.stderr
+    assert not (tmp_path / "none").exists()

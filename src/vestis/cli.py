@@ -54,9 +54,13 @@ def parse_where(pairs: list[str] | None) -> dict[str, str]:
     return where
 
 
-def open_catalog(path: Path, model: str | None = None, factory: str | None = None):
+def open_catalog(
+    path: Path, model: str | None = None, factory: str | None = None, *, create: bool = False
+):
     from vestis.catalog import Catalog
 
+    if not create and not (path / "catalog.db").exists():
+        raise FileNotFoundError(f"{path}: not a vestis catalog (no catalog.db); run vestis index")
     return Catalog(path, model=model, factory=factory)
 
 
@@ -78,7 +82,7 @@ def index(
     def report_bad(path: str, reason: str) -> None:
         tqdm.write(f"failed: {path}: {reason}", file=sys.stderr)
 
-    with open_catalog(catalog, model, factory) as cat:
+    with open_catalog(catalog, model, factory, create=True) as cat:
         cat.encoder.batch_size = batch_size
         report = cat.add(source, progress=True, on_error=report_bad)
         typer.echo(
@@ -141,8 +145,6 @@ def update(
 @friendly_errors
 def info(catalog: Path = CatalogOption, as_json: bool = typer.Option(False, "--json")) -> None:
     """Describe a catalog: counts, model, index."""
-    if not (catalog / "catalog.db").exists():
-        raise FileNotFoundError(f"{catalog}: not a vestis catalog (no catalog.db)")
     with open_catalog(catalog) as cat:
         details = cat.info()
     if as_json:

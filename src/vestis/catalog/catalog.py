@@ -114,13 +114,13 @@ class Catalog:
     def _init_model(self, model: str | None) -> None:
         stored = self._store.get_meta("model_name")
         if stored is None:
-            name = model or DEFAULT_MODEL
+            name = _model_reference(model or DEFAULT_MODEL)
             encoder = self._encoder or Encoder.from_name(name)
             self._encoder = encoder
             self._store.set_meta(
                 {"model_name": name, "model_id": encoder.model_id, "dim": str(encoder.dim)}
             )
-        elif model is not None and model != stored:
+        elif model is not None and _model_reference(model) != stored:
             candidate = self._encoder or Encoder.from_name(model)
             if candidate.model_id != self._store.get_meta("model_id"):
                 raise ModelMismatchError(
@@ -493,6 +493,12 @@ class Catalog:
     def _match(self, row: ImageRow, score: float) -> Match:
         metadata = {**(self._store.item_metadata(row.item_id) or {}), **row.metadata}
         return Match(row.item_id, score, row.image_id, row.path, metadata, row.box)
+
+
+def _model_reference(model: str) -> str:
+    """Registry names stay names; checkpoint paths are stored absolute."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_file() else model
 
 
 def _content_hash(data: bytes, box: Box | None) -> str:
