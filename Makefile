@@ -26,8 +26,7 @@ lint: setup
 	$(BIN)/ruff check src tests bench scripts
 
 bench: setup
-	$(BIN)/python bench/bench_eval.py
-	$(BIN)/python bench/bench_index.py
+	$(BIN)/python bench/report.py
 
 clean:
 	rm -rf $(DEMO_CATALOG) .pytest_cache

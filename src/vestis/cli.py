@@ -217,6 +217,31 @@ def eval_(
     typer.echo(format_table(result.metrics))
 
 
+@app.command(name="train")
+@friendly_errors
+def train_(
+    recipe: Path = typer.Argument(..., help="Training recipe (YAML), e.g. configs/triplet.yaml."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Run folder (default runs/NAME)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+    epochs: int | None = typer.Option(None, help="Override the recipe's epochs."),
+    minutes: float | None = typer.Option(None, help="Override the time budget (minutes)."),
+) -> None:
+    """Train an embedding model; writes best.pt, last.pt, config.yaml and log.csv."""
+    from vestis.train import train
+
+    overrides: dict = {}
+    if epochs is not None:
+        overrides["epochs"] = epochs
+    if minutes is not None:
+        overrides["time_budget_minutes"] = minutes
+    out = out or Path("runs") / recipe.stem
+    result = train(recipe, out, resume=resume, overrides=overrides)
+    typer.echo(
+        f"trained {result.epochs_run} epochs in {result.seconds / 60:.1f} min; "
+        f"best checkpoint {result.best_path} (score {result.best_score:.4f})"
+    )
+
+
 @app.command()
 def models() -> None:
     """List the registered models."""

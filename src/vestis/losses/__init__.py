@@ -1,5 +1,29 @@
-"""Metric-learning losses, one small class per method, composable like pytorch-metric-learning."""
+"""Metric-learning losses, one small class per method, composable like pytorch-metric-learning.
 
-from vestis.losses.triplet import MINING_STRATEGIES, TripletLoss, create_miner
+Each method's loss is registered by name and built by :func:`create_loss` from a YAML config.
+"""
 
-__all__ = ["MINING_STRATEGIES", "TripletLoss", "create_miner"]
+from vestis.losses.base import EpochContext, LossOutput, MethodLoss, TrainBatch
+from vestis.losses.htl import ClassTree, HierarchicalTripletLoss, anchor_neighbour_classes
+from vestis.losses.os_is import FeatureRelaxation, OSISLoss
+from vestis.losses.registry import create_loss, list_losses, register_loss
+from vestis.losses.triplet import MINING_STRATEGIES, TripletLoss, TripletMethod, create_miner
+
+__all__ = [
+    "MINING_STRATEGIES",
+    "ClassTree",
+    "EpochContext",
+    "FeatureRelaxation",
+    "LossOutput",
+    "HierarchicalTripletLoss",
+    "MethodLoss",
+    "OSISLoss",
+    "TrainBatch",
+    "TripletLoss",
+    "TripletMethod",
+    "anchor_neighbour_classes",
+    "create_loss",
+    "create_miner",
+    "list_losses",
+    "register_loss",
+]

@@ -12,9 +12,13 @@ the triplets of each P×K batch:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
 from pytorch_metric_learning.distances import CosineSimilarity
 from torch import nn
+
+from vestis.losses.base import LossOutput, MethodLoss, TrainBatch
+from vestis.losses.registry import register_loss
 
 MINING_STRATEGIES = ("batch-hard", "semi-hard", "hard", "all")
 
@@ -55,3 +59,16 @@ class TripletLoss(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.loss(embeddings, labels, self.mine(embeddings, labels))
+
+
+@register_loss("triplet")
+class TripletMethod(MethodLoss):
+    """The plain method: a triplet loss with mining on the normalised embeddings."""
+
+    def __init__(self, margin: float = 0.2, mining: str = "batch-hard", **_dims):
+        super().__init__()
+        self.triplet = TripletLoss(margin=margin, mining=mining)
+
+    def forward(self, batch: TrainBatch) -> LossOutput:
+        loss = self.triplet(F.normalize(batch.embeddings, dim=1), batch.labels)
+        return LossOutput(loss, {"triplet": float(loss.detach())})

@@ -1,6 +1,13 @@
-"""The basic embedding network: backbone, global pooling and an optional projection."""
+"""The basic embedding network: backbone, pooling of one or more levels, and a trainable head.
+
+``extract`` is the backbone part (frozen when only a head is trained, so its output can be
+cached); ``head`` is the trainable part: an optional shared ``adapter`` layer followed by a
+linear projection to the embedding.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,10 +18,15 @@ from vestis.models.efficientnet_lite import VARIANTS, efficientnet_lite
 from vestis.models.pooling import create_pooling
 from vestis.models.registry import register_model
 
+HEAD_LEVEL = "head"
+
 
 class RetrievalNet(nn.Module):
-    """Backbone → pooling → (linear projection) → embedding.
+    """Backbone → pooled levels → (adapter) → (linear projection) → embedding.
 
+    ``levels`` lists the backbone outputs to pool: stage indices 0-6 (lower stages keep more
+    colour and texture) and/or ``"head"`` (the 1280-channel map). With several levels each
+    pooled vector is L2-normalised before concatenation so no level drowns the others.
     ``forward`` returns raw embeddings; :class:`vestis.models.Encoder` L2-normalises them.
     ``config`` holds the keyword arguments that rebuild the same architecture.
     """
@@ -27,31 +39,73 @@ class RetrievalNet(nn.Module):
         pooling: str = "avg",
         embed_dim: int | None = None,
         gem_p: float = 3.0,
+        levels: Sequence[int | str] = (HEAD_LEVEL,),
+        adapter_dim: int | None = None,
         pretrained: bool = True,
     ):
         super().__init__()
+        levels = tuple(levels)
         self.config = {
             "backbone": backbone,
             "pooling": pooling,
             "embed_dim": embed_dim,
             "gem_p": gem_p,
+            "levels": list(levels),
+            "adapter_dim": adapter_dim,
         }
         self.backbone = efficientnet_lite(backbone, pretrained=pretrained)
+        self.levels = _check_levels(levels, len(self.backbone.stage_channels))
         self.pool = create_pooling(pooling, **({"p": gem_p} if pooling == "gem" else {}))
-        features = self.backbone.num_features
-        self.projection = nn.Linear(features, embed_dim) if embed_dim else None
-        self.embed_dim = embed_dim or features
+        self.feature_dim = sum(self._level_channels(level) for level in self.levels)
+        self.adapter = _adapter(self.feature_dim, adapter_dim)
+        adapted = adapter_dim or self.feature_dim
+        self.adapter_output_dim = adapted
+        self.projection = nn.Linear(adapted, embed_dim) if embed_dim else None
+        self.embed_dim = embed_dim or adapted
         self.preprocess = Preprocess(size=VARIANTS[backbone].resolution)
 
-    def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.backbone.forward_features(x))
+    def _level_channels(self, level: int | str) -> int:
+        if level == HEAD_LEVEL:
+            return self.backbone.num_features
+        return self.backbone.stage_channels[level]
+
+    def extract(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features (B, feature_dim): the part a frozen backbone caches."""
+        if self.levels == (HEAD_LEVEL,):
+            return self.pool(self.backbone.forward_features(x))
+        stages = self.backbone.stage_features(x)
+        pooled = [
+            self.pool(self.backbone.head(stages[-1]) if level == HEAD_LEVEL else stages[level])
+            for level in self.levels
+        ]
+        return torch.cat([F.normalize(p, dim=1) for p in pooled], dim=1)
+
+    def head(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(adapted features, raw embedding) from extracted features."""
+        adapted = self.adapter(features)
+        embedding = self.projection(adapted) if self.projection is not None else adapted
+        return adapted, embedding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.pooled_features(x)
-        return self.projection(features) if self.projection is not None else features
+        return self.head(self.extract(x))[1]
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self(x), dim=-1)
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
+
+
+def _check_levels(levels: tuple, n_stages: int) -> tuple:
+    if not levels:
+        raise ValueError("levels must name at least one backbone output")
+    for level in levels:
+        if level != HEAD_LEVEL and not (isinstance(level, int) and 0 <= level < n_stages):
+            raise ValueError(f"level {level!r} is not 'head' or a stage index 0-{n_stages - 1}")
+    return levels
+
+
+def _adapter(features: int, adapter_dim: int | None) -> nn.Module:
+    if not adapter_dim:
+        return nn.Identity()
+    return nn.Sequential(nn.Linear(features, adapter_dim), nn.BatchNorm1d(adapter_dim), nn.ReLU())
 
 
 def _retrieval_net_factory(backbone: str):

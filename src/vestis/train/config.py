@@ -1,0 +1,120 @@
+"""Training recipes: plain YAML merged over defaults, validated before anything runs."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "device": "auto",  # "cpu", "cuda" or "auto" (CUDA when present)
+    "data": {
+        # Each source: kind (luma | clothing | csv), path, split_by (a column, "product",
+        # "sender_id" or null), val_fraction, and instances: "labels" (use the label column)
+        # or "self" (every photo is its own instance; augmented views are its positives).
+        "sources": [],
+        "max_images": None,  # cap on every source (with any per-source cap), for smoke runs
+    },
+    "model": {
+        "architecture": "retrieval_net",
+        "backbone": "lite0",
+        "pooling": "gem",
+        "levels": ["head"],
+        "adapter_dim": None,
+        "embed_dim": 256,
+        "freeze_backbone": True,
+    },
+    "loss": {"name": "triplet", "margin": 0.2, "mining": "batch-hard"},
+    "sampler": {"p": 16, "k": 4, "hard_negative_fraction": 0.25},
+    "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4},
+    "schedule": {"name": "cosine", "warmup_epochs": 1},
+    "augment": {
+        "crop_scale": [0.6, 1.0],
+        "flip": 0.5,
+        "rotate": 10,
+        "perspective": 0.1,
+        "blur": 0.2,
+        "brightness": 0.2,
+        "contrast": 0.2,
+    },
+    # With a frozen backbone, features of `views` augmented copies of each training image are
+    # computed once and cached; `synthetic_fraction` of them are consumer-style syntheses.
+    # `dir` keeps the cache on disk, keyed by everything that shapes it, for later runs.
+    "cache": {"views": 6, "synthetic_fraction": 0.0, "backgrounds": None, "dir": None},
+    "epochs": 20,
+    "time_budget_minutes": 60,
+    "batch_size_eval": 64,
+}
+
+KNOWN_SOURCE_KINDS = ("luma", "clothing", "csv")
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_config(source: str | Path | dict, overrides: dict | None = None) -> dict[str, Any]:
+    """The recipe merged over :data:`DEFAULTS`; data paths resolved to absolute paths."""
+    if isinstance(source, dict):
+        raw, base_dir = source, Path.cwd()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such config file")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a recipe must be a YAML mapping")
+        base_dir = path.resolve().parent
+    config = deep_merge(DEFAULTS, raw)
+    if overrides:
+        config = deep_merge(config, overrides)
+    validate(config)
+    for source_config in config["data"]["sources"]:
+        source_config["path"] = str(resolve_path(source_config["path"], base_dir))
+    if config["cache"].get("dir"):
+        config["cache"]["dir"] = str(Path(config["cache"]["dir"]).expanduser().resolve())
+    backgrounds = config["cache"].get("backgrounds")
+    if backgrounds:
+        config["cache"]["backgrounds"] = str(resolve_path(backgrounds, base_dir))
+    return config
+
+
+def resolve_path(value: str, base_dir: Path) -> Path:
+    """Relative paths: against the working directory, else the recipe's folder or its parent."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return path
+    for root in (Path.cwd(), base_dir, base_dir.parent):
+        if (root / path).exists():
+            return (root / path).resolve()
+    raise FileNotFoundError(f"{value}: not found (relative to {Path.cwd()} or {base_dir})")
+
+
+def validate(config: dict[str, Any]) -> None:
+    sources = config["data"]["sources"]
+    if not sources:
+        raise ValueError("data.sources is empty: name at least one training source")
+    for source in sources:
+        if source.get("kind") not in KNOWN_SOURCE_KINDS:
+            raise ValueError(f"data source kind must be one of {KNOWN_SOURCE_KINDS}: {source}")
+        if "path" not in source:
+            raise ValueError(f"data source has no path: {source}")
+        if source.get("instances", "labels") not in ("labels", "self"):
+            raise ValueError(f"instances must be 'labels' or 'self': {source}")
+    if config["epochs"] < 1:
+        raise ValueError("epochs must be at least 1")
+    if config["sampler"]["p"] < 2 or config["sampler"]["k"] < 2:
+        raise ValueError("sampler.p and sampler.k must be at least 2")
+    if config["optimizer"]["name"] not in ("adamw", "sgd"):
+        raise ValueError("optimizer.name must be adamw or sgd")
+    if config["schedule"]["name"] not in ("cosine", "constant"):
+        raise ValueError("schedule.name must be cosine or constant")

@@ -1,0 +1,436 @@
+"""``train(recipe)``: data + model + loss → a checkpoint that ``create_model(path)`` loads.
+
+With a frozen backbone (the default on CPU), the pooled backbone features of several
+augmented views of every training image are computed once and cached; epochs then train
+the head on the cache, which makes a full recipe fit a CPU budget. With an unfrozen
+backbone, images go through the model every step.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm.auto import tqdm
+
+from vestis.data import (
+    ConsumerStyle,
+    ImageDataset,
+    PKSampler,
+    TrainSample,
+    build_train_transform,
+    list_backgrounds,
+)
+from vestis.evaluation import retrieval_metrics
+from vestis.images import Preprocess, crop_box, load_image
+from vestis.losses import EpochContext, TrainBatch, create_loss
+from vestis.models import create_model, save_checkpoint
+from vestis.train.config import load_config
+from vestis.train.sources import ValidationSet, build_sources
+
+BEST, LAST, STATE, LOG, RESOLVED = "best.pt", "last.pt", "state.pt", "log.csv", "config.yaml"
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    best_path: Path
+    best_score: float
+    epochs_run: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def train(
+    recipe: str | Path | dict,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    overrides: dict | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Run a training recipe and write best.pt, last.pt, config.yaml and log.csv to ``out_dir``."""
+    config = load_config(recipe, overrides)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RESOLVED).write_text(yaml.safe_dump(config, sort_keys=False))
+    seed_everything(config["seed"])
+    device = pick_device(config["device"])
+    return Trainer(config, out_dir, device, progress).run(resume)
+
+
+class Trainer:
+    def __init__(self, config: dict[str, Any], out_dir: Path, device: torch.device, progress):
+        self.config, self.out_dir, self.device, self.progress = config, out_dir, device, progress
+        self.train_samples, self.validation = build_sources(config)
+        self.dataset = ImageDataset(self.train_samples)
+        model_config = {k: v for k, v in config["model"].items()
+                        if k not in ("architecture", "freeze_backbone")}
+        self.model = create_model(config["model"]["architecture"], **model_config).to(device)
+        self.frozen = bool(config["model"]["freeze_backbone"])
+        self.loss = create_loss(
+            config["loss"],
+            num_labels=len(self.dataset.label_names),
+            num_categories=len(self.dataset.category_names),
+            feature_dim=self.model.adapter_output_dim,
+            embed_dim=self.model.embed_dim,
+        ).to(device)
+        self.features = self._make_feature_source()
+        self.sampler = self._make_sampler()
+        self.optimizer = self._make_optimizer()
+        self.steps_per_epoch = len(self.sampler)
+        self.started = time.perf_counter()
+
+    # -- set-up ------------------------------------------------------------------------
+    def _make_feature_source(self):
+        if self.frozen:
+            for parameter in self.model.backbone.parameters():
+                parameter.requires_grad_(False)
+            return CachedFeatures(self.model, self.dataset, self.config, self.device, self.progress)
+        return LiveImages(self.model, self.dataset, self.config, self.device)
+
+    def _make_sampler(self) -> PKSampler:
+        sampler_config = self.config["sampler"]
+        return PKSampler(
+            self.dataset.labels,
+            sampler_config["p"],
+            sampler_config["k"],
+            groups=self.dataset.groups,
+            categories=self.dataset.categories,
+            hard_negative_fraction=sampler_config.get("hard_negative_fraction", 0.0),
+            neighbours=getattr(self.loss, "neighbours", None),
+            min_per_label=1 if self.frozen else 2,
+            batches_per_epoch=sampler_config.get("batches_per_epoch"),
+            seed=self.config["seed"],
+        )
+
+    def _trainable_parameters(self) -> list[torch.nn.Parameter]:
+        model_params = [p for p in self.model.parameters() if p.requires_grad]
+        return model_params + [p for p in self.loss.parameters() if p.requires_grad]
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        spec = self.config["optimizer"]
+        params = self._trainable_parameters()
+        if spec["name"] == "sgd":
+            return torch.optim.SGD(params, lr=spec["lr"], momentum=0.9,
+                                   weight_decay=spec.get("weight_decay", 0.0))
+        return torch.optim.AdamW(params, lr=spec["lr"], weight_decay=spec.get("weight_decay", 0.0))
+
+    def learning_rate(self, step: int) -> float:
+        base = self.config["optimizer"]["lr"]
+        schedule = self.config["schedule"]
+        warmup = schedule.get("warmup_epochs", 0) * self.steps_per_epoch
+        if step < warmup:
+            return base * (step + 1) / warmup
+        if schedule["name"] == "constant":
+            return base
+        total = max(1, self.config["epochs"] * self.steps_per_epoch - warmup)
+        return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / total)))
+
+    # -- the loop ----------------------------------------------------------------------
+    def run(self, resume: bool) -> TrainResult:
+        start_epoch, best, history = self._resume() if resume else (0, -1.0, [])
+        budget = self.config["time_budget_minutes"] * 60
+        epoch = start_epoch
+        for epoch in range(start_epoch, self.config["epochs"]):
+            self.loss.on_epoch_start(epoch, self._epoch_context())
+            losses = self._train_epoch(epoch, budget)
+            metrics = self.evaluate()
+            row = {"epoch": epoch + 1, "seconds": round(self.elapsed(), 1), **losses, **metrics}
+            history.append(row)
+            score = metrics.get("val_score", -losses.get("loss", 0.0))
+            if score > best:
+                best = score
+                self._save(BEST, epoch, row)
+            self._save(LAST, epoch, row)
+            self._save_state(epoch + 1, best, history)
+            self._write_log(history)
+            if self.progress:
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float))
+                tqdm.write(f"epoch {epoch + 1}: {shown}")
+            if self.elapsed() > budget:
+                break
+        return TrainResult(self.out_dir, self.out_dir / BEST, best, len(history), self.elapsed(),
+                           history)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def _train_epoch(self, epoch: int, budget: float) -> dict[str, float]:
+        self.model.train()
+        if self.frozen:
+            self.model.backbone.eval()
+        self.sampler.set_epoch(epoch)
+        totals: dict[str, float] = {}
+        steps = 0
+        bar = tqdm(self.sampler, desc=f"epoch {epoch + 1}", disable=not self.progress,
+                   leave=False)
+        for step, indices in enumerate(bar):
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.learning_rate(epoch * self.steps_per_epoch + step)
+            output = self.loss(self._batch(indices, epoch))
+            self.optimizer.zero_grad(set_to_none=True)
+            output.total.backward()
+            self.optimizer.step()
+            steps += 1
+            totals["loss"] = totals.get("loss", 0.0) + float(output.total.detach())
+            for key, value in output.parts.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+            if self.elapsed() > budget:
+                break
+        return {key: value / max(1, steps) for key, value in totals.items()}
+
+    def _batch(self, indices: list[int], epoch: int) -> TrainBatch:
+        features = self.features.train_features(indices)
+        adapted, embeddings = self.model.head(features)
+        index = torch.as_tensor(indices)
+        return TrainBatch(
+            embeddings=embeddings,
+            features=adapted,
+            labels=torch.as_tensor(self.dataset.labels)[index].to(self.device),
+            categories=torch.as_tensor(self.dataset.categories)[index].to(self.device),
+            epoch=epoch,
+        )
+
+    def _epoch_context(self) -> EpochContext:
+        def embed_train_set() -> tuple[np.ndarray, np.ndarray]:
+            vectors = self.embed_features(self.features.plain_train_features())
+            return vectors, np.asarray(self.dataset.labels)
+
+        return EpochContext(
+            num_labels=len(self.dataset.label_names),
+            num_categories=len(self.dataset.category_names),
+            embed_train_set=embed_train_set,
+        )
+
+    # -- evaluation --------------------------------------------------------------------
+    def embed_features(self, features: torch.Tensor) -> np.ndarray:
+        self.model.eval()
+        with torch.inference_mode():
+            vectors = [
+                F.normalize(self.model.head(chunk.to(self.device))[1], dim=1).cpu()
+                for chunk in features.split(512)
+            ]
+        return torch.cat(vectors).numpy()
+
+    def evaluate(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for position, validation in enumerate(self.validation):
+            labels = [sample.label for sample in validation.samples]
+            if len(set(labels)) == len(labels):
+                continue  # no two images share a label: nothing to retrieve
+            vectors = self.embed_features(self.features.validation_features(validation))
+            result = retrieval_metrics(
+                vectors, labels, vectors, labels,
+                query_gallery_index=np.arange(len(labels)), ks=(1, 10),
+            )
+            for key in ("R@1", "R@10", "mAP", "MAP@R"):
+                metrics[f"{validation.name}_{key}"] = float(result.metrics[key])
+            if position == 0:
+                metrics["val_score"] = float(result.metrics["R@1"] + result.metrics["mAP"])
+        return metrics
+
+    # -- files -------------------------------------------------------------------------
+    def _save(self, name: str, epoch: int, row: dict) -> None:
+        meta = {"epoch": epoch + 1, "metrics": row, "recipe": self.config}
+        save_checkpoint(self.model, self.out_dir / name, include_backbone=not self.frozen,
+                        meta=meta)
+
+    def _save_state(self, next_epoch: int, best: float, history: list) -> None:
+        state = {
+            "next_epoch": next_epoch,
+            "best": best,
+            "history": history,
+            "model": self.model.state_dict(),
+            "loss": self.loss.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(),
+            "python_rng": random.getstate(),
+        }
+        tmp = self.out_dir / f".{STATE}.tmp"
+        torch.save(state, tmp)
+        tmp.replace(self.out_dir / STATE)
+
+    def _resume(self) -> tuple[int, float, list]:
+        path = self.out_dir / STATE
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: nothing to resume from")
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.loss.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        random.setstate(state["python_rng"])
+        return state["next_epoch"], state["best"], state["history"]
+
+    def _write_log(self, history: list[dict]) -> None:
+        columns = sorted({key for row in history for key in row},
+                         key=lambda k: (k not in ("epoch", "seconds"), k))
+        with open(self.out_dir / LOG, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(history)
+
+
+class CachedFeatures:
+    """Backbone features of augmented views of every image, computed once (frozen backbone).
+
+    View 0 of each image is the plain, un-augmented one.
+    """
+
+    def __init__(self, model, dataset: ImageDataset, config: dict, device, progress: bool):
+        self.model, self.dataset, self.device = model, dataset, device
+        self.preprocess: Preprocess = model.preprocess
+        cache = config["cache"]
+        self.views = max(1, int(cache["views"]))
+        self.augment = build_train_transform(config["augment"], self.preprocess,
+                                             seed=config["seed"])
+        self.synthesis = _consumer_style(cache, config["seed"])
+        self.synthetic_fraction = float(cache.get("synthetic_fraction", 0.0))
+        self.rng = random.Random(config["seed"])
+        self.batch_size = config["batch_size_eval"]
+        self.progress = progress
+        self.cache = self._load_or_extract(dataset.samples, config)  # (views, N, F)
+        self._validation_cache: dict[str, torch.Tensor] = {}
+
+    def _view(self, image, view: int) -> np.ndarray:
+        if view == 0:
+            return self.preprocess.to_array(image)
+        if self.synthesis is not None and self.rng.random() < self.synthetic_fraction:
+            image = self.synthesis(image)
+        return self.augment(image)
+
+    def _load_or_extract(self, samples: list[TrainSample], config: dict) -> torch.Tensor:
+        """Reuse features cached on disk by an earlier run with the same inputs."""
+        folder = config["cache"].get("dir")
+        if not folder:
+            return self._extract_views(samples)
+        path = Path(folder) / f"{_cache_key(samples, config)}.pt"
+        if path.exists():
+            return torch.load(path, weights_only=True)
+        features = self._extract_views(samples)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(features, tmp)
+        tmp.replace(path)
+        return features
+
+    def _extract_views(self, samples: list[TrainSample]) -> torch.Tensor:
+        out = torch.zeros(self.views, len(samples), self.model.feature_dim)
+        bar = tqdm(total=len(samples) * self.views, desc="caching features", unit="view",
+                   disable=not self.progress)
+        for start in range(0, len(samples), self.batch_size):
+            chunk = samples[start:start + self.batch_size]
+            images = [_open(sample) for sample in chunk]
+            for view in range(self.views):
+                arrays = np.stack([self._view(image, view) for image in images])
+                out[view, start:start + len(chunk)] = self._extract(arrays)
+                bar.update(len(chunk))
+        bar.close()
+        return out
+
+    def _extract(self, arrays: np.ndarray) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model.extract(torch.from_numpy(arrays).to(self.device)).float().cpu()
+
+    def train_features(self, indices: list[int]) -> torch.Tensor:
+        """One view per position; an image repeated in the batch gets different views."""
+        picked, used = [], {}
+        for index in indices:
+            views = used.setdefault(index, self.rng.sample(range(self.views), self.views))
+            picked.append(views.pop() if views else self.rng.randrange(self.views))
+        return self.cache[torch.as_tensor(picked), torch.as_tensor(indices)].to(self.device)
+
+    def plain_train_features(self) -> torch.Tensor:
+        return self.cache[0]
+
+    def validation_features(self, validation: ValidationSet) -> torch.Tensor:
+        if validation.name not in self._validation_cache:
+            arrays = [self.preprocess.to_array(_open(s)) for s in validation.samples]
+            chunks = [self._extract(np.stack(arrays[i:i + self.batch_size]))
+                      for i in range(0, len(arrays), self.batch_size)]
+            self._validation_cache[validation.name] = torch.cat(chunks)
+        return self._validation_cache[validation.name]
+
+
+class LiveImages:
+    """End-to-end training: images are decoded, augmented and passed through the backbone."""
+
+    def __init__(self, model, dataset: ImageDataset, config: dict, device):
+        self.model, self.dataset, self.device = model, dataset, device
+        self.preprocess = model.preprocess
+        self.augment = build_train_transform(config["augment"], self.preprocess,
+                                             seed=config["seed"])
+
+    def _extract(self, arrays: list[np.ndarray], grad: bool) -> torch.Tensor:
+        batch = torch.from_numpy(np.stack(arrays)).to(self.device)
+        if grad:
+            return self.model.extract(batch)
+        with torch.inference_mode():
+            return self.model.extract(batch)
+
+    def train_features(self, indices: list[int]) -> torch.Tensor:
+        arrays = [self.augment(_open(self.dataset.samples[i])) for i in indices]
+        return self._extract(arrays, grad=True)
+
+    def _plain(self, samples: list[TrainSample]) -> torch.Tensor:
+        self.model.eval()
+        chunks = []
+        for start in range(0, len(samples), 64):
+            arrays = [self.preprocess.to_array(_open(s)) for s in samples[start:start + 64]]
+            chunks.append(self._extract(arrays, grad=False))
+        return torch.cat(chunks)
+
+    def plain_train_features(self) -> torch.Tensor:
+        return self._plain(self.dataset.samples)
+
+    def validation_features(self, validation: ValidationSet) -> torch.Tensor:
+        return self._plain(validation.samples)
+
+
+def _open(sample: TrainSample):
+    return crop_box(load_image(sample.path), sample.bbox)
+
+
+def _cache_key(samples: list[TrainSample], config: dict) -> str:
+    model = {k: config["model"].get(k) for k in ("backbone", "pooling", "gem_p", "levels")}
+    inputs = {
+        "model": model,
+        "augment": config["augment"],
+        "cache": {k: v for k, v in config["cache"].items() if k != "dir"},
+        "seed": config["seed"],
+        "samples": [(str(s.path), s.bbox) for s in samples],
+        "version": 1,
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _consumer_style(cache: dict, seed: int) -> ConsumerStyle | None:
+    if not cache.get("synthetic_fraction") or not cache.get("backgrounds"):
+        return None
+    return ConsumerStyle(list_backgrounds(cache["backgrounds"]), rng=seed)
