@@ -1,6 +1,8 @@
 """Regenerate BENCHMARKS.md: run the benchmarks and the baseline evaluation, side by side.
 
-    python bench/report.py [--out BENCHMARKS.md]
+    python bench/report.py [--out BENCHMARKS.md] [--reuse-runs]
+
+The trained-recipes section alone: ``python bench/recipes.py --update BENCHMARKS.md``.
 
 Every figure in the file comes from this run on this machine; nothing is typed by hand.
 """
@@ -18,6 +20,9 @@ from pathlib import Path
 import torch
 
 from vestis.evaluation import evaluate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recipes import recipes_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -60,6 +65,8 @@ def baseline_section() -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
+    parser.add_argument("--reuse-runs", action="store_true",
+                        help="Keep finished training runs in runs/bench instead of retraining.")
     args = parser.parse_args()
 
     sections = [
@@ -69,6 +76,8 @@ def main() -> None:
         "The machine is shared and noisy: timings are medians of repeats.",
         "",
         *baseline_section(),
+        "",
+        *recipes_section(reuse=args.reuse_runs),
         "",
         "## Evaluation speed (`bench/bench_eval.py`)",
         "",

@@ -83,10 +83,18 @@ def test_csv_folder_is_detected_through_catalog_csv(tmp_path):
     assert len(load_dataset(tmp_path).queries) == 2
 
 
+def test_clothing_format_csv_matches_by_category_label(tmp_path):
+    write(tmp_path / "labels.csv", "image,label,sender_id\n1.jpg,Shirt,4\n2.jpg,Shirt,5\n"
+          "3.jpg,Hat,4\n")
+    dataset = load_dataset(tmp_path / "labels.csv")
+    assert [sample.item_id for sample in dataset.gallery] == ["Shirt", "Shirt", "Hat"]
+    assert len(dataset.queries) == 2
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("image,label\n1.jpg,a\n", r"missing column\(s\) \['item_id'\]"),
+        ("image,category\n1.jpg,a\n", r"one of \('item_id', 'label'\)"),
         ("image,item_id,x1,y1\n1.jpg,a,1,2\n", "x1,y1,x2,y2"),
         ("image,item_id,x1,y1,x2,y2\n1.jpg,a,1,2,3,4\n2.jpg,a,1,b,3,4\n", "line 3: a box"),
         ("image,item_id\n1.jpg,a\n,a\n", "line 3: empty image or item_id"),

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+import vestis.models
 from vestis.images import Preprocess, load_image
 from vestis.models import (
     Encoder,
@@ -95,3 +98,34 @@ def test_bad_checkpoint_file_is_a_clear_error(tmp_path):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="checkpoint"):
         create_model(str(path))
+
+
+def test_shipped_default_model_is_small_and_tells_colours_apart(data_dir):
+    from vestis.models import DEFAULT_MODEL
+
+    assert DEFAULT_MODEL in list_models()
+    model = create_model(DEFAULT_MODEL)
+    assert model.model_name == DEFAULT_MODEL
+    weights = Path(vestis.models.__file__).parent / "weights" / f"{DEFAULT_MODEL}.pt"
+    assert weights.stat().st_size < 10 * 2**20
+    encoder = Encoder.from_name(DEFAULT_MODEL)
+    images = data_dir / "luma" / "images"
+    front, back, other_colour = encoder.embed(
+        [images / "mh06-blue_main.jpg", images / "mh06-blue_back.jpg",
+         images / "mh06-black_main.jpg"]
+    )
+    # Same item from the back is nearer than the same design in another colour.
+    assert front @ back > front @ other_colour
+
+
+def test_category_blend_appends_weighted_probabilities():
+    model = create_model("lite0", levels=["head"], adapter_dim=32, embed_dim=16,
+                         category_classes=3, category_weight=0.5).eval()
+    features = torch.randn(4, model.feature_dim)
+    with torch.inference_mode():
+        vectors = model.embed_features(features)
+    assert model.output_dim == 19 and vectors.shape == (4, 19)
+    assert torch.allclose(vectors[:, :16].norm(dim=1), torch.ones(4), atol=1e-5)
+    assert torch.allclose(vectors[:, 16:].norm(dim=1), torch.full((4,), 0.5), atol=1e-5)
+    plain = create_model("lite0", levels=["head"], embed_dim=16, category_classes=3)
+    assert plain.output_dim == 16  # a weight of 0 trains the classifier but leaves it out

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import typer
 
+from vestis.models import DEFAULT_MODEL
+
 app = typer.Typer(
     name="vestis",
     help="Clothing image retrieval: index a catalog, search it with a photo, evaluate models.",
@@ -159,7 +161,7 @@ def info(catalog: Path = CatalogOption, as_json: bool = typer.Option(False, "--j
 @friendly_errors
 def embed(
     source: Path = typer.Argument(..., help="CSV with image,item_id columns, or a folder."),
-    model: str = typer.Option("lite0", help="Model name or checkpoint path."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Model name or checkpoint path."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .npz file."),
     batch_size: int = typer.Option(32, min=1),
 ) -> None:
@@ -192,7 +194,7 @@ def embed(
 def eval_(
     dataset: Path = typer.Argument(..., help="CSV, DeepFashion folder or DeepFashion2 folder."),
     format: str | None = typer.Option(None, "--format", help="csv | inshop | c2s | df2."),
-    model: str = typer.Option("lite0", help="Model name or checkpoint path."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Model name or checkpoint path."),
     split: str = typer.Option("test", help="Split to evaluate (c2s)."),
     json_out: Path | None = typer.Option(None, "--json", help="Write metrics as JSON."),
     report: Path | None = typer.Option(None, "--report", help="Write a Markdown report."),

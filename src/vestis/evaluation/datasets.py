@@ -5,7 +5,8 @@ images. Supported formats (``load_dataset(source, format=None)`` detects them):
 
 ``csv``
     A CSV with the columns ``image,item_id`` (others are ignored, so the Luma
-    ``catalog.csv`` works as is); image paths are relative to the CSV's folder. Optional
+    ``catalog.csv`` works as is), or ``image,label`` (the clothing format: images match by
+    category); image paths are relative to the CSV's folder. Optional
     box columns ``x1,y1,x2,y2`` (empty cells mean no box). Protocols:
 
     * no ``split`` column: **leave-one-out**. Every image whose item has at least two images
@@ -63,6 +64,8 @@ BBox = tuple[int, int, int, int]
 FORMATS = ("csv", "inshop", "c2s", "df2")
 PROTOCOLS = ("leave-one-out", "query-gallery")
 
+# Which column says that two images match: the item, or (clothing format) the category label.
+LABEL_COLUMNS = ("item_id", "label")
 INSHOP_HEADER = ("image_name", "item_id", "evaluation_status")
 C2S_HEADER = ("image_pair_name_1", "image_pair_name_2", "item_id", "evaluation_status")
 PARTITION_FILE = "list_eval_partition.txt"
@@ -202,9 +205,10 @@ def _csv_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
-        missing = [column for column in ("image", "item_id") if column not in columns]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; found {columns}")
+        if "image" not in columns or not any(c in columns for c in LABEL_COLUMNS):
+            raise ValueError(
+                f"{path}: needs an image column and one of {LABEL_COLUMNS}; found {columns}"
+            )
         box_columns = [column for column in ("x1", "y1", "x2", "y2") if column in columns]
         if box_columns and len(box_columns) != 4:
             raise ValueError(f"{path}: box columns need all of x1,y1,x2,y2; found {box_columns}")
@@ -216,9 +220,10 @@ def _csv_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
 
 def _csv_sample(row: dict[str, str], folder: Path, path: Path, line: int) -> Sample:
     image = (row.get("image") or "").strip()
-    item_id = (row.get("item_id") or "").strip()
+    column = next(c for c in LABEL_COLUMNS if c in row)
+    item_id = (row.get(column) or "").strip()
     if not image or not item_id:
-        raise ValueError(f"{path}, line {line}: empty image or item_id")
+        raise ValueError(f"{path}, line {line}: empty image or {column}")
     box_cells = [(row.get(column) or "").strip() for column in ("x1", "y1", "x2", "y2")]
     bbox = _parse_box(box_cells, f"{path}, line {line}") if any(box_cells) else None
     return Sample(folder / image, item_id, bbox)

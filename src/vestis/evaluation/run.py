@@ -9,12 +9,12 @@ import numpy as np
 from vestis.evaluation.datasets import EvalDataset, Sample, load_dataset
 from vestis.evaluation.metrics import RetrievalResult, retrieval_metrics
 from vestis.evaluation.report import write_metrics_json, write_report
-from vestis.models import Encoder
+from vestis.models import DEFAULT_MODEL, Encoder
 
 
 def evaluate(
     dataset: str | Path | EvalDataset,
-    model: str | Path | Encoder = "lite0",
+    model: str | Path | Encoder = DEFAULT_MODEL,
     *,
     format: str | None = None,
     split: str = "test",

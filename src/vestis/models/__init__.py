@@ -1,5 +1,7 @@
 """Encoders behind a registry: ``create_model(name)`` is the one way in."""
 
+from pathlib import Path as _Path
+
 from vestis.models import retrieval_net as _retrieval_net  # noqa: F401  (registers lite0/1/2)
 from vestis.models.checkpoint import load_checkpoint, save_checkpoint
 from vestis.models.efficientnet_lite import EfficientNetLite, efficientnet_lite
@@ -8,7 +10,9 @@ from vestis.models.imagenet import imagenet_classes
 from vestis.models.registry import create_model, list_models, register_checkpoint, register_model
 from vestis.models.retrieval_net import RetrievalNet
 
-DEFAULT_MODEL = "lite0"
+# The trained default (configs/vestis-lite0.yaml): a head over frozen Lite0 features, fp16.
+register_checkpoint("vestis-lite0", _Path(__file__).parent / "weights" / "vestis-lite0.pt")
+DEFAULT_MODEL = "vestis-lite0"
 
 __all__ = [
     "DEFAULT_MODEL",

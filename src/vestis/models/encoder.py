@@ -64,7 +64,7 @@ class Encoder:
 
     @property
     def dim(self) -> int:
-        return int(self.model.embed_dim)
+        return int(getattr(self.model, "output_dim", self.model.embed_dim))
 
     def embed_arrays(self, batch: np.ndarray) -> np.ndarray:
         """Embed an already preprocessed (N, 3, S, S) float32 batch."""

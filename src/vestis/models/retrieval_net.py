@@ -41,6 +41,8 @@ class RetrievalNet(nn.Module):
         gem_p: float = 3.0,
         levels: Sequence[int | str] = (HEAD_LEVEL,),
         adapter_dim: int | None = None,
+        category_classes: int = 0,
+        category_weight: float = 0.0,
         pretrained: bool = True,
     ):
         super().__init__()
@@ -52,6 +54,8 @@ class RetrievalNet(nn.Module):
             "gem_p": gem_p,
             "levels": list(levels),
             "adapter_dim": adapter_dim,
+            "category_classes": category_classes,
+            "category_weight": category_weight,
         }
         self.backbone = efficientnet_lite(backbone, pretrained=pretrained)
         self.levels = _check_levels(levels, len(self.backbone.stage_channels))
@@ -62,6 +66,10 @@ class RetrievalNet(nn.Module):
         self.adapter_output_dim = adapted
         self.projection = nn.Linear(adapted, embed_dim) if embed_dim else None
         self.embed_dim = embed_dim or adapted
+        self.classifier = nn.Linear(adapted, category_classes) if category_classes else None
+        self.category_weight = float(category_weight)
+        blend = self.classifier is not None and self.category_weight > 0
+        self.output_dim = self.embed_dim + (category_classes if blend else 0)
         self.preprocess = Preprocess(size=VARIANTS[backbone].resolution)
 
     def _level_channels(self, level: int | str) -> int:
@@ -86,8 +94,27 @@ class RetrievalNet(nn.Module):
         embedding = self.projection(adapted) if self.projection is not None else adapted
         return adapted, embedding
 
+    def category_logits(self, adapted: torch.Tensor) -> torch.Tensor:
+        if self.classifier is None:
+            raise ValueError("this model has no category classifier (category_classes=0)")
+        return self.classifier(adapted)
+
+    def embed_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The retrieval vector from extracted features.
+
+        With a category classifier and ``category_weight`` w > 0, the L2-normalised instance
+        embedding is concatenated with w times the normalised category probabilities, so
+        images of one predicted category rank together, ordered by instance similarity.
+        """
+        adapted, embedding = self.head(features)
+        if self.output_dim == self.embed_dim:
+            return embedding
+        probabilities = F.normalize(self.category_logits(adapted).softmax(dim=1), dim=1)
+        return torch.cat([F.normalize(embedding, dim=1),
+                          self.category_weight * probabilities], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.extract(x))[1]
+        return self.embed_features(self.extract(x))
 
     def head_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]

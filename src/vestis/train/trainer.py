@@ -84,11 +84,15 @@ def train(
 
 class Trainer:
     def __init__(self, config: dict[str, Any], out_dir: Path, device: torch.device, progress):
+        self.started = time.perf_counter()  # the budget counts feature caching too
         self.config, self.out_dir, self.device, self.progress = config, out_dir, device, progress
         self.train_samples, self.validation = build_sources(config)
         self.dataset = ImageDataset(self.train_samples)
         model_config = {k: v for k, v in config["model"].items()
-                        if k not in ("architecture", "freeze_backbone")}
+                        if k not in ("architecture", "freeze_backbone", "category_loss_weight")}
+        if model_config.get("category_weight"):
+            model_config["category_classes"] = len(self.dataset.category_names)
+        self.category_loss_weight = float(config["model"].get("category_loss_weight", 1.0))
         self.model = create_model(config["model"]["architecture"], **model_config).to(device)
         self.frozen = bool(config["model"]["freeze_backbone"])
         self.loss = create_loss(
@@ -102,7 +106,6 @@ class Trainer:
         self.sampler = self._make_sampler()
         self.optimizer = self._make_optimizer()
         self.steps_per_epoch = len(self.sampler)
-        self.started = time.perf_counter()
 
     # -- set-up ------------------------------------------------------------------------
     def _make_feature_source(self):
@@ -191,12 +194,19 @@ class Trainer:
         for step, indices in enumerate(bar):
             for group in self.optimizer.param_groups:
                 group["lr"] = self.learning_rate(epoch * self.steps_per_epoch + step)
-            output = self.loss(self._batch(indices, epoch))
+            batch = self._batch(indices, epoch)
+            output = self.loss(batch)
+            total = output.total
+            if self.model.classifier is not None:
+                category = F.cross_entropy(self.model.category_logits(batch.features),
+                                           batch.categories, ignore_index=-1)
+                total = total + self.category_loss_weight * category
+                output.parts["category_ce"] = float(category.detach())
             self.optimizer.zero_grad(set_to_none=True)
-            output.total.backward()
+            total.backward()
             self.optimizer.step()
             steps += 1
-            totals["loss"] = totals.get("loss", 0.0) + float(output.total.detach())
+            totals["loss"] = totals.get("loss", 0.0) + float(total.detach())
             for key, value in output.parts.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
             if self.elapsed() > budget:
@@ -231,7 +241,7 @@ class Trainer:
         self.model.eval()
         with torch.inference_mode():
             vectors = [
-                F.normalize(self.model.head(chunk.to(self.device))[1], dim=1).cpu()
+                F.normalize(self.model.embed_features(chunk.to(self.device)), dim=1).cpu()
                 for chunk in features.split(512)
             ]
         return torch.cat(vectors).numpy()
