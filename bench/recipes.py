@@ -16,13 +16,12 @@ import os
 import platform
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from vestis.evaluation import retrieval_metrics
 from vestis.models import Encoder
 from vestis.train import load_config, train
 from vestis.train.sources import build_sources
+from vestis.train.trainer import split_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -51,12 +50,8 @@ def baseline_metrics(recipe: str, model: str = "lite0") -> dict[str, float]:
     encoder = Encoder.from_name(model)
     metrics: dict[str, float] = {}
     for split in validation:
-        labels = [sample.label for sample in split.samples]
         vectors = encoder.embed([s.path for s in split.samples], [s.bbox for s in split.samples])
-        result = retrieval_metrics(vectors, labels, vectors, labels,
-                                   query_gallery_index=np.arange(len(labels)), ks=(1, 10))
-        for key in ("R@1", "R@10", "mAP", "MAP@R"):
-            metrics[f"{split.name}_{key}"] = float(result.metrics[key])
+        metrics.update(split_metrics(vectors, split))
     return metrics
 
 

@@ -253,14 +253,11 @@ class Trainer:
             if len(set(labels)) == len(labels):
                 continue  # no two images share a label: nothing to retrieve
             vectors = self.embed_features(self.features.validation_features(validation))
-            result = retrieval_metrics(
-                vectors, labels, vectors, labels,
-                query_gallery_index=np.arange(len(labels)), ks=(1, 10),
-            )
-            for key in ("R@1", "R@10", "mAP", "MAP@R"):
-                metrics[f"{validation.name}_{key}"] = float(result.metrics[key])
+            scores = split_metrics(vectors, validation)
+            metrics.update(scores)
             if position == 0:
-                metrics["val_score"] = float(result.metrics["R@1"] + result.metrics["mAP"])
+                metrics["val_score"] = (scores[f"{validation.name}_R@1"]
+                                        + scores[f"{validation.name}_mAP"])
         return metrics
 
     # -- files -------------------------------------------------------------------------
@@ -305,6 +302,26 @@ class Trainer:
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             writer.writerows(history)
+
+
+def split_metrics(vectors: np.ndarray, validation: ValidationSet) -> dict[str, float]:
+    """Leave-one-out R@1, R@10, mAP and MAP@R of one validation split, keyed by its name."""
+    labels = [sample.label for sample in validation.samples]
+    result = retrieval_metrics(vectors, labels, vectors, labels,
+                               query_gallery_index=np.arange(len(labels)), ks=(1, 10))
+    return {f"{validation.name}_{key}": float(result.metrics[key])
+            for key in ("R@1", "R@10", "mAP", "MAP@R")}
+
+
+def plain_features(model, samples: list[TrainSample], batch_size: int, device) -> torch.Tensor:
+    """Extracted features of un-augmented images, in batches, without gradients."""
+    chunks = []
+    for start in range(0, len(samples), batch_size):
+        arrays = [model.preprocess.to_array(_open(s)) for s in samples[start:start + batch_size]]
+        with torch.inference_mode():
+            batch = torch.from_numpy(np.stack(arrays)).to(device)
+            chunks.append(model.extract(batch).float().cpu())
+    return torch.cat(chunks)
 
 
 class CachedFeatures:
@@ -381,10 +398,8 @@ class CachedFeatures:
 
     def validation_features(self, validation: ValidationSet) -> torch.Tensor:
         if validation.name not in self._validation_cache:
-            arrays = [self.preprocess.to_array(_open(s)) for s in validation.samples]
-            chunks = [self._extract(np.stack(arrays[i:i + self.batch_size]))
-                      for i in range(0, len(arrays), self.batch_size)]
-            self._validation_cache[validation.name] = torch.cat(chunks)
+            self._validation_cache[validation.name] = plain_features(
+                self.model, validation.samples, self.batch_size, self.device)
         return self._validation_cache[validation.name]
 
 
@@ -397,24 +412,13 @@ class LiveImages:
         self.augment = build_train_transform(config["augment"], self.preprocess,
                                              seed=config["seed"])
 
-    def _extract(self, arrays: list[np.ndarray], grad: bool) -> torch.Tensor:
-        batch = torch.from_numpy(np.stack(arrays)).to(self.device)
-        if grad:
-            return self.model.extract(batch)
-        with torch.inference_mode():
-            return self.model.extract(batch)
-
     def train_features(self, indices: list[int]) -> torch.Tensor:
         arrays = [self.augment(_open(self.dataset.samples[i])) for i in indices]
-        return self._extract(arrays, grad=True)
+        return self.model.extract(torch.from_numpy(np.stack(arrays)).to(self.device))
 
     def _plain(self, samples: list[TrainSample]) -> torch.Tensor:
         self.model.eval()
-        chunks = []
-        for start in range(0, len(samples), 64):
-            arrays = [self.preprocess.to_array(_open(s)) for s in samples[start:start + 64]]
-            chunks.append(self._extract(arrays, grad=False))
-        return torch.cat(chunks)
+        return plain_features(self.model, samples, 64, self.device).to(self.device)
 
     def plain_train_features(self) -> torch.Tensor:
         return self._plain(self.dataset.samples)
