@@ -245,6 +245,46 @@ def train_(
 
 
 @app.command()
+@friendly_errors
+def serve(
+    catalog: Path = CatalogOption,
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, min=1, max=65535, help="Port to listen on."),
+    token_file: Path | None = typer.Option(
+        None, "--token-file", help="File holding the bearer token for writes (else no writes)."
+    ),
+    private: bool = typer.Option(False, "--private", help="Searches and reads need the token."),
+    max_upload_mb: float = typer.Option(20.0, min=0.01, help="Largest request body, in MB."),
+) -> None:
+    """Serve the catalog over HTTP: the API (documented at /docs) and a search page at /."""
+    import threading
+
+    import uvicorn
+
+    from vestis.serve import create_app, read_token
+
+    token = read_token(token_file) if token_file else None
+    if private and token is None:
+        raise ValueError("--private needs --token-file")
+    application = create_app(catalog, token=token, private=private, max_upload_mb=max_upload_mb)
+    service = application.state.service
+
+    def announce_ready() -> None:
+        service.wait_until_loaded()
+        state = "ready" if service.ready else f"failed to load the model: {service.error}"
+        typer.echo(f"vestis serve: {state}", err=True)
+
+    threading.Thread(target=announce_ready, daemon=True).start()
+    writes = "writes need the token" if token else "writes disabled (no --token-file)"
+    typer.echo(
+        f"vestis serve: {catalog} on http://{host}:{port}/ (API docs at /docs); {writes}; "
+        "loading the model, /health says when ready",
+        err=True,
+    )
+    uvicorn.run(application, host=host, port=port, log_level="info")
+
+
+@app.command()
 def models() -> None:
     """List the registered models."""
     from vestis.models import list_models

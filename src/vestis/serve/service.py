@@ -1,0 +1,314 @@
+"""What the server does, without HTTP: load the catalog once, search it, change it safely.
+
+Concurrency: the catalog serialises its own index and store access. Embedding (the slow
+part) runs outside any lock, so searches proceed while another request adds an item; one
+service-level lock makes each write's check-then-change atomic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import threading
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from vestis.catalog import Catalog, Item, Match
+from vestis.catalog.catalog import DB_NAME
+from vestis.images import Box, ImageError, load_image
+
+UPLOADS_DIR = "uploads"
+ITEM_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+RESERVED_KEYS = frozenset({"item_id"})
+MAX_METADATA_KEYS = 100
+MAX_KEY_LENGTH = 100
+MAX_VALUE_LENGTH = 2000
+MAX_FACET_VALUES = 200
+
+_SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}
+_SUFFIXES.update({"TIFF": ".tif", "MPO": ".jpg"})
+
+
+class ItemExistsError(ValueError):
+    """``POST /items`` named an item that is already in the catalog."""
+
+
+class NotReadyError(RuntimeError):
+    """The model is still loading, or failed to load."""
+
+
+@dataclass(frozen=True)
+class Garment:
+    """A region of the query photo searched on its own. ``group`` names its kind."""
+
+    group: str
+    box: Box
+
+
+@dataclass(frozen=True)
+class GarmentMatches:
+    garment: Garment
+    matches: list[Match]
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    width: int
+    height: int
+    garments: list[GarmentMatches]
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded file: the client's name for it (for messages only) and its bytes."""
+
+    filename: str
+    data: bytes
+
+
+def find_garments(image: Image.Image) -> list[Garment]:
+    """The regions to search. No garment detector yet: the whole photo is one garment."""
+    return [Garment("whole image", (0, 0, image.width, image.height))]
+
+
+class CatalogService:
+    """One catalog, its model loaded once, shared by every request thread."""
+
+    def __init__(self, catalog_dir: str | Path):
+        self.path = Path(catalog_dir).expanduser()
+        if not (self.path / DB_NAME).exists():
+            raise FileNotFoundError(
+                f"{self.path}: not a vestis catalog (no {DB_NAME}); create it with vestis index"
+            )
+        self.uploads = self.path / UPLOADS_DIR
+        self.state = "loading"
+        self.error: str | None = None
+        self._catalog: Catalog | None = None
+        self._loaded = threading.Event()
+        self._write_lock = threading.Lock()
+        self._generation = 0
+        self._facets: tuple[int, dict[str, dict[str, Any]]] | None = None
+
+    # -- life cycle --------------------------------------------------------------------
+    def load(self) -> None:
+        """Open the catalog, load the model and its index, and run one warm-up embedding."""
+        try:
+            catalog = Catalog(self.path)
+            catalog.encoder.embed_one(Image.new("RGB", (64, 64), (127, 127, 127)))
+            catalog.info()  # loads (or rebuilds) the vector index
+            self._catalog = catalog
+            self.state = "ready"
+        except Exception as exc:  # reported by /health; the process stays up to say so
+            self.state = "failed"
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._loaded.set()
+
+    def wait_until_loaded(self, timeout: float | None = None) -> bool:
+        return self._loaded.wait(timeout)
+
+    def close(self) -> None:
+        if self._catalog is not None:
+            self._catalog.close()
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def catalog(self) -> Catalog:
+        if self._catalog is None:
+            raise NotReadyError(
+                f"model failed to load: {self.error}"
+                if self.state == "failed"
+                else "the model is still loading; retry when /health says ready"
+            )
+        return self._catalog
+
+    # -- reads -------------------------------------------------------------------------
+    def search(self, data: bytes, k: int, where: dict[str, str] | None = None) -> SearchResult:
+        """Search every garment of an uploaded photo; raises ImageError for a bad photo."""
+        catalog = self.catalog
+        image = load_image(data)
+        garments = find_garments(image)
+        whole = (0, 0, image.width, image.height)
+        vectors = np.stack(
+            [catalog.encoder.embed_one(image, None if g.box == whole else g.box) for g in garments]
+        )
+        found = catalog.search_vectors(vectors, k, where=where or None)
+        return SearchResult(
+            image.width,
+            image.height,
+            [GarmentMatches(g, m) for g, m in zip(garments, found, strict=True)],
+        )
+
+    def get(self, item_id: str) -> Item:
+        return self.catalog.get(item_id)
+
+    def image_file(self, image_id: int) -> Path:
+        """The file of a catalog image, looked up by id; KeyError when unknown or gone."""
+        row = self.catalog.image(image_id)
+        path = Path(row.path)
+        if not row.path or not path.is_file():
+            raise KeyError(f"the file of image {image_id} is missing")
+        return path
+
+    def stats(self) -> dict[str, Any]:
+        info = self.catalog.info()
+        info.pop("path", None)  # no server paths to clients
+        return info
+
+    def facets(self) -> dict[str, dict[str, Any]]:
+        """Each metadata field with its distinct values (at most MAX_FACET_VALUES)."""
+        generation = self._generation
+        cached = self._facets
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        values: dict[str, set[str]] = defaultdict(set)
+        catalog = self.catalog
+        for item_id in catalog.item_ids():
+            try:
+                item = catalog.get(item_id)
+            except KeyError:  # removed meanwhile
+                continue
+            for metadata in (item.metadata, *(image.metadata for image in item.images)):
+                for key, value in metadata.items():
+                    values[key].add(_filter_text(value))
+        facets = {
+            key: {
+                "values": sorted(found)[:MAX_FACET_VALUES],
+                "truncated": len(found) > MAX_FACET_VALUES,
+            }
+            for key, found in sorted(values.items())
+        }
+        self._facets = (generation, facets)
+        return facets
+
+    # -- writes ------------------------------------------------------------------------
+    def add_item(
+        self, uploads: Sequence[Upload], item_id: str | None, metadata: dict[str, Any]
+    ) -> Item:
+        """Add a new item with its photos; all or nothing.
+
+        Raises ImageError (naming the bad file), ValueError (bad id or metadata) or
+        ItemExistsError, each before anything is written.
+        """
+        catalog = self.catalog
+        item_id = item_id or f"item-{uuid.uuid4().hex[:12]}"
+        check_item_id(item_id)
+        check_metadata(metadata, allow_none=False)
+        if not uploads:
+            raise ValueError("at least one image is needed")
+        unique = list({hashlib.sha256(u.data).hexdigest(): u for u in uploads}.values())
+        images = [_decode(upload) for upload in unique]
+        vectors = catalog.encoder.embed(images)
+        with self._write_lock:
+            if item_id in catalog:
+                raise ItemExistsError(f"item {item_id!r} already exists; PATCH it or DELETE it")
+            paths = [self._save_upload(upload.data) for upload in unique]
+            try:
+                catalog.add_vectors(
+                    [item_id] * len(paths),
+                    vectors,
+                    model_id=catalog.encoder.model_id,
+                    paths=[str(p) for p in paths],
+                    metadata=[dict(metadata) for _ in paths],
+                )
+            except BaseException:
+                for path in paths:
+                    path.unlink(missing_ok=True)
+                raise
+            self._generation += 1
+            item = catalog.get(item_id)
+        # Two files with the same pixels give one image: drop the file that was not kept.
+        kept = {image.path for image in item.images}
+        for path in paths:
+            if str(path) not in kept:
+                path.unlink(missing_ok=True)
+        return item
+
+    def update_item(self, item_id: str, metadata: dict[str, Any]) -> Item:
+        check_metadata(metadata, allow_none=True)
+        with self._write_lock:
+            self.catalog.update(item_id, metadata)
+            self._generation += 1
+        return self.catalog.get(item_id)
+
+    def remove_item(self, item_id: str) -> int:
+        """Remove an item; its uploaded files go too. Returns the number of images removed."""
+        with self._write_lock:
+            item = self.catalog.get(item_id)
+            removed = self.catalog.remove(item_id)
+            self._generation += 1
+        for image in item.images:
+            path = Path(image.path)
+            if path.parent == self.uploads:
+                path.unlink(missing_ok=True)
+        return removed
+
+    def _save_upload(self, data: bytes) -> Path:
+        """Keep an uploaded photo under the catalog, atomically, under a fresh name."""
+        self.uploads.mkdir(exist_ok=True)
+        path = self.uploads / f"{uuid.uuid4().hex}{_suffix(data)}"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return path
+
+
+def check_item_id(item_id: str) -> None:
+    if not ITEM_ID_PATTERN.fullmatch(item_id):
+        raise ValueError(
+            f"invalid item_id {item_id!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+
+
+def check_metadata(metadata: Any, *, allow_none: bool) -> None:
+    """Metadata is a flat object of short scalar values (``None`` deletes, in updates)."""
+    if not isinstance(metadata, dict):
+        raise ValueError("metadata must be a JSON object")
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise ValueError(f"metadata has {len(metadata)} keys; the limit is {MAX_METADATA_KEYS}")
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not key.strip() or len(key) > MAX_KEY_LENGTH:
+            raise ValueError(f"metadata key {key!r} must be 1-{MAX_KEY_LENGTH} characters")
+        if key in RESERVED_KEYS:
+            raise ValueError(f"metadata key {key!r} is reserved")
+        if value is None and allow_none:
+            continue
+        if not isinstance(value, (str, int, float, bool)):
+            raise ValueError(f"metadata {key!r} must be a string, number or boolean")
+        if isinstance(value, str) and len(value) > MAX_VALUE_LENGTH:
+            raise ValueError(f"metadata {key!r} is longer than {MAX_VALUE_LENGTH} characters")
+
+
+def _decode(upload: Upload) -> Image.Image:
+    try:
+        return load_image(upload.data)
+    except ImageError as exc:
+        raise ImageError(upload.filename or "upload", exc.reason) from None
+
+
+def _suffix(data: bytes) -> str:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return _SUFFIXES.get(image.format or "", ".img")
+    except Exception:
+        return ".img"
+
+
+def _filter_text(value: Any) -> str:
+    """A metadata value as the text a filter compares against (booleans are 1/0 in SQLite)."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
