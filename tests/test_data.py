@@ -22,6 +22,7 @@ from vestis.data import (
     garment_mask,
     read_clothing,
     read_luma,
+    source_balanced_weights,
     split_by_group,
 )
 from vestis.images import ImageError, Preprocess, load_image
@@ -198,6 +199,25 @@ def test_pk_uses_custom_neighbours():
         assert len(chosen) == 4
         # Each label after the first is a near successor of one already chosen.
         assert max(np.diff(sorted(chosen))) <= 2 or 19 in chosen
+
+
+def test_source_balanced_weights_give_a_small_source_half_the_batches():
+    # Source "a" has 4 labels, source "b" 36: uniform draws would give "a" a tenth.
+    sources = ["a"] * 4 + ["b"] * 36
+    labels = [label for label in range(40) for _ in range(2)]
+    balanced = PKSampler(labels, p=8, k=2, batches_per_epoch=50, seed=0,
+                         label_weights=source_balanced_weights(sources))
+    uniform = PKSampler(labels, p=8, k=2, batches_per_epoch=50, seed=0)
+
+    def share_of_a(sampler: PKSampler) -> float:
+        drawn = [labels[i] for batch in sampler for i in batch]
+        return float(np.mean([label < 4 for label in drawn]))
+
+    assert 0.35 < share_of_a(balanced) <= 0.5  # at most 4 distinct "a" labels per batch
+    assert share_of_a(uniform) < 0.2
+    assert source_balanced_weights(["x", "y", "y"]) == [1.0, 0.5, 0.5]
+    with pytest.raises(ValueError, match="label_weights"):
+        PKSampler(labels, p=8, k=2, label_weights=[1.0] * 3)
 
 
 def test_pk_rejects_too_few_labels():

@@ -91,6 +91,19 @@ def test_clothing_format_csv_matches_by_category_label(tmp_path):
     assert len(dataset.queries) == 2
 
 
+def test_clothing_labels_that_are_not_ground_truth_are_left_out(tmp_path):
+    write(tmp_path / "labels.csv", "image,label\n1.jpg,Shirt\n2.jpg,Not sure\n3.jpg,Shirt\n"
+          "4.jpg,Not sure\n5.jpg,Skip\n6.jpg,Other\n")
+    dataset = load_dataset(tmp_path / "labels.csv")
+    assert [sample.path.name for sample in dataset.gallery] == ["1.jpg", "3.jpg"]
+    write(tmp_path / "bad.csv", "image,label\n1.jpg,Skip\n")
+    with pytest.raises(ValueError, match="not ground truth|every row"):
+        load_dataset(tmp_path / "bad.csv")
+    # With an item_id column the same words are ordinary item names.
+    write(tmp_path / "items.csv", "image,item_id\n1.jpg,Other\n2.jpg,Other\n")
+    assert len(load_dataset(tmp_path / "items.csv").queries) == 2
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

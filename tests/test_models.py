@@ -129,3 +129,36 @@ def test_category_blend_appends_weighted_probabilities():
     assert torch.allclose(vectors[:, 16:].norm(dim=1), torch.full((4,), 0.5), atol=1e-5)
     plain = create_model("lite0", levels=["head"], embed_dim=16, category_classes=3)
     assert plain.output_dim == 16  # a weight of 0 trains the classifier but leaves it out
+
+
+@pytest.mark.parametrize(("levels", "cut"), [(["head"], 5), ([2, 3, 4, "head"], 5),
+                                             ([2, 5, "head"], 3), ([4, "head"], 7)])
+def test_lower_and_upper_extraction_compose_to_the_whole(levels, cut):
+    torch.manual_seed(0)
+    model = create_model("lite0", pooling="gem", levels=levels).eval()
+    images = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        entry, lower = model.extract_lower(images, cut)
+        split = model.extract_upper(entry, lower, cut)
+        whole = model.extract(images)
+    assert entry.shape[1] == model.backbone.stage_channels[cut - 1]
+    assert torch.allclose(split, whole, atol=1e-5)
+
+
+def test_checkpoint_with_fine_tuned_stages_keeps_only_those(tmp_path, data_dir):
+    model = create_model("lite0", embed_dim=32)
+    tuned = [f"backbone.{name}" for name, _ in model.backbone.named_parameters()
+             if name.startswith("_conv_head")]
+    with torch.no_grad():
+        model.backbone._conv_head.weight.mul_(0.5)
+    path = save_checkpoint(model, tmp_path / "tuned.pt", include_backbone=tuned, half=True)
+    payload = torch.load(path, weights_only=True)
+    assert payload["includes_backbone"] == "partial"
+    assert sorted(k for k in payload["state_dict"] if k.startswith("backbone.")) == sorted(tuned)
+    image = data_dir / "luma" / "images" / "mh06-blue_main.jpg"
+    reloaded = Encoder.from_name(str(path)).embed_one(image)
+    assert float(reloaded @ Encoder(model).embed_one(image)) > 0.999
+    untuned = create_model("lite0", embed_dim=32)
+    untuned.load_state_dict(model.state_dict() | {
+        "backbone._conv_head.weight": untuned.backbone._conv_head.weight})
+    assert float(reloaded @ Encoder(untuned).embed_one(image)) < 0.999

@@ -7,19 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
-from vestis.models import Encoder
+from tests.smoke import CONFIGS, SMOKE
+from vestis.models import Encoder, create_model
 from vestis.train import load_config, train
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SMOKE = {
-    "data": {"max_images": 48},
-    "cache": {"views": 2, "dir": None},
-    "sampler": {"p": 4, "k": 2},
-    "epochs": 2,
-    "time_budget_minutes": 2,
-}
 
 
 def read_log(run: Path) -> list[dict[str, str]]:
@@ -68,3 +61,22 @@ def test_bad_recipes_are_refused_before_training(tmp_path):
         load_config({"data": {"sources": [{"kind": "imagenet", "path": "."}]}})
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_fine_tuning_upper_stages_trains_and_ships_only_them(tmp_path, data_dir):
+    smoke = {**SMOKE, "epochs": 1, "model": {"finetune_from_stage": 6, "category_weight": 1.0}}
+    train(CONFIGS / "triplet.yaml", tmp_path, overrides=smoke, progress=False)
+    payload = torch.load(tmp_path / "best.pt", weights_only=True)
+    backbone = {k for k in payload["state_dict"] if k.startswith("backbone.")}
+    pretrained = create_model("lite0").backbone.state_dict()
+    last_stage = create_model("lite0").backbone.stage_ends[5] + 1
+    assert payload["includes_backbone"] == "partial"
+    assert f"backbone._blocks.{last_stage}._project_conv.weight" in backbone
+    assert "backbone._conv_head.weight" in backbone
+    assert not any(k.startswith(("backbone._blocks.0.", "backbone._conv_stem")) for k in backbone)
+    changed = [k for k in backbone if k.endswith("weight")
+               and not torch.equal(payload["state_dict"][k], pretrained[k[len("backbone."):]])]
+    assert changed, "the fine-tuned stage did not move"
+    encoder = Encoder.from_name(str(tmp_path / "best.pt"))
+    vector = encoder.embed_one(data_dir / "luma" / "images" / "mh06-blue_main.jpg")
+    assert np.isclose(np.linalg.norm(vector), 1.0, atol=1e-5)

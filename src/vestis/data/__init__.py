@@ -11,7 +11,7 @@ from vestis.data.datasets import (
     seed_worker,
     split_by_group,
 )
-from vestis.data.samplers import PKSampler
+from vestis.data.samplers import PKSampler, source_balanced_weights
 from vestis.data.synthesis import ConsumerStyle, SyntheticViews, garment_mask, list_backgrounds
 from vestis.data.transforms import (
     AugmentConfig,
@@ -38,5 +38,6 @@ __all__ = [
     "read_luma",
     "read_training_csv",
     "seed_worker",
+    "source_balanced_weights",
     "split_by_group",
 ]

@@ -21,10 +21,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from vestis.evaluation.datasets import UNUSABLE_LABELS
 from vestis.images import Box, Preprocess, crop_box, load_image
 
-#: Clothing-dataset labels that are not ground truth ("Not sure", "Skip", "Other").
-UNUSABLE_LABELS = frozenset({"Not sure", "Skip", "Other"})
 BOX_COLUMNS = ("x1", "y1", "x2", "y2")
 
 ImageTransform = Callable[[Image.Image], "np.ndarray | torch.Tensor"]

@@ -30,7 +30,9 @@ class PKSampler(Sampler[list[int]]):
     anchor-neighbour sampling) or, by default, other labels of the same group first, then
     of the same category. The batches depend only on ``seed`` and the epoch set with
     :meth:`set_epoch`. One epoch has ``batches_per_epoch`` batches, by default
-    ``number of labels // p``.
+    ``number of labels // p``. ``label_weights`` (one per label code) makes the drawn labels
+    follow those odds instead of a uniform shuffle, e.g. to give each training source an
+    equal share of the batches however many labels it has (:func:`source_balanced_weights`).
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class PKSampler(Sampler[list[int]]):
         neighbours: NeighbourFn | None = None,
         min_per_label: int = 2,
         batches_per_epoch: int | None = None,
+        label_weights: Sequence[float] | None = None,
         seed: int = 0,
     ):
         if p < 1 or k < 1:
@@ -73,6 +76,7 @@ class PKSampler(Sampler[list[int]]):
         self.batches_per_epoch = batches_per_epoch or max(1, len(self.eligible) // p)
         self._custom_neighbours = neighbours
         self._tiers = _default_tiers(labels, groups, categories, self.indices_by_label)
+        self.odds = _label_odds(label_weights, self.eligible)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -82,7 +86,7 @@ class PKSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng((self.seed, self.epoch))
-        order = _EpochOrder(self.eligible, rng)
+        order = _EpochOrder(self.eligible, rng, self.odds)
         n_hard = min(round(self.hard_negative_fraction * self.p), self.p - 1)
         for _ in range(self.batches_per_epoch):
             chosen = self._batch_labels(order, n_hard, rng)
@@ -134,11 +138,19 @@ class PKSampler(Sampler[list[int]]):
 
 
 class _EpochOrder:
-    """Eligible labels in a shuffled order, reshuffled whenever it runs out."""
+    """Eligible labels in a shuffled order, reshuffled whenever it runs out; with ``odds``,
+    a weighted draw (with replacement) of as many labels instead of a shuffle."""
 
-    def __init__(self, labels: np.ndarray, rng: np.random.Generator):
-        self.labels, self.rng = labels, rng
+    def __init__(self, labels: np.ndarray, rng: np.random.Generator,
+                 odds: np.ndarray | None = None):
+        self.labels, self.rng, self.odds = labels, rng, odds
         self.queue: list[int] = []
+
+    def _refill(self) -> list[int]:
+        if self.odds is None:
+            return [int(x) for x in self.rng.permutation(self.labels)]
+        drawn = self.rng.choice(self.labels, size=len(self.labels), replace=True, p=self.odds)
+        return [int(x) for x in drawn]
 
     def next(self, exclude: set[int]) -> int:
         for _ in range(2):
@@ -146,9 +158,29 @@ class _EpochOrder:
                 label = self.queue.pop()
                 if label not in exclude:
                     return label
-            self.queue = [int(x) for x in self.rng.permutation(self.labels)]
+            self.queue = self._refill()
         free = [int(x) for x in self.labels if int(x) not in exclude]
         return free[int(self.rng.integers(len(free)))]
+
+
+def source_balanced_weights(label_sources: Sequence[str]) -> list[float]:
+    """Per-label weights that give every source the same total: 1 / (labels of its source)."""
+    counts: dict[str, int] = {}
+    for source in label_sources:
+        counts[source] = counts.get(source, 0) + 1
+    return [1.0 / counts[source] for source in label_sources]
+
+
+def _label_odds(weights: Sequence[float] | None, eligible: np.ndarray) -> np.ndarray | None:
+    if weights is None:
+        return None
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.ndim != 1 or len(weights) <= int(eligible.max()) or (weights < 0).any():
+        raise ValueError("label_weights needs one non-negative weight per label code")
+    odds = weights[eligible]
+    if odds.sum() <= 0:
+        raise ValueError("label_weights gives every eligible label a weight of 0")
+    return odds / odds.sum()
 
 
 def _indices_by_label(labels: np.ndarray, min_per_label: int) -> dict[int, np.ndarray]:

@@ -6,7 +6,8 @@ images. Supported formats (``load_dataset(source, format=None)`` detects them):
 ``csv``
     A CSV with the columns ``image,item_id`` (others are ignored, so the Luma
     ``catalog.csv`` works as is), or ``image,label`` (the clothing format: images match by
-    category); image paths are relative to the CSV's folder. Optional
+    category; rows labelled ``Not sure``, ``Skip`` or ``Other`` are not ground truth and are
+    left out); image paths are relative to the CSV's folder. Optional
     box columns ``x1,y1,x2,y2`` (empty cells mean no box). Protocols:
 
     * no ``split`` column: **leave-one-out**. Every image whose item has at least two images
@@ -66,6 +67,8 @@ PROTOCOLS = ("leave-one-out", "query-gallery")
 
 # Which column says that two images match: the item, or (clothing format) the category label.
 LABEL_COLUMNS = ("item_id", "label")
+#: Clothing-format labels that are not ground truth: rows with them are left out.
+UNUSABLE_LABELS = frozenset({"Not sure", "Skip", "Other"})
 INSHOP_HEADER = ("image_name", "item_id", "evaluation_status")
 C2S_HEADER = ("image_pair_name_1", "image_pair_name_2", "item_id", "evaluation_status")
 PARTITION_FILE = "list_eval_partition.txt"
@@ -174,7 +177,9 @@ def read_csv(source: Path, *, split: str = "test") -> EvalDataset:
     path = source if source.is_file() else _folder_csv(source)
     if path is None:
         raise FileNotFoundError(f"no catalog.csv (or single .csv file) in {source}")
-    rows = _csv_rows(path)
+    rows = [(line, row) for line, row in _csv_rows(path) if not _unusable(row)]
+    if not rows:
+        raise ValueError(f"{path}: every row's label is one of {sorted(UNUSABLE_LABELS)}")
     folder = path.parent
     samples = [_csv_sample(row, folder, path, line) for line, row in rows]
     name = f"{path.parent.name}/{path.stem}"
@@ -216,6 +221,10 @@ def _csv_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
+
+
+def _unusable(row: dict[str, str]) -> bool:
+    return "item_id" not in row and (row.get("label") or "").strip() in UNUSABLE_LABELS
 
 
 def _csv_sample(row: dict[str, str], folder: Path, path: Path, line: int) -> Sample:

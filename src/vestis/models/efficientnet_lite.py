@@ -166,14 +166,34 @@ class EfficientNetLite(nn.Module):
 
     def stage_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Outputs of the seven stages (strides 2, 4, 8, 16, 16, 32, 32)."""
-        x = self.stem(x)
-        outputs = []
+        return self.run_stages(x)
+
+    def run_stages(self, x: torch.Tensor, start: int = 0, stop: int | None = None
+                   ) -> list[torch.Tensor]:
+        """Outputs of stages ``start`` to ``stop - 1``.
+
+        ``x`` is the image when ``start`` is 0, else the output of stage ``start - 1``; this
+        lets a trainer cache the frozen lower stages and run only the upper ones.
+        """
+        stop = len(self.stage_ends) if stop is None else stop
+        if not 0 <= start < stop <= len(self.stage_ends):
+            raise ValueError(f"bad stage range {start}..{stop}")
+        if start == 0:
+            x = self.stem(x)
+        first = self.stage_ends[start - 1] + 1 if start else 0
         ends = set(self.stage_ends)
-        for index, block in enumerate(self._blocks):
-            x = block(x)
+        outputs = []
+        for index in range(first, self.stage_ends[stop - 1] + 1):
+            x = self._blocks[index](x)
             if index in ends:
                 outputs.append(x)
         return outputs
+
+    def stage_modules(self, start: int) -> list[nn.Module]:
+        """The blocks of stages ``start`` and up, plus the head convolution: what fine-tuning
+        from stage ``start`` trains."""
+        first = self.stage_ends[start - 1] + 1 if start else 0
+        return [*self._blocks[first:], self._conv_head, self._bn1]
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu6(self._bn1(self._conv_head(x)))

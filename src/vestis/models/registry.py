@@ -44,6 +44,13 @@ def is_architecture(name: str) -> bool:
     return name in _ARCHITECTURES
 
 
+def needs_category_count(name: str) -> bool:
+    """Whether architecture ``name`` is built with ``num_categories``, the number of training
+    categories (its factory has a true ``needs_category_count``, e.g. capsnet's class capsules).
+    """
+    return bool(getattr(_ARCHITECTURES.get(name), "needs_category_count", False))
+
+
 def create_model(name: str | Path, *, pretrained: bool = True, **kwargs) -> nn.Module:
     """Build the model ``name`` in eval mode.
 

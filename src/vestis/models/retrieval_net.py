@@ -81,12 +81,42 @@ class RetrievalNet(nn.Module):
         """Pooled backbone features (B, feature_dim): the part a frozen backbone caches."""
         if self.levels == (HEAD_LEVEL,):
             return self.pool(self.backbone.forward_features(x))
-        stages = self.backbone.stage_features(x)
-        pooled = [
-            self.pool(self.backbone.head(stages[-1]) if level == HEAD_LEVEL else stages[level])
-            for level in self.levels
-        ]
-        return torch.cat([F.normalize(p, dim=1) for p in pooled], dim=1)
+        return self._pool_levels(self.backbone.stage_features(x), {})
+
+    def extract_lower(self, x: torch.Tensor, cut: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen part when stages ``cut`` and up are fine-tuned: the output map of stage
+        ``cut - 1`` and the normalised pooled levels below ``cut`` (B, 0 when none)."""
+        stages = self.backbone.run_stages(x, 0, cut)
+        lower = [F.normalize(self.pool(stages[level]), dim=1)
+                 for level in self.levels if level != HEAD_LEVEL and level < cut]
+        return stages[-1], torch.cat(lower, dim=1) if lower else stages[-1].new_zeros(len(x), 0)
+
+    def extract_upper(self, entry: torch.Tensor, lower: torch.Tensor, cut: int) -> torch.Tensor:
+        """The rest of :meth:`extract` from :meth:`extract_lower`'s output."""
+        upper = self.backbone.run_stages(entry, cut) if cut < len(self.backbone.stage_ends) \
+            else []
+        stages: list[torch.Tensor | None] = [None] * cut + upper
+        stages[cut - 1] = entry
+        if self.levels == (HEAD_LEVEL,):
+            return self.pool(self.backbone.head(stages[-1]))
+        sizes = [self._level_channels(level) for level in self.levels
+                 if level != HEAD_LEVEL and level < cut]
+        pooled_lower = dict(zip(
+            [level for level in self.levels if level != HEAD_LEVEL and level < cut],
+            lower.split(sizes, dim=1) if sizes else [], strict=True))
+        return self._pool_levels(stages, pooled_lower)
+
+    def _pool_levels(self, stages: list, pooled: dict) -> torch.Tensor:
+        vectors = []
+        for level in self.levels:
+            if level in pooled:
+                vectors.append(pooled[level])
+                continue
+            if level == HEAD_LEVEL:
+                vectors.append(F.normalize(self.pool(self.backbone.head(stages[-1])), dim=1))
+            else:
+                vectors.append(F.normalize(self.pool(stages[level]), dim=1))
+        return torch.cat(vectors, dim=1)
 
     def head(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(adapted features, raw embedding) from extracted features."""

@@ -26,10 +26,16 @@ DEFAULTS: dict[str, Any] = {
         "adapter_dim": None,
         "embed_dim": 256,
         "freeze_backbone": True,
+        # With a frozen backbone, fine-tune its stages from this one (1-7; 7 is the head
+        # convolution alone) on cached lower-stage maps. null trains the head only.
+        "finetune_from_stage": None,
     },
     "loss": {"name": "triplet", "margin": 0.2, "mining": "batch-hard"},
-    "sampler": {"p": 16, "k": 4, "hard_negative_fraction": 0.25},
-    "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4},
+    # balance_sources: each data source gets an equal share of a batch's labels, however
+    # many labels it has (else labels are drawn uniformly).
+    "sampler": {"p": 16, "k": 4, "hard_negative_fraction": 0.25, "balance_sources": False},
+    # backbone_lr_scale multiplies the rate of backbone weights (fine-tuned stages).
+    "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "backbone_lr_scale": 0.1},
     "schedule": {"name": "cosine", "warmup_epochs": 1},
     "augment": {
         "crop_scale": [0.6, 1.0],
@@ -114,6 +120,9 @@ def validate(config: dict[str, Any]) -> None:
         raise ValueError("epochs must be at least 1")
     if config["sampler"]["p"] < 2 or config["sampler"]["k"] < 2:
         raise ValueError("sampler.p and sampler.k must be at least 2")
+    cut = config["model"].get("finetune_from_stage")
+    if cut is not None and (not isinstance(cut, int) or not 1 <= cut <= 7):
+        raise ValueError("model.finetune_from_stage must be null or a stage index 1-7")
     if config["optimizer"]["name"] not in ("adamw", "sgd"):
         raise ValueError("optimizer.name must be adamw or sgd")
     if config["schedule"]["name"] not in ("cosine", "constant"):

@@ -31,15 +31,20 @@ from vestis.data import (
     TrainSample,
     build_train_transform,
     list_backgrounds,
+    source_balanced_weights,
 )
 from vestis.evaluation import retrieval_metrics
 from vestis.images import Preprocess, crop_box, load_image
 from vestis.losses import EpochContext, TrainBatch, create_loss
 from vestis.models import create_model, save_checkpoint
+from vestis.models.registry import needs_category_count
 from vestis.train.config import load_config
 from vestis.train.sources import ValidationSet, build_sources
 
 BEST, LAST, STATE, LOG, RESOLVED = "best.pt", "last.pt", "state.pt", "log.csv", "config.yaml"
+# Recipe `model` keys that steer training rather than build the network.
+TRAINING_KEYS = ("architecture", "freeze_backbone", "finetune_from_stage", "category_loss_weight",
+                 "category_label_smoothing")
 
 
 @dataclass
@@ -88,13 +93,17 @@ class Trainer:
         self.config, self.out_dir, self.device, self.progress = config, out_dir, device, progress
         self.train_samples, self.validation = build_sources(config)
         self.dataset = ImageDataset(self.train_samples)
-        model_config = {k: v for k, v in config["model"].items()
-                        if k not in ("architecture", "freeze_backbone", "category_loss_weight")}
+        model_config = {k: v for k, v in config["model"].items() if k not in TRAINING_KEYS}
         if model_config.get("category_weight"):
             model_config["category_classes"] = len(self.dataset.category_names)
+        if needs_category_count(config["model"]["architecture"]):
+            model_config["num_categories"] = len(self.dataset.category_names)
         self.category_loss_weight = float(config["model"].get("category_loss_weight", 1.0))
+        self.label_smoothing = float(config["model"].get("category_label_smoothing", 0.0))
         self.model = create_model(config["model"]["architecture"], **model_config).to(device)
         self.frozen = bool(config["model"]["freeze_backbone"])
+        self.cut = config["model"].get("finetune_from_stage") if self.frozen else None
+        _check_head_stage(self.model, self.frozen, self.cut)
         self.loss = create_loss(
             config["loss"],
             num_labels=len(self.dataset.label_names),
@@ -112,7 +121,10 @@ class Trainer:
         if self.frozen:
             for parameter in self.model.backbone.parameters():
                 parameter.requires_grad_(False)
-            return CachedFeatures(self.model, self.dataset, self.config, self.device, self.progress)
+            for parameter in self._finetuned_backbone_parameters():
+                parameter.requires_grad_(True)
+            return CachedFeatures(self.model, self.dataset, self.config, self.device, self.progress,
+                                  cut=self.cut)
         return LiveImages(self.model, self.dataset, self.config, self.device)
 
     def _make_sampler(self) -> PKSampler:
@@ -127,20 +139,57 @@ class Trainer:
             neighbours=getattr(self.loss, "neighbours", None),
             min_per_label=1 if self.frozen else 2,
             batches_per_epoch=sampler_config.get("batches_per_epoch"),
+            label_weights=self._label_weights(),
             seed=self.config["seed"],
         )
 
-    def _trainable_parameters(self) -> list[torch.nn.Parameter]:
-        model_params = [p for p in self.model.parameters() if p.requires_grad]
-        return model_params + [p for p in self.loss.parameters() if p.requires_grad]
+    def _label_weights(self) -> list[float] | None:
+        """With ``sampler.balance_sources``, every source gets an equal share of the batches."""
+        if not self.config["sampler"].get("balance_sources"):
+            return None
+        return source_balanced_weights([name.split(":", 1)[0]
+                                        for name in self.dataset.label_names])
+
+    def _finetuned_modules(self) -> list[torch.nn.Module]:
+        """Backbone stages fine-tuned on the cached maps (at ``backbone_lr_scale``): stages
+        ``cut`` and up, or those the model names, e.g. its own copies of stages."""
+        if self.cut is None:
+            return []
+        chosen = getattr(self.model, "finetuned_backbone_modules", None)
+        return chosen(self.cut) if callable(chosen) else self.model.backbone.stage_modules(self.cut)
+
+    def _finetuned_backbone_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for module in self._finetuned_modules() for p in module.parameters()]
+
+    def _param_groups(self) -> list[dict]:
+        """Head and loss parameters at the base rate; backbone ones, and a model's fine-tuned
+        copies of backbone stages, at ``backbone_lr_scale``."""
+        backbone = {id(p) for p in self.model.backbone.parameters()}
+        backbone |= {id(p) for p in self._finetuned_backbone_parameters()}
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        trainable += [p for p in self.loss.parameters() if p.requires_grad]
+        scale = float(self.config["optimizer"].get("backbone_lr_scale", 1.0))
+        groups = [{"params": [p for p in trainable if id(p) not in backbone], "lr_scale": 1.0},
+                  {"params": [p for p in trainable if id(p) in backbone], "lr_scale": scale}]
+        return [group for group in groups if group["params"]]
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         spec = self.config["optimizer"]
-        params = self._trainable_parameters()
+        groups = self._param_groups()
         if spec["name"] == "sgd":
-            return torch.optim.SGD(params, lr=spec["lr"], momentum=0.9,
+            return torch.optim.SGD(groups, lr=spec["lr"], momentum=0.9,
                                    weight_decay=spec.get("weight_decay", 0.0))
-        return torch.optim.AdamW(params, lr=spec["lr"], weight_decay=spec.get("weight_decay", 0.0))
+        return torch.optim.AdamW(groups, lr=spec["lr"], weight_decay=spec.get("weight_decay", 0.0))
+
+    def _saved_backbone(self) -> bool | list[str]:
+        """Which backbone weights a checkpoint needs: all, none, or the fine-tuned stages'."""
+        if not self.frozen:
+            return True
+        if self.cut is None:
+            return False
+        names = {id(module): name for name, module in self.model.named_modules()}
+        prefixes = tuple(f"{names[id(module)]}." for module in self._finetuned_modules())
+        return [key for key in self.model.state_dict() if key.startswith(prefixes)]
 
     def learning_rate(self, step: int) -> float:
         base = self.config["optimizer"]["lr"]
@@ -156,6 +205,8 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------
     def run(self, resume: bool) -> TrainResult:
         start_epoch, best, history = self._resume() if resume else (0, -1.0, [])
+        if not resume:
+            self._init_head()
         budget = self.config["time_budget_minutes"] * 60
         epoch = start_epoch
         for epoch in range(start_epoch, self.config["epochs"]):
@@ -179,6 +230,13 @@ class Trainer:
         return TrainResult(self.out_dir, self.out_dir / BEST, best, len(history), self.elapsed(),
                            history)
 
+    def _init_head(self) -> None:
+        """A model with a data-dependent initialisation (``init_head``, e.g. BIER's independent
+        learners) gets the plain training features once, before the first epoch."""
+        init_head = getattr(self.model, "init_head", None)
+        if callable(init_head):
+            init_head(self.features.plain_train_features().to(self.device))
+
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
@@ -186,6 +244,8 @@ class Trainer:
         self.model.train()
         if self.frozen:
             self.model.backbone.eval()
+            for module in self._finetuned_modules():
+                module.train()
         self.sampler.set_epoch(epoch)
         totals: dict[str, float] = {}
         steps = 0
@@ -193,13 +253,15 @@ class Trainer:
                    leave=False)
         for step, indices in enumerate(bar):
             for group in self.optimizer.param_groups:
-                group["lr"] = self.learning_rate(epoch * self.steps_per_epoch + step)
+                group["lr"] = group["lr_scale"] * self.learning_rate(
+                    epoch * self.steps_per_epoch + step)
             batch = self._batch(indices, epoch)
             output = self.loss(batch)
             total = output.total
             if self.model.classifier is not None:
                 category = F.cross_entropy(self.model.category_logits(batch.features),
-                                           batch.categories, ignore_index=-1)
+                                           batch.categories, ignore_index=-1,
+                                           label_smoothing=self.label_smoothing)
                 total = total + self.category_loss_weight * category
                 output.parts["category_ce"] = float(category.detach())
             self.optimizer.zero_grad(set_to_none=True)
@@ -247,23 +309,26 @@ class Trainer:
         return torch.cat(vectors).numpy()
 
     def evaluate(self) -> dict[str, float]:
+        """Metrics of every validation split; ``val_score`` (what picks best.pt) is the mean of
+        R@1 + mAP over the splits."""
         metrics: dict[str, float] = {}
-        for position, validation in enumerate(self.validation):
+        scores = []
+        for validation in self.validation:
             labels = [sample.label for sample in validation.samples]
             if len(set(labels)) == len(labels):
                 continue  # no two images share a label: nothing to retrieve
             vectors = self.embed_features(self.features.validation_features(validation))
-            scores = split_metrics(vectors, validation)
-            metrics.update(scores)
-            if position == 0:
-                metrics["val_score"] = (scores[f"{validation.name}_R@1"]
-                                        + scores[f"{validation.name}_mAP"])
+            split = split_metrics(vectors, validation)
+            metrics.update(split)
+            scores.append(split[f"{validation.name}_R@1"] + split[f"{validation.name}_mAP"])
+        if scores:
+            metrics["val_score"] = float(np.mean(scores))
         return metrics
 
     # -- files -------------------------------------------------------------------------
     def _save(self, name: str, epoch: int, row: dict) -> None:
         meta = {"epoch": epoch + 1, "metrics": row, "recipe": self.config}
-        save_checkpoint(self.model, self.out_dir / name, include_backbone=not self.frozen,
+        save_checkpoint(self.model, self.out_dir / name, include_backbone=self._saved_backbone(),
                         meta=meta)
 
     def _save_state(self, next_epoch: int, best: float, history: list) -> None:
@@ -304,6 +369,15 @@ class Trainer:
             writer.writerows(history)
 
 
+def _check_head_stage(model, frozen: bool, cut: int | None) -> None:
+    """A model whose trainable head reads the map entering a backbone stage
+    (``head_from_stage``, e.g. capsnet) trains on cached maps from exactly that cut."""
+    stage = getattr(model, "head_from_stage", None)
+    if frozen and stage is not None and cut != stage:
+        raise ValueError(f"architecture {model.architecture!r} trains on the map entering "
+                         f"stage {stage}: set model.finetune_from_stage: {stage} (got {cut})")
+
+
 def split_metrics(vectors: np.ndarray, validation: ValidationSet) -> dict[str, float]:
     """Leave-one-out R@1, R@10, mAP and MAP@R of one validation split, keyed by its name."""
     labels = [sample.label for sample in validation.samples]
@@ -327,11 +401,14 @@ def plain_features(model, samples: list[TrainSample], batch_size: int, device) -
 class CachedFeatures:
     """Backbone features of augmented views of every image, computed once (frozen backbone).
 
-    View 0 of each image is the plain, un-augmented one.
+    View 0 of each image is the plain, un-augmented one. With ``cut`` (fine-tuning stages
+    ``cut`` and up), the cache holds what enters stage ``cut`` (fp16 maps) and the pooled
+    levels below it; the fine-tuned stages run on it at every step.
     """
 
-    def __init__(self, model, dataset: ImageDataset, config: dict, device, progress: bool):
-        self.model, self.dataset, self.device = model, dataset, device
+    def __init__(self, model, dataset: ImageDataset, config: dict, device, progress: bool,
+                 cut: int | None = None):
+        self.model, self.dataset, self.device, self.cut = model, dataset, device, cut
         self.preprocess: Preprocess = model.preprocess
         cache = config["cache"]
         self.views = max(1, int(cache["views"]))
@@ -342,8 +419,8 @@ class CachedFeatures:
         self.rng = random.Random(config["seed"])
         self.batch_size = config["batch_size_eval"]
         self.progress = progress
-        self.cache = self._load_or_extract(dataset.samples, config)  # (views, N, F)
-        self._validation_cache: dict[str, torch.Tensor] = {}
+        self.cache = self._load_or_extract(dataset.samples, config)  # name → (views, N, ...)
+        self._validation_cache: dict[str, dict[str, torch.Tensor]] = {}
 
     def _view(self, image, view: int) -> np.ndarray:
         if view == 0:
@@ -352,14 +429,16 @@ class CachedFeatures:
             image = self.synthesis(image)
         return self.augment(image)
 
-    def _load_or_extract(self, samples: list[TrainSample], config: dict) -> torch.Tensor:
+    def _load_or_extract(self, samples: list[TrainSample], config: dict) -> dict:
         """Reuse features cached on disk by an earlier run with the same inputs."""
         folder = config["cache"].get("dir")
         if not folder:
             return self._extract_views(samples)
-        path = Path(folder) / f"{_cache_key(samples, config)}.pt"
+        key = _cache_key(samples, config, getattr(self.model, "cache_tag", None))
+        path = Path(folder) / f"{key}.pt"
         if path.exists():
-            return torch.load(path, weights_only=True)
+            cached = torch.load(path, weights_only=True)
+            return cached if isinstance(cached, dict) else {"features": cached}
         features = self._extract_views(samples)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -367,8 +446,8 @@ class CachedFeatures:
         tmp.replace(path)
         return features
 
-    def _extract_views(self, samples: list[TrainSample]) -> torch.Tensor:
-        out = torch.zeros(self.views, len(samples), self.model.feature_dim)
+    def _extract_views(self, samples: list[TrainSample]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
         bar = tqdm(total=len(samples) * self.views, desc="caching features", unit="view",
                    disable=not self.progress)
         for start in range(0, len(samples), self.batch_size):
@@ -376,14 +455,41 @@ class CachedFeatures:
             images = [_open(sample) for sample in chunk]
             for view in range(self.views):
                 arrays = np.stack([self._view(image, view) for image in images])
-                out[view, start:start + len(chunk)] = self._extract(arrays)
+                for name, value in self._extract(arrays).items():
+                    if name not in out:
+                        out[name] = value.new_zeros((self.views, len(samples), *value.shape[1:]))
+                    out[name][view, start:start + len(chunk)] = value
                 bar.update(len(chunk))
         bar.close()
         return out
 
-    def _extract(self, arrays: np.ndarray) -> torch.Tensor:
+    def _extract(self, arrays: np.ndarray) -> dict[str, torch.Tensor]:
         with torch.inference_mode():
-            return self.model.extract(torch.from_numpy(arrays).to(self.device)).float().cpu()
+            batch = torch.from_numpy(arrays).to(self.device)
+            if self.cut is None:
+                return {"features": self.model.extract(batch).float().cpu()}
+            entry, lower = self.model.extract_lower(batch, self.cut)
+            return {"entry": entry.half().cpu(), "lower": lower.float().cpu()}
+
+    def _features(self, cached: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.cut is None:
+            return cached["features"].to(self.device)
+        return self.model.extract_upper(cached["entry"].to(self.device).float(),
+                                        cached["lower"].to(self.device), self.cut)
+
+    def _plain_features(self, cached: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Features of cached plain views, in eval mode and without gradients."""
+        if self.cut is None:
+            return cached["features"]
+        was_training = self.model.training
+        self.model.eval()
+        with torch.inference_mode():
+            count = len(cached["entry"])
+            chunks = [self._features({name: value[start:start + self.batch_size]
+                                      for name, value in cached.items()}).cpu()
+                      for start in range(0, count, self.batch_size)]
+        self.model.train(was_training)
+        return torch.cat(chunks)
 
     def train_features(self, indices: list[int]) -> torch.Tensor:
         """One view per position; an image repeated in the batch gets different views."""
@@ -391,16 +497,25 @@ class CachedFeatures:
         for index in indices:
             views = used.setdefault(index, self.rng.sample(range(self.views), self.views))
             picked.append(views.pop() if views else self.rng.randrange(self.views))
-        return self.cache[torch.as_tensor(picked), torch.as_tensor(indices)].to(self.device)
+        rows = (torch.as_tensor(picked), torch.as_tensor(indices))
+        return self._features({name: value[rows] for name, value in self.cache.items()})
 
     def plain_train_features(self) -> torch.Tensor:
-        return self.cache[0]
+        return self._plain_features({name: value[0] for name, value in self.cache.items()})
 
     def validation_features(self, validation: ValidationSet) -> torch.Tensor:
         if validation.name not in self._validation_cache:
-            self._validation_cache[validation.name] = plain_features(
-                self.model, validation.samples, self.batch_size, self.device)
-        return self._validation_cache[validation.name]
+            self._validation_cache[validation.name] = self._extract_plain(validation.samples)
+        return self._plain_features(self._validation_cache[validation.name])
+
+    def _extract_plain(self, samples: list[TrainSample]) -> dict[str, torch.Tensor]:
+        parts: dict[str, list[torch.Tensor]] = {}
+        for start in range(0, len(samples), self.batch_size):
+            chunk = samples[start:start + self.batch_size]
+            arrays = np.stack([self.preprocess.to_array(_open(sample)) for sample in chunk])
+            for name, value in self._extract(arrays).items():
+                parts.setdefault(name, []).append(value)
+        return {name: torch.cat(values) for name, values in parts.items()}
 
 
 class LiveImages:
@@ -431,8 +546,12 @@ def _open(sample: TrainSample):
     return crop_box(load_image(sample.path), sample.bbox)
 
 
-def _cache_key(samples: list[TrainSample], config: dict) -> str:
+def _cache_key(samples: list[TrainSample], config: dict, tag: str | None = None) -> str:
     model = {k: config["model"].get(k) for k in ("backbone", "pooling", "gem_p", "levels")}
+    if tag:  # the model's extract_lower caches something else than RetrievalNet's
+        model["tag"] = tag
+    if config["model"].get("finetune_from_stage") is not None:
+        model["cut"] = config["model"]["finetune_from_stage"]
     inputs = {
         "model": model,
         "augment": config["augment"],
