@@ -219,6 +219,25 @@ def eval_(
     typer.echo(format_table(result.metrics))
 
 
+@app.command()
+@friendly_errors
+def explain(
+    image: Path = typer.Argument(..., help="Photo to explain."),
+    model: str = typer.Option(..., help="Model with an attention map (name or checkpoint)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output image (PNG)."),
+) -> None:
+    """Overlay a model's attention map on a photo (Impdrop; ABE-M: one panel per learner).
+
+    Colours span the map's own range (blue: lowest, red: highest), which is printed."""
+    from vestis.explain import write_explanation
+
+    explanation = write_explanation(image, model, out)
+    count, height, width = explanation.maps.shape
+    typer.echo(f"wrote {out}: {count} attention map(s) of {height}x{width}, mean "
+               f"{explanation.maps.mean():.2f}, range {explanation.maps.min():.2f}-"
+               f"{explanation.maps.max():.2f}")
+
+
 @app.command(name="train")
 @friendly_errors
 def train_(

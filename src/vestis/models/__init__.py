@@ -3,22 +3,33 @@
 from pathlib import Path as _Path
 
 from vestis.models import retrieval_net as _retrieval_net  # noqa: F401  (registers lite0/1/2)
+from vestis.models.abe import ABENet, MHeadsNet  # registers "abe_net", "m_heads_net"
+from vestis.models.bier import BIERNet  # registers "bier_net"
+from vestis.models.capsnet import CapsNet  # registers "capsnet"
+from vestis.models.cascade import HDCNet  # registers "hdc_net"
 from vestis.models.checkpoint import load_checkpoint, save_checkpoint
 from vestis.models.efficientnet_lite import EfficientNetLite, efficientnet_lite
 from vestis.models.encoder import EncodedBatch, Encoder
 from vestis.models.imagenet import imagenet_classes
+from vestis.models.impdrop import ImpdropNet  # registers "impdrop_net"
 from vestis.models.registry import create_model, list_models, register_checkpoint, register_model
 from vestis.models.retrieval_net import RetrievalNet
 
-# The trained default (configs/vestis-lite0.yaml): a head over frozen Lite0 features, fp16.
+# The trained default (configs/vestis-lite0.yaml): Lite0 stages 5-6 fine-tuned plus a head, fp16.
 register_checkpoint("vestis-lite0", _Path(__file__).parent / "weights" / "vestis-lite0.pt")
 DEFAULT_MODEL = "vestis-lite0"
 
 __all__ = [
+    "ABENet",
+    "BIERNet",
+    "CapsNet",
     "DEFAULT_MODEL",
     "EfficientNetLite",
     "EncodedBatch",
     "Encoder",
+    "HDCNet",
+    "ImpdropNet",
+    "MHeadsNet",
     "RetrievalNet",
     "create_model",
     "efficientnet_lite",
