@@ -1,6 +1,6 @@
 """Train every method recipe on the same data and budget; compare them on held-out splits.
 
-    python bench/recipes.py [--reuse]
+    python bench/recipes.py [--reuse] [--recipes triplet,os_is] [--update BENCHMARKS.md]
 
 Each recipe in RECIPES is trained into ``runs/bench/<recipe>`` (``--reuse`` keeps a finished
 run). Every row is scored on the validation splits its recipe holds out: Luma products and
@@ -25,7 +25,8 @@ from vestis.train.trainer import split_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-RECIPES = ("triplet", "os_is", "htl", "vestis-lite0")
+RECIPES = ("triplet", "os_is", "htl", "bier", "hdc", "m_heads", "abe_m", "impdrop",
+           "sc_capsnet", "rc_capsnet", "vestis-lite0")
 # The shipped default is the last epoch of its cosine schedule (scripts/ship_model.py
 # runs/bench/vestis-lite0/last.pt); the method rows use their best validation epoch.
 SCORED_CHECKPOINT = {"vestis-lite0": "last.pt"}
@@ -37,15 +38,33 @@ def hardware() -> str:
     return f"{device}, {os.cpu_count()} cores ({platform.machine()})"
 
 
-def run_recipe(name: str, reuse: bool) -> tuple[dict[str, float], float]:
+def run_recipe(name: str, reuse: bool) -> tuple[dict[str, float], float, str]:
     out = REPO / "runs" / "bench" / name
     if not (reuse and (out / "best.pt").exists()):
         train(CONFIGS / f"{name}.yaml", out, progress=True)
     checkpoint = out / SCORED_CHECKPOINT.get(name, "best.pt")
     meta = torch.load(checkpoint, map_location="cpu", weights_only=True)["meta"]
     with open(out / "log.csv", newline="") as handle:
-        seconds = float(list(csv.DictReader(handle))[-1]["seconds"])
-    return meta["metrics"], seconds
+        log = list(csv.DictReader(handle))
+    return meta["metrics"], float(log[-1]["seconds"]), training_summary(meta["recipe"], len(log))
+
+
+def training_summary(recipe: dict, epochs: int) -> str:
+    """Which backbone parts were trained, and for how many epochs."""
+    model = recipe["model"]
+    cut = model.get("finetune_from_stage")
+    if not model.get("freeze_backbone", False):
+        trained = "whole backbone"
+    elif model.get("architecture") == "impdrop_net":
+        last = cut + model.get("branch_stages", 2) - 1
+        trained = f"attention branch's copy of stages {cut}-{last}"
+    elif cut is None:
+        trained = "heads on a frozen backbone"
+    elif cut >= 7:
+        trained = "head conv fine-tuned"
+    else:
+        trained = f"stages {cut}-6 + head conv fine-tuned"
+    return f"{trained}, {epochs} epochs"
 
 
 def baseline_metrics(recipe: str, model: str = "lite0") -> dict[str, float]:
@@ -59,42 +78,47 @@ def baseline_metrics(recipe: str, model: str = "lite0") -> dict[str, float]:
     return metrics
 
 
-def row(name: str, metrics: dict[str, float], seconds: float | None) -> str:
+def row(name: str, metrics: dict[str, float], seconds: float | None, summary: str) -> str:
     cells = " | ".join(f"{metrics[key]:.4f}" for key in COLUMNS)
-    minutes = "0 (no training)" if seconds is None else f"{seconds / 60:.1f} min"
-    return f"| {name} | {cells} | {minutes} | {hardware()} |"
+    minutes = "0" if seconds is None else f"{seconds / 60:.1f} min"
+    return f"| {name} | {cells} | {summary} | {minutes} |"
 
 
-def recipes_section(reuse: bool) -> list[str]:
+def recipes_section(reuse: bool, recipes: tuple[str, ...] = RECIPES) -> list[str]:
     lines = [
         "## Trained recipes (`bench/recipes.py`)",
         "",
         "Same data (Luma + all clothing photos), same held-out splits and the same budget (at "
-        "most 60 minutes on this CPU, feature caching included) for every recipe. The method "
-        "recipes train heads on frozen Lite0 features (30 epochs); the shipped default also "
-        "fine-tunes Lite0's stages 5-6 on cached stage-4 maps. Held out: Luma products "
+        "most 60 minutes on this CPU, feature caching included) for every recipe; the "
+        "`training` column says which parts of Lite0 each recipe trains (fine-tuned stages run "
+        "on cached maps of the stage below) and for how many epochs. Held out: Luma products "
         "(`split_by: product`, leave-one-out by item) and clothing contributors (`split_by: "
         "sender_id`, category P@1 = R@1 leave-one-out). Training time includes feature caching "
         "unless an earlier recipe already cached the same features (the method recipes share "
         "one cache).",
         "",
         "| recipe | Luma R@1 | Luma R@10 | Luma mAP | clothing P@1 | clothing MAP@R "
-        "| training time | hardware |",
-        "|---|---:|---:|---:|---:|---:|---|---|",
-        row("ImageNet lite0", baseline_metrics(RECIPES[0]), None),
+        "| training | time |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
+        row("ImageNet lite0", baseline_metrics(recipes[0]), None, "none"),
     ]
-    for name in RECIPES:
-        metrics, seconds = run_recipe(name, reuse)
-        lines.append(row(name, metrics, seconds))
-    return lines
+    for name in recipes:
+        lines.append(row(name, *run_recipe(name, reuse)))
+    return [*lines, "", f"Hardware: {hardware()}."]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reuse", action="store_true", help="Keep finished runs in runs/bench.")
     parser.add_argument("--update", type=Path, help="Replace this section in a BENCHMARKS.md.")
+    parser.add_argument("--recipes", default=",".join(RECIPES),
+                        help="Comma-separated recipe names (default: all of RECIPES).")
     args = parser.parse_args()
-    section = recipes_section(args.reuse)
+    recipes = tuple(name.strip() for name in args.recipes.split(",") if name.strip())
+    unknown = [name for name in recipes if not (CONFIGS / f"{name}.yaml").exists()]
+    if unknown or not recipes:
+        parser.error(f"no recipe in configs/ for: {', '.join(unknown) or '(none given)'}")
+    section = recipes_section(args.reuse, recipes)
     print("\n".join(section))
     if args.update:
         replace_section(args.update, section)

@@ -2,7 +2,8 @@
 
     python bench/report.py [--out BENCHMARKS.md] [--reuse-runs]
 
-The trained-recipes section alone: ``python bench/recipes.py --update BENCHMARKS.md``.
+The trained-recipes section alone: ``python bench/recipes.py --update BENCHMARKS.md``; the
+performance section alone: ``python bench/bench_perf.py --update BENCHMARKS.md``.
 
 Every figure in the file comes from this run on this machine; nothing is typed by hand.
 """
@@ -22,6 +23,8 @@ import torch
 from vestis.evaluation import evaluate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_perf import replace_section as replace_perf_section  # noqa: E402
+from bench_perf import run as perf_section  # noqa: E402
 from recipes import recipes_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,6 +100,8 @@ def main() -> None:
         "",
     ]
     args.out.write_text("\n".join(sections))
+    perf = argparse.Namespace(only=None, quick=False, repeats=3, note=None)
+    replace_perf_section(args.out, perf_section(perf))
     print(f"wrote {args.out}")
 
 

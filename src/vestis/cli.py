@@ -57,13 +57,27 @@ def parse_where(pairs: list[str] | None) -> dict[str, str]:
 
 
 def open_catalog(
-    path: Path, model: str | None = None, factory: str | None = None, *, create: bool = False
+    path: Path,
+    model: str | None = None,
+    factory: str | None = None,
+    *,
+    create: bool = False,
+    backend: str = "auto",
 ):
     from vestis.catalog import Catalog
 
     if not create and not (path / "catalog.db").exists():
         raise FileNotFoundError(f"{path}: not a vestis catalog (no catalog.db); run vestis index")
-    return Catalog(path, model=model, factory=factory)
+    return Catalog(path, model=model, factory=factory, backend=backend)
+
+
+INDEX_HELP = (
+    "Index of a new catalog: auto (by size: Flat, then HNSW32, then IVF-PQ), flat, fp16, "
+    "hnsw, hnsw-fp16, ivfpq, or a FAISS factory string such as 'HNSW32,SQfp16'."
+)
+BackendOption = typer.Option(
+    "auto", "--backend", help="Inference: auto (ONNX Runtime if installed), onnx or torch."
+)
 
 
 @app.command()
@@ -72,10 +86,11 @@ def index(
     source: Path = typer.Argument(..., help="Folder of photos or CSV with image,item_id columns."),
     catalog: Path = CatalogOption,
     model: str | None = typer.Option(None, help="Model name or checkpoint (new catalogs)."),
-    factory: str | None = typer.Option(None, "--index", help="FAISS factory string."),
-    batch_size: int = typer.Option(32, min=1, help="Images per embedding batch."),
+    factory: str | None = typer.Option(None, "--index", help=INDEX_HELP),
+    batch_size: int = typer.Option(16, min=1, help="Images per embedding batch."),
+    backend: str = BackendOption,
 ) -> None:
-    """Add the images of SOURCE to the catalog (created if missing)."""
+    """Add the images of SOURCE to the catalog (created if missing); prints images/s."""
     from tqdm.auto import tqdm
 
     if not source.exists():
@@ -84,14 +99,14 @@ def index(
     def report_bad(path: str, reason: str) -> None:
         tqdm.write(f"failed: {path}: {reason}", file=sys.stderr)
 
-    with open_catalog(catalog, model, factory, create=True) as cat:
+    with open_catalog(catalog, model, factory, create=True, backend=backend) as cat:
         cat.encoder.batch_size = batch_size
         report = cat.add(source, progress=True, on_error=report_bad)
         typer.echo(
             f"indexed {report.added} images ({report.skipped} already present, "
             f"{len(report.failed)} failed) in {report.seconds:.1f} s "
-            f"({report.images_per_second:.1f} images/s); catalog has {len(cat)} items, "
-            f"{cat.num_images} images"
+            f"({report.images_per_second:.1f} images/s, {cat.encoder.backend_name}); "
+            f"catalog has {len(cat)} items, {cat.num_images} images; index {cat.factory}"
         )
     if report.failed:
         raise typer.Exit(1)
@@ -145,16 +160,45 @@ def update(
 
 @app.command()
 @friendly_errors
-def info(catalog: Path = CatalogOption, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Describe a catalog: counts, model, index."""
+def reindex(
+    catalog: Path = CatalogOption,
+    factory: str | None = typer.Option(
+        None, "--index", help="New index (default: the catalog's own choice). " + INDEX_HELP
+    ),
+    search_params: str | None = typer.Option(
+        None, "--search-params", help="FAISS search parameters, e.g. efSearch=256 or nprobe=32."
+    ),
+) -> None:
+    """Rebuild the vector index from the stored vectors, without re-embedding any image."""
+    import time
+
+    started = time.perf_counter()
     with open_catalog(catalog) as cat:
-        details = cat.info()
+        cat.rebuild_index(factory, search_params)
+        typer.echo(
+            f"index {cat.factory} ({cat.index_choice}; {cat.search_params or 'no parameters'}) "
+            f"over {cat.num_images} vectors in {time.perf_counter() - started:.1f} s"
+        )
+
+
+@app.command()
+@friendly_errors
+def info(
+    catalog: Path = CatalogOption,
+    as_json: bool = typer.Option(False, "--json"),
+    recall: int = typer.Option(
+        0, "--recall", min=0, help="Also measure recall@10 against Flat with N stored vectors."
+    ),
+) -> None:
+    """Describe a catalog: counts, model, index (and its recall against exact search)."""
+    with open_catalog(catalog) as cat:
+        details = cat.info(recall_queries=recall)
     if as_json:
         typer.echo(json.dumps(details, indent=2))
         return
     for key, value in details.items():
         shown = ", ".join(value) if isinstance(value, list) else value
-        typer.echo(f"{key:>16}: {shown}")
+        typer.echo(f"{key:>22}: {shown}")
 
 
 @app.command()
@@ -163,7 +207,8 @@ def embed(
     source: Path = typer.Argument(..., help="CSV with image,item_id columns, or a folder."),
     model: str = typer.Option(DEFAULT_MODEL, help="Model name or checkpoint path."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .npz file."),
-    batch_size: int = typer.Option(32, min=1),
+    batch_size: int = typer.Option(16, min=1),
+    backend: str = BackendOption,
 ) -> None:
     """Embed images into an .npz: embeddings, item_ids and paths, in row order."""
     import numpy as np
@@ -174,7 +219,7 @@ def embed(
     records = read_source(source)
     if not records:
         raise ValueError(f"{source}: no images found")
-    encoder = Encoder.from_name(model, batch_size=batch_size)
+    encoder = Encoder.from_name(model, batch_size=batch_size, backend=backend)
     vectors = encoder.embed([r.path for r in records], [r.box for r in records], progress=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.npz")
@@ -187,6 +232,30 @@ def embed(
     )
     tmp.replace(out)
     typer.echo(f"wrote {len(records)} embeddings of dimension {vectors.shape[1]} to {out}")
+
+
+@app.command()
+@friendly_errors
+def export(
+    model: str = typer.Argument(DEFAULT_MODEL, help="Model name or checkpoint path."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .onnx file."),
+) -> None:
+    """Export a model to ONNX (the normalised vector the encoder gives), checked against torch.
+
+    The file works as a model name: vestis index --model FILE.onnx, Encoder.from_name(FILE).
+    """
+    from vestis.models import create_model
+    from vestis.models.backends import OnnxBackend
+    from vestis.models.onnx_export import agreement, export_onnx, model_metadata
+
+    network = create_model(model)
+    data = export_onnx(network, out)
+    cosine = agreement(network, OnnxBackend(data))
+    dim = model_metadata(network)["vestis_dim"]
+    typer.echo(f"wrote {out} ({len(data) / 1e6:.1f} MB, {network.preprocess.size} px input, "
+               f"dimension {dim}); cosine to torch {cosine:.6f}")
+    if cosine < 0.999:
+        fail(f"the ONNX vectors disagree with torch (cosine {cosine:.6f} < 0.999)")
 
 
 @app.command(name="eval")
@@ -301,6 +370,76 @@ def serve(
         err=True,
     )
     uvicorn.run(application, host=host, port=port, log_level="info")
+
+
+# -- garment parser (vestis.detect) ----------------------------------------------------------
+@app.command()
+@friendly_errors
+def detect(
+    image: Path = typer.Argument(..., help="Photo to parse."),
+    parser: str = typer.Option("parser-lite0", help="Parser name or checkpoint path."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Draw masks and boxes (PNG)."),
+) -> None:
+    """Find the garments in a photo: group, box (x1 y1 x2 y2) and score of each."""
+    from vestis.detect import draw_garments, load_parser
+    from vestis.images import load_image
+
+    photo = load_image(image)
+    garments = load_parser(parser).parse(photo)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        draw_garments(photo, garments).save(out)
+    if as_json:
+        typer.echo(json.dumps({"image": str(image), "width": photo.width,
+                               "height": photo.height,
+                               "garments": [g.to_dict() for g in garments]}, indent=2))
+    else:
+        if not garments:
+            typer.echo("no garments found")
+        for garment in garments:
+            x1, y1, x2, y2 = garment.box
+            typer.echo(f"{garment.group:<9} {x1:>5} {y1:>5} {x2:>5} {y2:>5}  "
+                       f"{garment.score:.3f}")
+    if out is not None:
+        typer.echo(f"wrote {out}", err=True)
+
+
+@app.command(name="eval-parsing")
+@friendly_errors
+def eval_parsing(
+    dataset: Path = typer.Argument(..., help="CSV with image,mask columns (CCP format)."),
+    parser: str = typer.Option("parser-lite0", help="Parser name or checkpoint path."),
+    labels: Path | None = typer.Option(None, help="labels.txt (default: beside the CSV)."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write metrics as JSON."),
+) -> None:
+    """Per-group IoU, mIoU over the garment groups and pixel accuracy of a garment parser."""
+    from vestis.detect import format_metrics, load_parser
+
+    metrics = load_parser(parser).evaluate(dataset, labels, progress=True)
+    typer.echo(format_metrics(metrics))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(metrics.to_dict(), indent=2) + "\n")
+
+
+@app.command(name="train-parser")
+@friendly_errors
+def train_parser_(
+    recipe: Path = typer.Argument(..., help="Parser recipe, e.g. configs/parser-lite0.yaml."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Run folder (default runs/NAME)."),
+    epochs: int | None = typer.Option(None, help="Override the recipe's epochs."),
+) -> None:
+    """Train the garment parser (see the recipe); writes last.pt, log.csv, val.csv."""
+    from vestis.detect.train import train_parser
+
+    overrides = {"train": {"epochs": epochs}} if epochs is not None else {}
+    out = out or Path("runs") / recipe.stem
+    result = train_parser(recipe, out, overrides)
+    typer.echo(f"trained {result.epochs} epochs in {result.seconds / 60:.1f} min; "
+               f"checkpoint {result.checkpoint} (validation mIoU {result.val_miou:.4f} at "
+               f"the training resolution; vestis eval-parsing {out / 'val.csv'} --parser "
+               f"{result.checkpoint} for the full-resolution figures)")
 
 
 @app.command()

@@ -22,7 +22,18 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from vestis.catalog.index import DEFAULT_FACTORY, FaissIndex, VectorIndex, create_index
+from vestis.catalog.index import (
+    AUTO,
+    TRAIN_SAMPLE,
+    FaissIndex,
+    VectorIndex,
+    create_index,
+    default_search_params,
+    exact_top_k,
+    is_sized,
+    recall_at_k,
+    resolve_factory,
+)
 from vestis.catalog.sources import IngestRecord, read_source, unique_records
 from vestis.catalog.store import ImageRow, NewImage, Store
 from vestis.images import Box, ImageSource
@@ -99,8 +110,16 @@ class Catalog:
         model: str | None = None,
         factory: str | None = None,
         encoder: Encoder | None = None,
+        backend: str = "auto",
     ):
+        """Open or create the catalog at ``path``.
+
+        ``model``: a registered model, checkpoint or ONNX file (new catalogs; default
+        ``vestis-lite0``). ``factory``: the index choice of a new catalog (``auto``, a preset
+        or a FAISS factory string). ``backend``: ``auto``, ``onnx`` or ``torch`` inference.
+        """
         self.path = Path(path).expanduser()
+        self._backend = backend
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._store = Store(self.path / DB_NAME)
@@ -115,13 +134,13 @@ class Catalog:
         stored = self._store.get_meta("model_name")
         if stored is None:
             name = _model_reference(model or DEFAULT_MODEL)
-            encoder = self._encoder or Encoder.from_name(name)
+            encoder = self._encoder or Encoder.from_name(name, backend=self._backend)
             self._encoder = encoder
             self._store.set_meta(
                 {"model_name": name, "model_id": encoder.model_id, "dim": str(encoder.dim)}
             )
         elif model is not None and _model_reference(model) != stored:
-            candidate = self._encoder or Encoder.from_name(model)
+            candidate = self._encoder or Encoder.from_name(model, backend=self._backend)
             if candidate.model_id != self._store.get_meta("model_id"):
                 raise ModelMismatchError(
                     f"catalog {self.path} was built with model {stored!r} "
@@ -130,13 +149,19 @@ class Catalog:
                 )
             self._encoder = candidate
 
-    def _init_factory(self, factory: str | None) -> None:
+    def _init_factory(self, choice: str | None) -> None:
+        """A new catalog stores ``choice`` (default ``auto``) and the factory it resolves to;
+        an existing one refuses another index (``rebuild_index`` changes it)."""
         stored = self._store.get_meta("factory")
         if stored is None:
-            self._store.set_meta({"factory": factory or DEFAULT_FACTORY})
-        elif factory is not None and factory != stored:
+            choice = choice or AUTO
+            factory = resolve_factory(choice, 0, self.dim)
+            self._store.set_meta({"index_choice": choice, "factory": factory,
+                                  "search_params": default_search_params(factory)})
+        elif choice is not None and choice not in (stored, self.index_choice):
             raise ValueError(
-                f"catalog {self.path} uses index {stored!r}; rebuild it to change to {factory!r}"
+                f"catalog {self.path} uses index {self.index_choice!r} ({stored}); rebuild it "
+                f"to change to {choice!r}: vestis reindex --catalog {self.path} --index {choice}"
             )
 
     @property
@@ -153,13 +178,25 @@ class Catalog:
 
     @property
     def factory(self) -> str:
+        """The FAISS factory string of the index now (``index_choice`` resolved)."""
         return self._store.get_meta("factory")
+
+    @property
+    def index_choice(self) -> str:
+        """What the user asked for: ``auto``, a preset or a factory string."""
+        return self._store.get_meta("index_choice") or self.factory
+
+    @property
+    def search_params(self) -> str:
+        """FAISS search parameters applied after every load (``efSearch=128``)."""
+        stored = self._store.get_meta("search_params")
+        return default_search_params(self.factory) if stored is None else stored
 
     @property
     def encoder(self) -> Encoder:
         """The catalog's own model, loaded on first use."""
         if self._encoder is None:
-            self._encoder = Encoder.from_name(self.model_name)
+            self._encoder = Encoder.from_name(self.model_name, backend=self._backend)
             self._check_model(self._encoder.model_id)
         return self._encoder
 
@@ -190,19 +227,43 @@ class Catalog:
     def num_images(self) -> int:
         return self._store.count_images()
 
-    def info(self) -> dict[str, Any]:
+    def info(self, *, recall_queries: int = 0) -> dict[str, Any]:
+        """Counts, model and index; with ``recall_queries`` > 0 also the index's recall@10
+        against exact search over that many stored vectors (see :meth:`measure_recall`)."""
         index = self._vector_index()
-        return {
+        index_file = self.path / INDEX_NAME
+        size = index_file.stat().st_size if index_file.exists() else 0
+        details = {
             "path": str(self.path),
             "items": len(self),
             "images": self.num_images,
             "model": self.model_name,
             "model_id": self.model_id,
             "dim": self.dim,
+            "index_choice": self.index_choice,
             "index": self.factory,
+            "search_params": self.search_params,
             "indexed_vectors": len(index),
+            "index_bytes_per_vector": round(size / len(index), 1) if len(index) else 0,
             "metadata_fields": self._store.metadata_keys(),
         }
+        if recall_queries > 0:
+            details["recall@10_vs_flat"] = round(self.measure_recall(queries=recall_queries), 4)
+        return details
+
+    def measure_recall(self, k: int = 10, *, queries: int = 200, seed: int = 0) -> float:
+        """Recall@``k`` of the index against exact (Flat) search: stored vectors, sampled
+        uniformly, query the index and an exact scan of the store."""
+        with self._lock:
+            index = self._vector_index()
+            ids = self._store.sample_image_ids(queries, seed)
+            if not len(ids):
+                return 1.0
+            vectors = self._store.vectors_by_id(ids)
+            k = min(k, len(index))
+            _, exact = exact_top_k(vectors, self._store.iter_vectors(), k)
+            _, found = index.search(vectors, k)
+        return recall_at_k(found, exact)
 
     # -- the vector index ------------------------------------------------------------
     def _vector_index(self) -> VectorIndex:
@@ -215,24 +276,60 @@ class Catalog:
         stamp = self._read_stamp()
         epoch = self._store.vector_epoch
         index_file = self.path / INDEX_NAME
-        if stamp.get("epoch") == epoch and index_file.exists():
-            with contextlib.suppress(RuntimeError):
-                index = FaissIndex.load(index_file, self.factory)
+        if stamp.get("epoch") == epoch and stamp.get("factory") == self.factory \
+                and index_file.exists():
+            with contextlib.suppress(RuntimeError, ValueError):
+                index = FaissIndex.load(index_file, self.factory, self.search_params)
                 if len(index) == self._store.count_images() and index.dim == self.dim:
                     return index
         return self._rebuild_index()
 
     def _rebuild_index(self) -> VectorIndex:
-        index = create_index(self.dim, self.factory)
-        for ids, vectors in self._store.iter_vectors():
+        """Build the index from the stored vectors: train on a sample, then add them all."""
+        index = create_index(self.dim, self.factory, self.search_params)
+        need = index.training_size() if isinstance(index, FaissIndex) else 0
+        if need > 1 and self._store.count_images() >= need:
+            sample = self._store.sample_image_ids(max(TRAIN_SAMPLE, need))
+            index.train(self._store.vectors_by_id(sample))
+        for ids, vectors in self._store.iter_vectors(batch=16384):
             index.add(ids, vectors)
         self._index = index
         self._save_index()
         return index
 
-    def rebuild_index(self) -> None:
-        """Rebuild the vector index from the stored vectors (no re-embedding)."""
+    def rebuild_index(self, index: str | None = None, search_params: str | None = None) -> None:
+        """Rebuild the vector index from the stored vectors (no re-embedding).
+
+        ``index`` changes the choice (``auto``, a preset or a FAISS factory string);
+        ``search_params`` (``efSearch=256``, ``nprobe=32``) alone only re-tunes the index.
+        """
         with self._lock, self._write_lock():
+            choice = index or self.index_choice
+            factory = resolve_factory(choice, self._store.count_images(), self.dim)
+            if factory == self.factory and index is None and search_params is not None:
+                self._tune(search_params)
+                return
+            params = default_search_params(factory) if search_params is None else search_params
+            create_index(self.dim, factory, params)  # a bad string fails before anything changes
+            self._store.set_meta({"index_choice": choice, "factory": factory,
+                                  "search_params": params})
+            self._rebuild_index()
+
+    def _tune(self, search_params: str) -> None:
+        index = self._vector_index()
+        index.set_search_params(search_params)
+        self._store.set_meta({"search_params": search_params})
+        self._save_index()
+
+    def _follow_size(self) -> None:
+        """A size-dependent choice (``auto``, ``ivfpq``) moves to the factory its catalog has
+        grown (or shrunk) into, rebuilding from the stored vectors."""
+        if not is_sized(self.index_choice):
+            return
+        factory = resolve_factory(self.index_choice, self._store.count_images(), self.dim)
+        if factory != self.factory:
+            self._store.set_meta({"factory": factory,
+                                  "search_params": default_search_params(factory)})
             self._rebuild_index()
 
     def _read_stamp(self) -> dict[str, Any]:
@@ -304,6 +401,8 @@ class Catalog:
             todo = [(r, sha) for r, sha in hashed if (r.item_id, sha) not in known]
             report.skipped = len(hashed) - len(todo)
             self._embed_and_store(todo, report, on_error, progress)
+            if report.added:
+                self._follow_size()
             if self._index_dirty:
                 self._save_index()
         report.seconds = time.perf_counter() - started
@@ -397,6 +496,7 @@ class Catalog:
             if keep:
                 index.add(np.array([ids[n] for n in keep]), vectors[keep])
                 self._save_index()
+                self._follow_size()
         return len(keep)
 
     def remove(self, item_id: str) -> int:
@@ -409,6 +509,8 @@ class Catalog:
                 raise KeyError(f"no item {item_id!r} in catalog {self.path}") from None
             index.remove(np.array(ids, dtype=np.int64))
             self._save_index()
+            if getattr(index, "needs_compaction", False):
+                self._rebuild_index()
         return len(ids)
 
     def update(self, item_id: str, metadata: dict[str, Any]) -> dict[str, Any]:

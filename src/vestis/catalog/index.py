@@ -2,19 +2,108 @@
 
 Vectors are L2-normalised, so inner product is cosine similarity. Ids are int64 image ids
 owned by the catalog's store.
+
+An index is chosen by a *choice*: ``auto`` (by catalog size, see :func:`auto_factory`), a
+preset (``flat``, ``fp16``, ``hnsw``, ``hnsw-fp16``, ``ivfpq``) or any FAISS factory string.
+:func:`resolve_factory` turns a choice and a catalog size into the concrete factory string
+the catalog stores. Search parameters (``efSearch=128``, ``nprobe=32``) are applied at build
+and again after every load.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-import faiss
-import numpy as np
+# Before FAISS starts its OpenMP runtime: idle workers sleep instead of spinning. On a small
+# machine shared with other work, spinning workers made one Flat query over 10k vectors take
+# 24 ms instead of 0.3 ms. Set OMP_WAIT_POLICY yourself to choose otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
 
 DEFAULT_FACTORY = "Flat"
+AUTO = "auto"
+#: ``auto``: exact search below this many vectors ...
+FLAT_LIMIT = 50_000
+#: ... HNSW graphs below this many, and IVF-PQ beyond.
+HNSW_LIMIT = 5_000_000
+#: HNSW neighbours per node, and the search breadth (recall@10 >= 0.95 at 1M, BENCHMARKS.md).
+HNSW_M = 32
+HNSW_EF_SEARCH = 128
+#: Largest PQ code, in bytes per vector (IVF-PQ is the compressed choice): with 8-bit codes
+#: this keeps a vector under 600 bytes with its id and list overhead.
+PQ_MAX_BYTES = 512
+#: Vectors used to train IVF and PQ quantisers (a uniform sample of the catalog's own).
+TRAIN_SAMPLE = 65_536
+#: Searches of fewer queries than this run on one thread: parallel regions cost more than
+#: they save for a single query.
+SMALL_BATCH = 16
+PRESETS = {"flat": "Flat", "fp16": "SQfp16", "hnsw": f"HNSW{HNSW_M}",
+           "hnsw-fp16": f"HNSW{HNSW_M},SQfp16"}
+SIZED_PRESETS = ("ivfpq",)
+
+
+def ivf_lists(n: int) -> int:
+    """Inverted lists for ``n`` vectors: a power of two near 4 sqrt(n), 39+ vectors each."""
+    target = max(1.0, min(4 * math.sqrt(max(n, 1)), n / 39))
+    return max(1, 2 ** int(math.log2(target)))
+
+
+def pq_bytes(dim: int) -> int:
+    """PQ sub-quantisers for ``dim``: the largest divisor of ``dim`` up to
+    :data:`PQ_MAX_BYTES` (each stores one byte per vector), so one per dimension when the
+    dimension allows. Coarser codes cost held-out Luma R@10: 95 bytes for the 285-d default
+    lost 0.02-0.04 against Flat, 285 bytes lost nothing (BENCHMARKS.md)."""
+    limit = min(dim, PQ_MAX_BYTES)
+    return max((m for m in range(1, limit + 1) if dim % m == 0), default=1)
+
+
+def ivfpq_factory(n: int, dim: int) -> str:
+    m = pq_bytes(dim)
+    code = f"PQ{m}" if m >= 8 else "SQ8"  # awkward (near-prime) dims fall back to 8-bit SQ
+    return f"IVF{ivf_lists(n)},{code}"
+
+
+def auto_factory(n: int, dim: int) -> str:
+    """The automatic choice for ``n`` vectors: Flat, then HNSW32, then IVF-PQ."""
+    if n < FLAT_LIMIT:
+        return "Flat"
+    if n < HNSW_LIMIT:
+        return PRESETS["hnsw"]
+    return ivfpq_factory(n, dim)
+
+
+def resolve_factory(choice: str, n: int, dim: int) -> str:
+    """The concrete FAISS factory string for ``choice`` with ``n`` vectors of ``dim``."""
+    key = choice.strip().lower()
+    if key == AUTO:
+        return auto_factory(n, dim)
+    if key == "ivfpq":
+        return ivfpq_factory(n, dim)
+    return PRESETS.get(key, choice.strip())
+
+
+def is_sized(choice: str) -> bool:
+    """Whether ``choice`` depends on the catalog size (so it may change as it grows)."""
+    return choice.strip().lower() in (AUTO, *SIZED_PRESETS)
+
+
+def default_search_params(factory: str, n: int = 0) -> str:
+    """Search parameters for a factory: HNSW's efSearch, IVF's nprobe (1/16 of the lists,
+    8 to 64); empty for exact indexes."""
+    if factory.startswith("HNSW"):
+        return f"efSearch={HNSW_EF_SEARCH}"
+    if factory.startswith("IVF"):
+        lists = int(factory[3:].split(",")[0].split("_")[0])
+        return f"nprobe={min(lists, max(8, min(64, lists // 16)))}"
+    return ""
 
 
 @runtime_checkable
@@ -40,9 +129,16 @@ class VectorIndex(Protocol):
 
 
 class FaissIndex:
-    """A FAISS index built from a factory string (``"Flat"``, ``"HNSW32"``, ``"IVF256,PQ32"``)."""
+    """A FAISS index built from a factory string (``"Flat"``, ``"HNSW32"``, ``"IVF256,PQ32"``).
 
-    def __init__(self, dim: int, factory: str = DEFAULT_FACTORY):
+    IVF indexes keep the image ids in their lists; others are wrapped in ``IndexIDMap2``.
+    Indexes that need training (IVF, PQ) hold added vectors aside, searched exactly, until
+    :meth:`training_size` of them have arrived, then train on them; :meth:`train` trains
+    earlier on a chosen sample. HNSW graphs cannot delete: removed ids are tombstones,
+    skipped by searches and saved next to the index, until a rebuild compacts them.
+    """
+
+    def __init__(self, dim: int, factory: str = DEFAULT_FACTORY, search_params: str = ""):
         if dim < 1:
             raise ValueError(f"dim must be positive, got {dim}")
         self.dim = dim
@@ -51,14 +147,73 @@ class FaissIndex:
             inner = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as exc:
             raise ValueError(f"invalid FAISS factory string {factory!r}: {exc}") from None
-        self._index = faiss.IndexIDMap2(inner)
+        _quick_pq_training(faiss.downcast_index(inner))
+        self._setup(inner if _is_ivf(inner) else faiss.IndexIDMap2(inner), search_params)
+        self._staged_ids: list[np.ndarray] = []
+        self._staged: list[np.ndarray] = []
 
-    def __len__(self) -> int:
-        return int(self._index.ntotal)
+    def _setup(self, index: faiss.Index, search_params: str) -> None:
+        self._index = index
+        self._deleted: set[int] = set()
+        self._staged_ids, self._staged = [], []
+        self.search_params = ""
+        self.set_search_params(search_params)
+
+    # -- parameters ----------------------------------------------------------------
+    @property
+    def core(self) -> faiss.Index:
+        """The FAISS index under the id map, downcast (IndexHNSWFlat, IndexIVFPQ, ...)."""
+        inner = self._index.index if isinstance(self._index, faiss.IndexIDMap2) else self._index
+        return faiss.downcast_index(inner)
+
+    def set_search_params(self, params: str) -> None:
+        """Apply ``"efSearch=128"``, ``"nprobe=16"`` (comma-separated; empty: none)."""
+        params = (params or "").strip()
+        if params:
+            try:
+                faiss.ParameterSpace().set_index_parameters(self.core, params)
+            except RuntimeError as exc:
+                raise ValueError(f"invalid search parameters {params!r} for "
+                                 f"{self.factory!r}: {exc}") from None
+        self.search_params = params
 
     @property
     def is_trained(self) -> bool:
         return bool(self._index.is_trained)
+
+    @property
+    def is_hnsw(self) -> bool:
+        return isinstance(self.core, faiss.IndexHNSW)
+
+    def training_size(self) -> int:
+        """Vectors needed to train this index well (FAISS asks 39 per centroid)."""
+        if self.is_trained:
+            return 0
+        ivf = faiss.try_extract_index_ivf(self.core)
+        need = 39 * ivf.nlist if ivf is not None else 1
+        if "PQ" in self.factory:
+            need = max(need, 39 * 256)
+        return need
+
+    # -- contents --------------------------------------------------------------------
+    def __len__(self) -> int:
+        staged = sum(len(ids) for ids in self._staged_ids)
+        return int(self._index.ntotal) - len(self._deleted) + staged
+
+    @property
+    def tombstones(self) -> int:
+        """Removed ids still in an HNSW graph (skipped by searches)."""
+        return len(self._deleted)
+
+    @property
+    def needs_compaction(self) -> bool:
+        """Tombstones are over a fifth of the graph: time to rebuild it."""
+        return len(self._deleted) > 0.2 * max(1, int(self._index.ntotal))
+
+    def train(self, vectors: np.ndarray) -> None:
+        """Train the quantisers on ``vectors`` (a sample of what the index will hold)."""
+        if not self.is_trained:
+            self._index.train(self._as_matrix(vectors))
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         vectors = self._as_matrix(vectors)
@@ -67,54 +222,114 @@ class FaissIndex:
             raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
         if not len(ids):
             return
-        if not self._index.is_trained:
-            self._index.train(vectors)
+        if not self.is_trained:
+            self._stage(ids, vectors)
+            return
         self._index.add_with_ids(vectors, ids)
+
+    def _stage(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self._staged_ids.append(ids)
+        self._staged.append(vectors)
+        if sum(len(i) for i in self._staged_ids) < self.training_size():
+            return
+        ids, vectors = np.concatenate(self._staged_ids), np.concatenate(self._staged)
+        self._staged_ids, self._staged = [], []
+        self.train(vectors)
+        self.add(ids, vectors)
 
     def remove(self, ids: np.ndarray) -> int:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if not len(ids):
             return 0
-        return int(self._index.remove_ids(faiss.IDSelectorBatch(ids)))
+        removed = self._unstage(ids)
+        if self.is_hnsw:
+            present = ids[self._contains(ids)]
+            fresh = set(present.tolist()) - self._deleted
+            self._deleted.update(fresh)
+            return removed + len(fresh)
+        return removed + int(self._index.remove_ids(faiss.IDSelectorBatch(ids)))
 
+    def _contains(self, ids: np.ndarray) -> np.ndarray:
+        known = faiss.vector_to_array(self._index.id_map)
+        return np.isin(ids, known)
+
+    def _unstage(self, ids: np.ndarray) -> int:
+        removed = 0
+        for n, staged in enumerate(self._staged_ids):
+            keep = ~np.isin(staged, ids)
+            removed += int((~keep).sum())
+            self._staged_ids[n], self._staged[n] = staged[keep], self._staged[n][keep]
+        return removed
+
+    # -- search ----------------------------------------------------------------------
     def search(
         self, vectors: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         vectors = self._as_matrix(vectors)
         k = max(1, min(k, len(self))) if len(self) else 1
-        params = None
-        if allowed_ids is not None:
-            allowed = np.ascontiguousarray(allowed_ids, dtype=np.int64)
-            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
         if not len(self):
             empty = np.full((len(vectors), k), -1, dtype=np.int64)
             return np.full((len(vectors), k), -np.inf, dtype=np.float32), empty
-        scores, ids = self._index.search(vectors, k, params=params)
-        return scores, ids
+        if self._staged_ids:
+            return self._search_staged(vectors, k, allowed_ids)
+        selector = None
+        if allowed_ids is not None:
+            selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed_ids, dtype=np.int64))
+        elif self._deleted:
+            deleted = np.fromiter(self._deleted, dtype=np.int64, count=len(self._deleted))
+            selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(deleted))
+        with one_thread(len(vectors) < SMALL_BATCH):
+            return self._index.search(vectors, k, params=self._params(selector))
 
+    def _params(self, selector) -> faiss.SearchParameters | None:
+        if selector is None:
+            return None
+        ivf = faiss.try_extract_index_ivf(self.core)
+        if ivf is not None:  # IVF needs its own parameter type, so nprobe must be repeated
+            return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+        return faiss.SearchParameters(sel=selector)
+
+    def _search_staged(self, vectors, k, allowed_ids) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search over vectors waiting for training (a small index)."""
+        ids, stored = np.concatenate(self._staged_ids), np.concatenate(self._staged)
+        if allowed_ids is not None:
+            keep = np.isin(ids, allowed_ids)
+            ids, stored = ids[keep], stored[keep]
+        scores = vectors @ stored.T
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        top = np.take_along_axis(scores, order, axis=1).astype(np.float32)
+        found = ids[order]
+        if found.shape[1] < k:
+            pad = k - found.shape[1]
+            top = np.pad(top, ((0, 0), (0, pad)), constant_values=-np.inf)
+            found = np.pad(found, ((0, 0), (0, pad)), constant_values=-1)
+        return top, found
+
+    # -- persistence -----------------------------------------------------------------
     def save(self, path: Path) -> None:
-        """Write atomically: a crash leaves either the old file or the new one."""
+        """Write atomically: a crash leaves either the old files or the new ones.
+
+        HNSW tombstones go to ``PATH.deleted.npy``, written first (the catalog's stamp,
+        written last, vouches for both)."""
         path = Path(path)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            faiss.write_index(self._index, tmp)
-            with open(tmp, "rb") as written:
-                os.fsync(written.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        deleted = np.fromiter(sorted(self._deleted), dtype=np.int64, count=len(self._deleted))
+        _write_atomic(tombstone_path(path), lambda tmp: _save_array(tmp, deleted))
+        _write_atomic(path, lambda tmp: faiss.write_index(self._index, tmp))
 
     @classmethod
-    def load(cls, path: Path, factory: str) -> FaissIndex:
+    def load(cls, path: Path, factory: str, search_params: str = "") -> FaissIndex:
+        """Read an index written by :meth:`save`; ``search_params`` are applied again."""
+        path = Path(path)
         loaded = faiss.read_index(str(path))
         index = cls.__new__(cls)
         index.dim = int(loaded.d)
         index.factory = factory
-        index._index = (
-            loaded if isinstance(loaded, faiss.IndexIDMap2) else faiss.IndexIDMap2(loaded)
-        )
+        if not (_is_ivf(loaded) or isinstance(loaded, faiss.IndexIDMap2)):
+            loaded = faiss.IndexIDMap2(loaded)
+        index._setup(loaded, search_params)
+        deleted = tombstone_path(path)
+        if deleted.exists():
+            index._deleted = set(np.load(deleted).tolist())
         return index
 
     def _as_matrix(self, vectors: np.ndarray) -> np.ndarray:
@@ -124,6 +339,87 @@ class FaissIndex:
         return vectors
 
 
-def create_index(dim: int, factory: str = DEFAULT_FACTORY) -> VectorIndex:
+@contextlib.contextmanager
+def one_thread(active: bool = True) -> Iterator[None]:
+    """Run FAISS calls of this thread on one OpenMP thread (the setting is per thread)."""
+    if not active:
+        yield
+        return
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
+def tombstone_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.deleted.npy")
+
+
+def _quick_pq_training(index: faiss.Index) -> None:
+    """PQ k-means on 3-5 dimensional sub-vectors is slow in FAISS (over a minute for 20k
+    vectors here): train each sub-quantiser on at most 64 points per centroid, 10 rounds,
+    and skip polysemous training (codes are never compared by Hamming distance here)."""
+    pq = getattr(index, "pq", None)
+    if pq is None:
+        return
+    pq.cp.max_points_per_centroid = 64
+    pq.cp.niter = 10
+    if hasattr(index, "do_polysemous_training"):
+        index.do_polysemous_training = False
+
+
+def _save_array(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:
+        np.save(handle, array)
+
+
+def _is_ivf(index: faiss.Index) -> bool:
+    return faiss.try_extract_index_ivf(index) is not None
+
+
+def _write_atomic(path: Path, write) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def create_index(dim: int, factory: str = DEFAULT_FACTORY, search_params: str = "") -> VectorIndex:
     """The index factory: today FAISS; another engine can be chosen here later."""
-    return FaissIndex(dim, factory)
+    return FaissIndex(dim, factory, search_params)
+
+
+def exact_top_k(
+    queries: np.ndarray, chunks, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-``k`` (scores, ids) of ``queries`` over ``chunks``, an
+    iterable of (ids, vectors) such as ``Store.iter_vectors()``: the reference for recall."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+    best_ids = np.zeros((len(queries), 0), dtype=np.int64)
+    for ids, vectors in chunks:
+        scores = np.concatenate([best_scores, queries @ vectors.T], axis=1)
+        every = np.concatenate([best_ids, np.broadcast_to(ids, (len(queries), len(ids)))], axis=1)
+        keep = min(k, scores.shape[1])
+        top = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]
+        best_scores = np.take_along_axis(scores, top, axis=1)
+        best_ids = np.take_along_axis(every, top, axis=1)
+    order = np.argsort(-best_scores, axis=1, kind="stable")
+    return np.take_along_axis(best_scores, order, 1), np.take_along_axis(best_ids, order, 1)
+
+
+def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean share of the exact top-k ids that ``found`` (same shape) also returns."""
+    if not len(exact):
+        return 1.0
+    hits = [len(set(f.tolist()) & set(e.tolist())) / max(1, len(e))
+            for f, e in zip(found, exact, strict=True)]
+    return float(np.mean(hits))

@@ -182,6 +182,30 @@ class Store:
             yield ids, vectors
             last = int(ids[-1])
 
+    def vectors_by_id(self, image_ids: Sequence[int], batch: int = 4096) -> np.ndarray:
+        """The stored vectors of ``image_ids``, in that order (all ids must exist)."""
+        rows: dict[int, bytes] = {}
+        wanted = [int(i) for i in image_ids]
+        for start in range(0, len(wanted), batch):
+            chunk = wanted[start:start + batch]
+            marks = ",".join("?" * len(chunk))
+            rows.update(self._query(
+                f"SELECT image_id, vector FROM images WHERE image_id IN ({marks})", chunk))
+        missing = [i for i in wanted if i not in rows]
+        if missing:
+            raise KeyError(f"no stored vector for image ids {missing[:5]}")
+        if not wanted:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.stack([np.frombuffer(rows[i], dtype=np.float32) for i in wanted])
+
+    def sample_image_ids(self, limit: int, seed: int = 0) -> np.ndarray:
+        """Up to ``limit`` image ids drawn uniformly without replacement (all if fewer)."""
+        ids = np.array([row[0] for row in self._query("SELECT image_id FROM images")],
+                       dtype=np.int64)
+        if len(ids) <= limit:
+            return ids
+        return np.sort(np.random.default_rng(seed).choice(ids, limit, replace=False))
+
     def filtered_image_ids(self, where: dict[str, Any]) -> np.ndarray:
         """Ids of images whose metadata (the image's own, else its item's) equals every
         ``where`` value. ``item_id`` filters on the item itself."""

@@ -1,19 +1,29 @@
-"""Turn images into L2-normalised embeddings, in batches, deterministically."""
+"""Turn images into L2-normalised embeddings, in batches, deterministically.
+
+Inference runs on ONNX Runtime when it is installed (``backend="auto"``), else torch eager;
+see :mod:`vestis.models.backends`. An ONNX file written by ``vestis export`` is itself a
+model name: it embeds without torch weights.
+"""
 
 from __future__ import annotations
 
-import os
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vestis.images import Box, ImageError, ImageSource
+from vestis.images import Box, ImageError, ImageSource, Preprocess
+from vestis.models.backends import Backend, OnnxBackend, create_backend, physical_cores
 from vestis.models.registry import create_model
+
+#: The default images per inference batch; small batches keep ONNX Runtime in cache.
+BATCH_SIZE = 16
 
 
 @dataclass
@@ -28,51 +38,94 @@ class EncodedBatch:
 class Encoder:
     """Embeds images with a model from the registry.
 
-    Decoding and preprocessing run in a thread pool, overlapped with inference.
+    Decoding and preprocessing run in a pool of ``workers`` threads, overlapped with
+    inference; ONNX Runtime runs ``streams`` batches at once (one per physical core, one
+    intra-op thread each: see :func:`vestis.models.backends.create_backend`).
     Output rows are float32 and L2-normalised; the same input always gives the same row.
+    ``backend`` is ``auto`` (ONNX Runtime when installed, on a CPU), ``onnx`` or ``torch``.
     """
 
     def __init__(
         self,
         model: nn.Module | str,
         *,
-        batch_size: int = 32,
+        batch_size: int = BATCH_SIZE,
         device: str | None = None,
         workers: int | None = None,
+        backend: str = "auto",
+        threads: int | None = None,
+        streams: int | None = None,
     ):
+        model = create_model(model) if isinstance(model, str) else model.eval()
+        self.model: nn.Module | None = model
+        self.device = torch.device(device or "cpu")
+        identity = (
+            getattr(model, "model_name", type(model).__name__),
+            getattr(model, "model_id", None),
+            int(getattr(model, "output_dim", getattr(model, "embed_dim", 0))),
+        )
+        self._setup(create_backend(model, backend, device=device, threads=threads,
+                                   streams=streams),
+                    model.preprocess, identity, batch_size, workers)
+
+    def _setup(self, backend: Backend, preprocess: Preprocess, identity: tuple,
+               batch_size: int, workers: int | None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.model = create_model(model) if isinstance(model, str) else model.eval()
-        self.device = torch.device(device or "cpu")
-        self.model.to(self.device)
+        self.backend = backend
+        self.preprocess = preprocess
+        self._identity = identity
         self.batch_size = batch_size
-        self.workers = workers or min(4, os.cpu_count() or 1)
-        self.preprocess = self.model.preprocess
+        # Decoding threads overlap inference; PIL releases the GIL while it decodes.
+        self.workers = workers or max(2, physical_cores())
 
     @classmethod
     def from_name(cls, name: str, **kwargs) -> Encoder:
+        """A registered model, a checkpoint path, or an ONNX file from ``vestis export``."""
+        if str(name).endswith(".onnx"):
+            return cls.from_onnx(name, **kwargs)
         return cls(create_model(name), **kwargs)
+
+    @classmethod
+    def from_onnx(
+        cls, path: str | Path, *, batch_size: int = BATCH_SIZE, workers: int | None = None,
+        threads: int | None = None, streams: int | None = None, backend: str = "onnx",
+        device: str | None = None,
+    ) -> Encoder:
+        """An ONNX Runtime encoder from an exported file alone (no torch weights)."""
+        from vestis.models.onnx_export import read_metadata
+
+        if backend not in ("auto", "onnx") or (device or "cpu") != "cpu":
+            raise ValueError(f"{path}: an ONNX file runs on ONNX Runtime, on the CPU")
+        meta, preprocess = read_metadata(path)
+        encoder = cls.__new__(cls)
+        encoder.model = None
+        encoder.device = torch.device("cpu")
+        identity = (meta["vestis_model_name"], meta["vestis_model_id"], int(meta["vestis_dim"]))
+        backend_ = OnnxBackend(path, threads=threads, streams=streams)
+        encoder._setup(backend_, preprocess, identity, batch_size, workers)
+        return encoder
 
     @property
     def name(self) -> str:
-        return getattr(self.model, "model_name", type(self.model).__name__)
+        return self._identity[0]
 
     @property
     def model_id(self) -> str:
         """Identifies the weights: vectors of different model ids must never be mixed."""
-        return getattr(self.model, "model_id", self.name)
+        return self._identity[1] or self.name
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
 
     @property
     def dim(self) -> int:
-        return int(getattr(self.model, "output_dim", self.model.embed_dim))
+        return self._identity[2]
 
     def embed_arrays(self, batch: np.ndarray) -> np.ndarray:
         """Embed an already preprocessed (N, 3, S, S) float32 batch."""
-        with torch.inference_mode():
-            tensor = torch.from_numpy(batch).to(self.device)
-            vectors = self.model(tensor).float()
-            vectors = torch.nn.functional.normalize(vectors, dim=-1)
-        return vectors.cpu().numpy().astype(np.float32, copy=False)
+        return self.backend(np.ascontiguousarray(batch, dtype=np.float32))
 
     def embed(
         self,
@@ -104,17 +157,24 @@ class Encoder:
         if boxes is not None and len(boxes) != len(sources):
             raise ValueError(f"{len(boxes)} boxes for {len(sources)} images")
         boxes = boxes if boxes is not None else [None] * len(sources)
-        starts = range(0, len(sources), self.batch_size)
         bar = tqdm(total=len(sources), desc=desc, unit="img", disable=not progress)
-        with ThreadPoolExecutor(self.workers) as pool:
-            pending = self._submit(pool, sources, boxes, 0)
-            for start in starts:
-                current = pending
-                next_start = start + self.batch_size
-                pending = self._submit(pool, sources, boxes, next_start)
-                yield self._finish(start, current)
-                bar.update(len(current))
+        streams = max(1, getattr(self.backend, "streams", 1))
+        with ThreadPoolExecutor(self.workers) as decoders, ThreadPoolExecutor(streams) as runners:
+            in_flight: deque[Future] = deque()
+            for start in range(0, len(sources), self.batch_size):
+                decoded = self._submit(decoders, sources, boxes, start)
+                in_flight.append(runners.submit(self._finish, start, decoded))
+                # Keep one batch decoding ahead of every inference stream.
+                if len(in_flight) > streams:
+                    yield self._report(in_flight.popleft().result(), bar)
+            while in_flight:
+                yield self._report(in_flight.popleft().result(), bar)
         bar.close()
+
+    @staticmethod
+    def _report(batch: EncodedBatch, bar) -> EncodedBatch:
+        bar.update(len(batch.indices) + len(batch.errors))
+        return batch
 
     def _submit(self, pool, sources, boxes, start: int) -> list[Future]:
         stop = min(start + self.batch_size, len(sources))

@@ -1,0 +1,172 @@
+"""The public parser API: ``load_parser()`` then ``parser.parse(image)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from vestis.images import ImageSource, load_image
+
+from .boxes import Box, BoxRules, regions_from_labels
+from .groups import GROUP_COLOURS
+from .metrics import (
+    ParsingMetrics,
+    confusion,
+    dataset_lookup,
+    load_group_mask,
+    metrics_from_confusion,
+    read_parsing_csv,
+)
+from .model import ParserNet, input_shape, load_parser_net, to_input
+
+WEIGHTS = Path(__file__).parent / "weights"
+#: Parsers shipped in the package, by name.
+SHIPPED = {"parser-lite0": WEIGHTS / "parser-lite0.pt"}
+DEFAULT_PARSER = "parser-lite0"
+#: Above this many pixels on the long side, the label map is computed at this size and the
+#: boxes scaled back to the photo's coordinates.
+WORK_SIDE = 1024
+
+
+@dataclass(frozen=True, eq=False)
+class Garment:
+    """One garment in a photo: its group, box (x1, y1, x2, y2 in the photo's pixels, x2/y2
+    exclusive), score (mean probability of the group over its pixels) and boolean mask
+    (the photo's size)."""
+
+    group: str
+    box: Box
+    score: float
+    mask: np.ndarray
+
+    def to_dict(self) -> dict:
+        return {"group": self.group, "box": list(self.box), "score": round(self.score, 4),
+                "area": int(self.mask.sum())}
+
+
+@dataclass(frozen=True, eq=False)
+class Parsing:
+    """A photo's parse: per-pixel group ``labels`` and ``probs`` at ``scale`` x the photo."""
+
+    labels: np.ndarray
+    probs: np.ndarray
+    scale: float
+
+
+class GarmentParser:
+    def __init__(self, net: ParserNet, name: str = "", meta: dict | None = None,
+                 rules: BoxRules = BoxRules()):
+        self.net = net.eval()
+        self.name = name
+        self.meta = meta or {}
+        self.rules = rules
+        self.groups = net.config.groups
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, name: str | None = None) -> GarmentParser:
+        net, meta = load_parser_net(path)
+        return cls(net, name or Path(path).stem, meta)
+
+    @torch.inference_mode()
+    def logits(self, image: Image.Image) -> torch.Tensor:
+        """Class logits at the size of the network input's unpadded part (1 x G x h x w)."""
+        new_w, new_h, pad_w, pad_h = input_shape(image.width, image.height, self.net.config.size)
+        x = to_input(image, (new_w, new_h), (pad_w, pad_h))
+        out = self.net(x)
+        out = F.interpolate(out, size=(pad_h, pad_w), mode="bilinear", align_corners=False)
+        return out[:, :, :new_h, :new_w]
+
+    @torch.inference_mode()
+    def segment(self, image: ImageSource, size: tuple[int, int] | None = None) -> Parsing:
+        """Per-pixel groups and probabilities at ``size`` (w, h); by default the photo's size,
+        capped at :data:`WORK_SIDE` on the long side."""
+        image = load_image(image)
+        if size is None:
+            scale = min(1.0, WORK_SIDE / max(image.size))
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        logits = F.interpolate(self.logits(image), size=(size[1], size[0]), mode="bilinear",
+                               align_corners=False)
+        probs = logits.softmax(1)[0]
+        labels = probs.argmax(0).to(torch.uint8)
+        return Parsing(labels.numpy(), probs.numpy(), size[0] / image.width)
+
+    def parse(self, image: ImageSource) -> list[Garment]:
+        """The garments of a photo (path, bytes or PIL image), one per instance."""
+        image = load_image(image)
+        parsing = self.segment(image)
+        regions = regions_from_labels(parsing.labels, parsing.probs, groups=self.groups,
+                                      rules=self.rules)
+        garments = []
+        for region in regions:
+            box, mask = region.box, region.mask
+            if parsing.scale != 1.0:
+                box = _scale_box(box, 1.0 / parsing.scale, image.size)
+                mask = np.asarray(Image.fromarray(mask).resize(image.size, Image.NEAREST))
+            garments.append(Garment(region.group, box, region.score, mask))
+        return garments
+
+    def evaluate(self, dataset: str | Path, labels: str | Path | None = None,
+                 progress: bool = False) -> ParsingMetrics:
+        """Parsing metrics on a CCP-format CSV, at each mask's own resolution."""
+        from tqdm.auto import tqdm
+
+        rows = read_parsing_csv(dataset)
+        lookup = dataset_lookup(dataset, labels)
+        matrix = np.zeros((len(self.groups),) * 2, dtype=np.int64)
+        for row in tqdm(rows, desc="eval-parsing", unit="photo", disable=not progress):
+            truth = load_group_mask(row.mask, lookup)
+            image = load_image(row.image)
+            if image.size != (truth.shape[1], truth.shape[0]):
+                raise ValueError(f"{row.mask}: mask size {truth.shape[::-1]} differs from "
+                                 f"the photo's {image.size}")
+            pred = self.segment(image, size=image.size).labels
+            matrix += confusion(pred, truth, len(self.groups))
+        return metrics_from_confusion(matrix, self.groups, images=len(rows))
+
+
+def _scale_box(box: Box, factor: float, size: tuple[int, int]) -> Box:
+    x1, y1, x2, y2 = box
+    return (max(0, int(x1 * factor)), max(0, int(y1 * factor)),
+            min(size[0], int(np.ceil(x2 * factor))), min(size[1], int(np.ceil(y2 * factor))))
+
+
+def load_parser(name: str | Path = DEFAULT_PARSER) -> GarmentParser:
+    """A shipped parser by name (``parser-lite0``), or a checkpoint path written by training."""
+    key = str(name)
+    if key in SHIPPED:
+        if not SHIPPED[key].is_file():
+            raise FileNotFoundError(f"the weights of parser {key!r} are missing: {SHIPPED[key]}")
+        return GarmentParser.from_checkpoint(SHIPPED[key], key)
+    path = Path(key).expanduser()
+    if path.is_file():
+        return GarmentParser.from_checkpoint(path)
+    raise ValueError(f"unknown parser {key!r}: not one of {', '.join(SHIPPED)} and not a "
+                     "checkpoint file")
+
+
+def draw_garments(image: ImageSource, garments: list[Garment], alpha: float = 0.45
+                  ) -> Image.Image:
+    """The photo with each garment's mask tinted in its group's colour and its box outlined."""
+    photo = load_image(image)
+    base = np.asarray(photo, dtype=np.float32)
+    tint = base.copy()
+    for garment in garments:
+        tint[garment.mask] = GROUP_COLOURS.get(garment.group, (255, 255, 255))
+    blended = Image.fromarray((base * (1 - alpha) + tint * alpha).astype(np.uint8))
+    draw = ImageDraw.Draw(blended)
+    line = max(2, round(max(photo.size) / 300))
+    for garment in garments:
+        colour = GROUP_COLOURS.get(garment.group, (255, 255, 255))
+        x1, y1, x2, y2 = garment.box
+        draw.rectangle((x1, y1, x2 - 1, y2 - 1), outline=colour, width=line)
+        text = f"{garment.group} {garment.score:.2f}"
+        left, top, right, bottom = draw.textbbox((x1, y1), text)
+        ty = y1 - (bottom - top) - 4 if y1 >= (bottom - top) + 4 else y1
+        draw.rectangle((x1, ty, x1 + right - left + 4, ty + bottom - top + 4), fill=colour)
+        draw.text((x1 + 2, ty + 1), text, fill=(0, 0, 0))
+    return blended

@@ -1,0 +1,238 @@
+"""The garment parser (vestis.detect): label grouping, boxes from masks, parsing metrics, the
+shipped parser on held-out Clothing Co-Parsing photos, and the `detect`/`eval-parsing` CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vestis.detect import (
+    CCP_LABEL_GROUPS,
+    GARMENT_GROUPS,
+    GROUPS,
+    confusion,
+    load_parser,
+    metrics_from_confusion,
+    regions_from_labels,
+)
+from vestis.detect.metrics import dataset_lookup, load_group_mask, read_labels
+
+REPO = Path(__file__).resolve().parents[1]
+CCP = REPO.parent / "shared" / "data" / "ccp"
+RECIPE = REPO / "configs" / "parser-lite0.yaml"
+UPPER_BODY = ("upper", "outer", "dress")
+
+
+@pytest.fixture(scope="module")
+def ccp() -> Path:
+    if not (CCP / "annotations.csv").exists():
+        pytest.skip(f"Clothing Co-Parsing photos not found at {CCP}")
+    return CCP
+
+
+@pytest.fixture(scope="module")
+def parser():
+    return load_parser("parser-lite0")
+
+
+@pytest.fixture(scope="module")
+def held_out(ccp):
+    """The recipe's validation photos (never trained on), with their group masks."""
+    from vestis.detect.train import load_recipe, recipe_split
+
+    recipe = load_recipe(RECIPE, {"data": {"csv": str(ccp / "annotations.csv")}})
+    train, val, lookup = recipe_split(recipe)
+    assert len(val) == recipe["data"]["val_count"]
+    assert not {r.image for r in train} & {r.image for r in val}
+    return val, lookup
+
+
+def group(name: str) -> int:
+    return GROUPS.index(name)
+
+
+def box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def box_iou(a, b) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / area
+
+
+def union_box(boxes):
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes),
+            max(b[2] for b in boxes), max(b[3] for b in boxes))
+
+
+# -- the label -> group mapping -------------------------------------------------------------
+def test_every_ccp_label_maps_to_exactly_one_group(ccp):
+    labels = read_labels(ccp / "labels.txt")
+    assert len(labels) == 59 and len(set(labels)) == 59
+    assert set(CCP_LABEL_GROUPS) == set(labels)  # a dict: one group per label, none extra
+    assert set(CCP_LABEL_GROUPS.values()) == set(GROUPS)  # every group is learnable from some label
+    lookup = dataset_lookup(ccp / "annotations.csv")
+    for value, label in enumerate(labels):
+        assert GROUPS[lookup[value]] == CCP_LABEL_GROUPS[label]
+    assert CCP_LABEL_GROUPS["null"] == "background"
+    assert {CCP_LABEL_GROUPS[x] for x in ("skin", "hair")} == {"person"}
+
+
+# -- boxes from a mask ----------------------------------------------------------------------
+def test_two_far_blobs_give_two_boxes_and_tiny_blobs_are_dropped():
+    labels = np.zeros((300, 200), dtype=np.uint8)
+    shoe = group("footwear")
+    labels[250:270, 20:50] = shoe  # left shoe
+    labels[255:272, 140:175] = shoe  # right shoe, far away
+    labels[10:12, 100:102] = shoe  # a 4-pixel speck
+    labels[100:103, 5:8] = group("bag")  # a 9-pixel blob, the only bag pixels
+    regions = regions_from_labels(labels)
+    assert [r.group for r in regions] == ["footwear", "footwear"]
+    assert [r.box for r in regions] == [(20, 250, 50, 270), (140, 255, 175, 272)]
+    assert [r.area for r in regions] == [20 * 30, 17 * 35]
+    assert all(r.score == 1.0 for r in regions)
+
+
+def test_fragments_of_one_garment_merge_and_scores_are_mean_probabilities():
+    labels = np.zeros((300, 200), dtype=np.uint8)
+    upper = group("upper")
+    labels[40:120, 50:95] = upper  # a top cut in two by an arm 3 pixels wide
+    labels[40:120, 98:150] = upper
+    probs = np.zeros((len(GROUPS), 300, 200), dtype=np.float32)
+    probs[upper, 40:120, 50:95] = 0.9
+    probs[upper, 40:120, 98:150] = 0.6
+    (region,) = regions_from_labels(labels, probs)
+    assert region.group == "upper"
+    assert region.box == (50, 40, 150, 120)
+    left, right = 80 * 45, 80 * 52
+    assert region.score == pytest.approx((0.9 * left + 0.6 * right) / (left + right), rel=1e-5)
+    assert region.mask.sum() == left + right and not region.mask[:, 95:98].any()
+
+
+# -- metrics --------------------------------------------------------------------------------
+def test_iou_is_one_for_a_perfect_prediction_and_matches_hand_counts_when_shifted():
+    truth = np.zeros((40, 60), dtype=np.uint8)
+    truth[5:25, 10:30] = group("upper")  # 400 pixels
+    truth[28:38, 10:30] = group("lower")  # 200 pixels
+    perfect = metrics_from_confusion(confusion(truth, truth))
+    for name in ("background", "upper", "lower"):
+        assert perfect.iou[name] == 1.0
+    assert np.isnan(perfect.iou["bag"])
+    assert perfect.miou == 1.0 and perfect.pixel_accuracy == 1.0
+
+    pred = np.zeros_like(truth)
+    pred[5:25, 15:35] = group("upper")  # shifted 5 px right: 300 overlap, 500 union
+    pred[28:38, 10:30] = group("lower")
+    shifted = metrics_from_confusion(confusion(pred, truth))
+    assert shifted.iou["upper"] == pytest.approx(300 / 500)
+    # background: 2400 - 600 truth pixels; 100 of them predicted upper, 100 upper pixels
+    # predicted background -> tp 1700, union 1800 + 100
+    assert shifted.iou["background"] == pytest.approx(1700 / 1900)
+    assert shifted.iou["lower"] == 1.0
+    assert shifted.miou == pytest.approx((0.6 + 1.0) / 2)  # garment groups present only
+    assert shifted.pixel_accuracy == pytest.approx((2400 - 200) / 2400)
+    ignored = truth.copy()
+    ignored[:, :] = 255
+    assert confusion(pred, ignored).sum() == 0
+
+
+# -- the shipped parser on held-out photos --------------------------------------------------
+def test_shipped_parser_finds_upper_and_lower_body_garments_on_held_out_photos(parser,
+                                                                               held_out):
+    val, lookup = held_out
+    checked = 0
+    for row in val:
+        truth = load_group_mask(row.mask, lookup)
+        area = truth.size
+        upper_truth = np.isin(truth, [group(g) for g in UPPER_BODY])
+        lower_name = "lower" if (truth == group("lower")).sum() > 0.02 * area else "footwear"
+        lower_truth = truth == group(lower_name)
+        if upper_truth.sum() < 0.05 * area or lower_truth.sum() < 0.003 * area:
+            continue
+        garments = parser.parse(row.image)
+        assert all(g.mask.shape == truth.shape for g in garments)
+        found_upper = [g.box for g in garments if g.group in UPPER_BODY]
+        found_lower = [g.box for g in garments if g.group == lower_name]
+        assert found_upper and found_lower, (row.image, [g.to_dict() for g in garments])
+        assert box_iou(union_box(found_upper), box_of(upper_truth)) > 0.3, row.image
+        assert box_iou(union_box(found_lower), box_of(lower_truth)) > 0.3, row.image
+        checked += 1
+        if checked == 4:
+            break
+    assert checked == 4
+
+
+# -- the command line -----------------------------------------------------------------------
+def test_vestis_detect_json_and_drawing(held_out, tmp_path):
+    from typer.testing import CliRunner
+
+    from vestis.cli import app
+
+    photo = held_out[0][0].image
+    drawing = tmp_path / "vis.png"
+    result = CliRunner().invoke(app, ["detect", str(photo), "--json", "--out", str(drawing)])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    width, height = Image.open(photo).size
+    assert (payload["width"], payload["height"]) == (width, height)
+    assert payload["garments"]
+    for garment in payload["garments"]:
+        assert garment["group"] in GARMENT_GROUPS
+        x1, y1, x2, y2 = garment["box"]
+        assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
+        assert 0 < garment["score"] <= 1 and garment["area"] > 0
+    with Image.open(drawing) as image:
+        assert image.size == (width, height)
+        assert np.asarray(image.convert("RGB")).std() > 0
+
+
+def test_vestis_detect_refuses_missing_and_broken_images(tmp_path):
+    from typer.testing import CliRunner
+
+    from vestis.cli import app
+
+    result = CliRunner().invoke(app, ["detect", str(tmp_path / "nope.jpg")])
+    assert result.exit_code == 2 and "file not found" in result.output
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg at all")
+    result = CliRunner().invoke(app, ["detect", str(broken), "--json"])
+    assert result.exit_code == 2 and "not an image file" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_vestis_eval_parsing_on_a_small_ccp_format_split(held_out, ccp, tmp_path):
+    from typer.testing import CliRunner
+
+    from vestis.cli import app
+
+    rows = held_out[0][:3]
+    dataset = tmp_path / "split.csv"
+    with open(dataset, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "mask"])
+        for row in rows:  # paths relative to the CSV's folder
+            writer.writerow([os.path.relpath(row.image, tmp_path),
+                             os.path.relpath(row.mask, tmp_path)])
+    (tmp_path / "labels.txt").write_text((ccp / "labels.txt").read_text())
+    metrics_json = tmp_path / "metrics.json"
+    result = CliRunner().invoke(app, ["eval-parsing", str(dataset), "--json", str(metrics_json)])
+    assert result.exit_code == 0, result.output
+    assert "mIoU over the garment groups" in result.output
+    metrics = json.loads(metrics_json.read_text())
+    assert metrics["images"] == 3
+    assert set(metrics["iou"]) == set(GROUPS)
+    assert 0 < metrics["miou_garments"] <= 1 and 0.5 < metrics["pixel_accuracy"] <= 1
+    present = [v for g, v in metrics["iou"].items() if g in GARMENT_GROUPS and v is not None]
+    assert metrics["miou_garments"] == pytest.approx(np.mean(present), abs=1e-3)
+    result = CliRunner().invoke(app, ["eval-parsing", str(tmp_path / "missing.csv")])
+    assert result.exit_code == 2 and "no such CSV" in result.output
