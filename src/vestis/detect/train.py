@@ -7,7 +7,6 @@ train only the decoder, on batches drawn from those views. Deterministic from ``
 
 from __future__ import annotations
 
-import copy
 import csv
 import math
 import os
@@ -22,6 +21,7 @@ import yaml
 from PIL import Image
 
 from vestis.images import load_image
+from vestis.recipe_files import deep_merge, read_recipe
 
 from .groups import GARMENT_GROUPS, GROUPS
 from .metrics import (
@@ -61,24 +61,8 @@ DEFAULTS: dict = {
 }
 
 
-def merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in (override or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def load_recipe(path: str | Path, overrides: dict | None = None) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such recipe")
-    recipe = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(recipe, dict):
-        raise ValueError(f"{path}: a recipe is a YAML mapping")
-    return merge(merge(DEFAULTS, recipe), overrides or {})
+    return deep_merge(deep_merge(DEFAULTS, read_recipe(path)), overrides or {})
 
 
 def split_rows(rows: list[MaskedPhoto], val_count: int, seed: int

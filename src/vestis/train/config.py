@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
-import yaml
+from vestis.recipe_files import deep_merge, read_recipe
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -58,27 +57,13 @@ DEFAULTS: dict[str, Any] = {
 KNOWN_SOURCE_KINDS = ("luma", "clothing", "csv")
 
 
-def deep_merge(base: dict, override: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
 def load_config(source: str | Path | dict, overrides: dict | None = None) -> dict[str, Any]:
     """The recipe merged over :data:`DEFAULTS`; data paths resolved to absolute paths."""
     if isinstance(source, dict):
         raw, base_dir = source, Path.cwd()
     else:
         path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such config file")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: a recipe must be a YAML mapping")
+        raw = read_recipe(path)
         base_dir = path.resolve().parent
     config = deep_merge(DEFAULTS, raw)
     if overrides:
