@@ -4,8 +4,9 @@ Usage::
 
     nice -n 5 python bench/bench_parser.py [--photos 40] [--parser parser-lite0] [--threads N]
 
-Times ``GarmentParser.parse(path)`` end to end: JPEG decode, resize, backbone, decoder,
-upsampling to the photo's size, and boxes from connected components. Photos are the first
+Times ``GarmentParser.parse(path)`` end to end: JPEG decode, resize, the network (on the
+parser's backend, ONNX Runtime when installed; photo and mirror image as one batch),
+upsampling to the network input's size, and boxes from connected components. Photos are the first
 ``--photos`` held-out Clothing Co-Parsing photos of ``configs/parser-lite0.yaml`` (street
 photos, 512 px on the long side). Prints the median and spread, the time of each step, and
 the load average before and after, and the process's CPU time per photo (the machine may be
@@ -34,13 +35,16 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=40)
     parser.add_argument("--parser", default="parser-lite0")
     parser.add_argument("--recipe", type=Path, default=REPO / "configs" / "parser-lite0.yaml")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default all)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default all; the torch backend only)")
+    parser.add_argument("--backend", default="auto", help="auto, onnx or torch")
+    parser.add_argument("--no-flip", action="store_true", help="no mirror-image averaging")
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    model = load_parser(args.parser)
+    model = load_parser(args.parser, backend=args.backend, flip=not args.no_flip)
     _, val, _ = recipe_split(load_recipe(args.recipe))
     photos = [row.image for row in val[: args.photos]]
     if len(photos) < args.photos:
@@ -70,8 +74,8 @@ def main() -> None:
         assert garments is not None
     load_after = os.getloadavg()
     ms = sorted(t * 1000 for t in totals)
-    print(f"parser {args.parser}: {len(ms)} photos, torch threads {torch.get_num_threads()}, "
-          f"{os.cpu_count()} CPUs")
+    print(f"parser {args.parser} on {model.backend_name} (flip {model.flip}): {len(ms)} photos, "
+          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs")
     print(f"per photo (decode included): median {statistics.median(ms):.1f} ms, "
           f"min {ms[0]:.1f}, p90 {ms[int(0.9 * (len(ms) - 1))]:.1f}, max {ms[-1]:.1f}")
     print(f"CPU time per photo (all threads, independent of other load): median "

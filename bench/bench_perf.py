@@ -9,7 +9,8 @@
 - search: p50/p99 latency of one query at a time, recall@10 against Flat, build time and
   bytes per vector (index file, and process memory growth) for each index type over 10k,
   100k and 1M synthetic vectors (``--quick``: 10k and 100k);
-- e2e: decode + embed + search of real photos in a 100k catalog (``auto`` index);
+- e2e: decode + embed + search of real photos in a 100k catalog (``auto`` index), and the
+  same with garment detection (one search per garment found);
 - compressed: held-out Luma R@10 with IVF-PQ against Flat, and IVF-PQ's bytes per vector.
 
 Synthetic vectors imitate the model's: categories, items and views in a 32-dimensional
@@ -289,21 +290,47 @@ def bench_e2e(n: int, n_queries: int = 40) -> list[str]:
         catalog.add_vectors([f"synthetic-{i}" for i in range(len(fill))], fill,
                             model_id=encoder.model_id)
         build = time.perf_counter() - started
-        latencies, hits = _query_catalog(catalog, photos[::max(1, len(photos) // n_queries)])
+        queries = photos[::max(1, len(photos) // n_queries)]
+        latencies, hits = _query_catalog(catalog, queries)
+        detected, detected_hits, garments = _query_garments(catalog, queries)
+        street = sorted((DATA / "ccp" / "photos").glob("*.jpg"))[:n_queries]
+        street_latencies, _, street_garments = _query_garments(catalog, street)
         factory, images = catalog.factory, catalog.num_images
     return [
         f"catalog of {images:,} images ({len(photos)} real Luma photos + synthetic vectors), "
         f"index `auto` = {factory} (stored vectors added and indexed in {build:.0f} s), "
         f"model {MODEL} on {encoder.backend_name}; {len(latencies)} Luma photos as queries, "
         "one at a time, k=10",
-        "| query path | p50 ms | p99 ms | the photo itself first |",
-        "|---|---:|---:|---:|",
-        f"| decode + embed + search (no garment detection) | "
-        f"{1000 * np.percentile(latencies, 50):.1f} | {1000 * np.percentile(latencies, 99):.1f}"
-        f" | {hits}/{len(latencies)} |",
-        "| decode + detect + embed + search | not measured: no garment detector in the "
-        "search path yet | | |",
+        "| query path | queries | garments per photo | p50 ms | p99 ms | the photo itself "
+        "first |",
+        "|---|---|---:|---:|---:|---:|",
+        _e2e_row("decode + embed + search (no garment detection)", "Luma photos", 1.0,
+                 latencies, f"{hits}/{len(latencies)}"),
+        _e2e_row("decode + detect + embed each garment + search each", "Luma photos",
+                 garments, detected, f"{detected_hits}/{len(detected)} (any garment)"),
+        _e2e_row("decode + detect + embed each garment + search each", "CCP street photos",
+                 street_garments, street_latencies, "-"),
     ]
+
+
+def _e2e_row(path: str, queries: str, garments: float, latencies: list[float], hits: str
+             ) -> str:
+    return (f"| {path} | {queries} | {garments:.1f} | {1000 * np.percentile(latencies, 50):.1f} "
+            f"| {1000 * np.percentile(latencies, 99):.1f} | {hits} |")
+
+
+def _query_garments(catalog, photos: list[Path]) -> tuple[list[float], int, float]:
+    """``Catalog.search_garments`` per photo: latencies, photos whose own image is some
+    garment's first match, and the mean number of garments."""
+    catalog.search_garments(str(photos[0]), k=10)  # warm-up: loads the parser
+    latencies, hits, garments = [], 0, 0
+    for photo in photos:
+        started = time.perf_counter()
+        found = catalog.search_garments(str(photo), k=10)
+        latencies.append(time.perf_counter() - started)
+        hits += any(h.matches and h.matches[0].path == str(photo) for h in found)
+        garments += len(found)
+    return latencies, hits, garments / len(photos)
 
 
 def _query_catalog(catalog, photos: list[Path]) -> tuple[list[float], int]:

@@ -43,9 +43,10 @@ def test_index_then_search_returns_the_query_item_first(indexed, luma_subset_csv
     catalog, first = indexed
     assert "indexed" in first.stdout and "images/s" in first.stdout
     row = rows_of(luma_subset_csv)[2]
-    result = vestis("search", row["image"], "--catalog", catalog, "-k", "5", "--json")
-    results = json.loads(result.stdout)["results"]
-    assert results[0]["item_id"] == row["item_id"]
+    result = vestis("search", row["image"], "--catalog", catalog, "-k", "5", "--json", "--whole")
+    [whole] = json.loads(result.stdout)["garments"]
+    assert whole["group"] == "whole image"
+    assert whole["results"][0]["item_id"] == row["item_id"]
 
 
 def test_where_returns_only_that_category(indexed, luma_subset_csv):
@@ -63,7 +64,8 @@ def test_where_returns_only_that_category(indexed, luma_subset_csv):
         "--where",
         f"category={category}",
     )
-    results = json.loads(out.stdout)["results"]
+    garments = json.loads(out.stdout)["garments"]
+    results = [r for garment in garments for r in garment["results"]]
     assert results and {r["metadata"]["category"] for r in results} == {category}
 
 
@@ -81,8 +83,9 @@ def test_remove_makes_the_item_disappear(tmp_path, luma_subset_csv):
     vestis("index", luma_subset_csv, "--catalog", catalog)
     row = rows_of(luma_subset_csv)[0]
     vestis("remove", row["item_id"], "--catalog", catalog)
-    out = vestis("search", row["image"], "-c", catalog, "-k", "50", "--json")
-    assert row["item_id"] not in {r["item_id"] for r in json.loads(out.stdout)["results"]}
+    out = vestis("search", row["image"], "-c", catalog, "-k", "50", "--json", "--whole")
+    [whole] = json.loads(out.stdout)["garments"]
+    assert row["item_id"] not in {r["item_id"] for r in whole["results"]}
     missing = vestis("remove", row["item_id"], "--catalog", catalog, check=False)
     assert missing.returncode == 2 and "no item" in missing.stderr
 

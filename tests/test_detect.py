@@ -236,3 +236,19 @@ def test_vestis_eval_parsing_on_a_small_ccp_format_split(held_out, ccp, tmp_path
     assert metrics["miou_garments"] == pytest.approx(np.mean(present), abs=1e-3)
     result = CliRunner().invoke(app, ["eval-parsing", str(tmp_path / "missing.csv")])
     assert result.exit_code == 2 and "no such CSV" in result.output
+
+
+def test_fine_tuned_stages_ship_as_int8_per_channel_within_half_a_step():
+    import torch
+
+    from vestis.detect.model import dequantize, quantize, read_parser_checkpoint
+    from vestis.detect.parser import SHIPPED
+
+    weight = torch.randn(16, 8, 3, 3) * torch.linspace(0.01, 2.0, 16)[:, None, None, None]
+    packed = quantize(weight)
+    assert packed["q"].dtype == torch.int8 and packed["scale"].shape == (16,)
+    error = (dequantize(packed) - weight).abs().reshape(16, -1).amax(dim=1)
+    assert torch.all(error <= packed["scale"].float() * 0.5 + 1e-3)
+    shipped = read_parser_checkpoint(SHIPPED["parser-lite0"])["backbone"]
+    kernels = [v for v in shipped.values() if isinstance(v, dict)]
+    assert kernels and all(v["q"].dtype == torch.int8 for v in kernels)

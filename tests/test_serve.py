@@ -134,8 +134,10 @@ def client(catalog_dir) -> Iterator[httpx.Client]:
 
 
 def search(client, path_or_bytes, name: str = "query.jpg", **form) -> httpx.Response:
+    """POST /search; the photo is searched whole unless ``whole`` is given (per-garment
+    search has its own tests)."""
     data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
-    return client.post("/search", files={"image": (name, data)}, data=form)
+    return client.post("/search", files={"image": (name, data)}, data={"whole": "true", **form})
 
 
 def matches_of(response: httpx.Response) -> list[dict]:
@@ -174,6 +176,26 @@ def test_a_catalog_photo_finds_its_own_item_first(client, photos):
     image = client.get(top["image_url"])
     assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
     assert image.content == path.read_bytes()
+
+
+def test_a_street_photo_is_searched_garment_by_garment_in_compatible_groups(client, data_dir):
+    photo = data_dir / "ccp" / "photos" / "0001.jpg"
+    response = search(client, photo, k=3, whole="false")
+    assert response.status_code == 200, response.text
+    garments = response.json()["garments"]
+    groups = [g["group"] for g in garments]
+    assert len(groups) >= 3 and {"lower", "footwear"} <= set(groups)
+    allowed = {"upper": {"upper", "outer", "dress"}, "outer": {"outer", "upper"},
+               "lower": {"lower", "dress"}, "dress": {"dress", "upper", "lower"}}
+    for garment in garments:
+        assert 0 < garment["score"] <= 1
+        for match in garment["matches"]:
+            assert match["metadata"]["garment"] in allowed.get(garment["group"],
+                                                               {garment["group"]})
+    lower = search(client, photo, k=3, whole="false", garment="lower").json()["garments"]
+    assert lower and {g["group"] for g in lower} == {"lower"}
+    bad = search(client, photo, whole="false", garment="socks")
+    assert bad.status_code == 422 and "garment" in bad.json()["detail"]
 
 
 def test_filters_keep_only_matching_items(client, photos):

@@ -54,6 +54,7 @@ def page(browser, base_url):
     page.on("request", lambda r: None if r.url.startswith(local) else outside.append(r.url))
     page.goto(base_url)
     page.wait_for_selector("#stats:has-text('items')")
+    page.check("#whole")  # these tests find a catalog photo's own item: search it whole
     yield page
     context.close()
     assert outside == [], f"the page reached outside the server: {outside}"
@@ -94,6 +95,18 @@ def test_uploading_a_photo_shows_the_garment_and_its_item_first(page, rows, data
     print(f"screenshot: {shot}")
 
 
+def test_a_street_photo_shows_one_box_and_result_list_per_garment(page, data_dir):
+    page.uncheck("#whole")
+    page.set_input_files("#file", str(data_dir / "ccp" / "photos" / "0001.jpg"))
+    page.wait_for_selector("section.garment")
+    boxes = page.locator(".box")
+    assert boxes.count() >= 3
+    assert page.locator("section.garment").count() == boxes.count()
+    labels = " ".join(boxes.all_inner_texts())
+    assert "lower" in labels and "footwear" in labels
+    page.screenshot(path=str(SCREENSHOTS / "serve-screenshot-garments.png"), full_page=True)
+
+
 def test_filter_by_category_and_see_an_items_other_images(page, rows, data_dir):
     _, photo = photo_of(rows, data_dir)
     page.set_input_files("#file", str(photo))
@@ -127,6 +140,7 @@ def test_keyboard_paste_and_drop_all_start_a_search(page, rows, data_dir):
     page.on("filechooser", lambda chooser: choosers.append(chooser))
     page.reload()
     page.wait_for_selector("#stats:has-text('items')")
+    page.evaluate("document.querySelector('#whole').checked = true")  # focus stays put
     page.keyboard.press("Tab")  # the first stop is the photo chooser
     assert page.evaluate("document.activeElement.id") == "file"
     page.keyboard.press("Enter")
@@ -171,6 +185,7 @@ def test_readable_on_a_phone(browser, base_url, rows, data_dir):
     page = context.new_page()
     page.goto(base_url)
     page.wait_for_selector("#stats:has-text('items')")
+    page.check("#whole")
     item_id, photo = photo_of(rows, data_dir)
     page.set_input_files("#file", str(photo))
     assert cards_of(page)[0] == item_id

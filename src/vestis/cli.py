@@ -89,6 +89,10 @@ def index(
     factory: str | None = typer.Option(None, "--index", help=INDEX_HELP),
     batch_size: int = typer.Option(16, min=1, help="Images per embedding batch."),
     backend: str = BackendOption,
+    crop: str | None = typer.Option(
+        None, "--crop", help="garment: index each photo by the garment its item's category "
+        "names (found by the garment parser); none: the whole photo. Kept for later runs "
+        "(default: the catalog's choice, at first none)."),
 ) -> None:
     """Add the images of SOURCE to the catalog (created if missing); prints images/s."""
     from tqdm.auto import tqdm
@@ -101,12 +105,13 @@ def index(
 
     with open_catalog(catalog, model, factory, create=True, backend=backend) as cat:
         cat.encoder.batch_size = batch_size
-        report = cat.add(source, progress=True, on_error=report_bad)
+        report = cat.add(source, progress=True, on_error=report_bad, crop=crop)
         typer.echo(
             f"indexed {report.added} images ({report.skipped} already present, "
             f"{len(report.failed)} failed) in {report.seconds:.1f} s "
             f"({report.images_per_second:.1f} images/s, {cat.encoder.backend_name}); "
-            f"catalog has {len(cat)} items, {cat.num_images} images; index {cat.factory}"
+            f"catalog has {len(cat)} items, {cat.num_images} images; index {cat.factory}; "
+            f"crop {cat.crop_mode}"
         )
     if report.failed:
         raise typer.Exit(1)
@@ -117,23 +122,50 @@ def index(
 def search(
     image: Path = typer.Argument(..., help="Query photo."),
     catalog: Path = CatalogOption,
-    k: int = typer.Option(10, "-k", "--k", min=1, help="Number of items to return."),
+    k: int = typer.Option(10, "-k", "--k", min=1, help="Number of items per garment."),
     where: list[str] | None = typer.Option(None, "--where", help="Filter key=value (AND)."),
+    garment: str | None = typer.Option(
+        None, "--garment", help="Search only this garment group (upper, outer, lower, dress, "
+        "footwear, bag, headwear)."),
+    whole: bool = typer.Option(False, "--whole", help="Search the whole photo as one query."),
+    any_group: bool = typer.Option(
+        False, "--any-group", help="Match garments with catalog items of any group (by "
+        "default only compatible groups: shoes never return hoodies)."),
+    mask: str = typer.Option(
+        "none", "--mask", help="Paint each crop's non-garment pixels: none, grey or white."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Find the catalog items that best match a photo."""
+    """Find the catalog items that best match each garment of a photo.
+
+    The garment parser finds the garments; each is searched on its own (its group, box and
+    top-k are printed). A photo with no garment found is searched whole."""
+    from vestis.catalog.garments import WHOLE_IMAGE, GarmentHits, mask_fill
+    from vestis.images import load_image
+
+    mask_fill(mask)  # a bad value fails before any model loads
     with open_catalog(catalog) as cat:
-        matches = cat.search(image, k=k, where=parse_where(where))
+        if whole:
+            photo = load_image(image)
+            hits = [GarmentHits(WHOLE_IMAGE, (0, 0, photo.width, photo.height), 1.0,
+                                cat.search(photo, k=k, where=parse_where(where)))]
+        else:
+            hits = cat.search_garments(image, k, garment=garment, compatible=not any_group,
+                                       where=parse_where(where), mask=mask)
     if as_json:
-        typer.echo(
-            json.dumps({"query": str(image), "results": [m.to_dict() for m in matches]}, indent=2)
-        )
+        typer.echo(json.dumps({"query": str(image), "garments": [h.to_dict() for h in hits]},
+                              indent=2))
         return
-    if not matches:
-        typer.echo("no results")
-    for rank, match in enumerate(matches, start=1):
-        label = match.metadata.get("name") or match.metadata.get("category") or ""
-        typer.echo(f"{rank:>3}  {match.score:.4f}  {match.item_id}  {label}  {match.path}")
+    if not hits:
+        typer.echo(f"no {garment} garment found" if garment else "no results")
+    for hit in hits:
+        typer.echo(f"{hit.group}  box {' '.join(map(str, hit.box))}  score {hit.score:.2f}")
+        if not hit.matches:
+            typer.echo("       no results")
+        for rank, match in enumerate(hit.matches, start=1):
+            label = match.metadata.get("name") or match.metadata.get("category") or ""
+            box = f"  [{' '.join(map(str, match.box))}]" if match.box else ""
+            typer.echo(f"  {rank:>3}  {match.score:.4f}  {match.item_id}  {label}  "
+                       f"{match.path}{box}")
 
 
 @app.command()
@@ -268,6 +300,10 @@ def eval_(
     json_out: Path | None = typer.Option(None, "--json", help="Write metrics as JSON."),
     report: Path | None = typer.Option(None, "--report", help="Write a Markdown report."),
     batch_size: int = typer.Option(32, min=1),
+    crop: str = typer.Option(
+        "none", "--crop", help="Images without a box: none (whole photo), garment (the garment "
+        "each image's category names, as vestis index --crop garment does) or largest (the "
+        "largest garment found)."),
 ) -> None:
     """Measure retrieval quality: Recall@K (hit rate), mAP, MAP@R, P@1."""
     from vestis.evaluation import evaluate
@@ -284,6 +320,7 @@ def eval_(
         progress=True,
         report_dir=report,
         json_path=json_out,
+        crop=crop,
     )
     typer.echo(format_table(result.metrics))
 

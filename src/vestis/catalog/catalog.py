@@ -22,6 +22,13 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from vestis.catalog.garments import (
+    GARMENT_KEY,
+    GarmentCropper,
+    GarmentHits,
+    check_crop_mode,
+    search_garments,
+)
 from vestis.catalog.index import (
     AUTO,
     TRAIN_SAMPLE,
@@ -111,15 +118,19 @@ class Catalog:
         factory: str | None = None,
         encoder: Encoder | None = None,
         backend: str = "auto",
+        cropper: GarmentCropper | None = None,
     ):
         """Open or create the catalog at ``path``.
 
         ``model``: a registered model, checkpoint or ONNX file (new catalogs; default
         ``vestis-lite0``). ``factory``: the index choice of a new catalog (``auto``, a preset
         or a FAISS factory string). ``backend``: ``auto``, ``onnx`` or ``torch`` inference.
+        ``cropper``: how shop photos are cropped to their garment and categories mapped to
+        garment groups (default: the shipped parser and :data:`CATEGORY_KEYWORDS`).
         """
         self.path = Path(path).expanduser()
         self._backend = backend
+        self.cropper = cropper or GarmentCropper()
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._store = Store(self.path / DB_NAME)
@@ -191,6 +202,21 @@ class Catalog:
         """FAISS search parameters applied after every load (``efSearch=128``)."""
         stored = self._store.get_meta("search_params")
         return default_search_params(self.factory) if stored is None else stored
+
+    @property
+    def crop_mode(self) -> str:
+        """How new shop photos are cropped: ``none`` or ``garment`` (set by :meth:`add`)."""
+        return self._store.get_meta("crop") or "none"
+
+    @property
+    def has_garment_groups(self) -> bool:
+        """Whether some images carry a ``garment`` group (compatible-group search)."""
+        return self._store.get_meta("garment_groups") == "1"
+
+    @property
+    def parser(self):
+        """The garment parser used for crops and query garments, loaded on first use."""
+        return self.cropper.parser
 
     @property
     def encoder(self) -> Encoder:
@@ -375,16 +401,21 @@ class Catalog:
         metadata: dict[str, Any] | None = None,
         progress: bool = False,
         on_error: Callable[[str, str], None] | None = None,
+        crop: str | None = None,
     ) -> IngestReport:
         """Add images from a folder, a CSV, or a list of paths or records.
 
         Bad images are reported in ``IngestReport.failed`` (and to ``on_error``) and the
         rest are added. Images already in the catalog for the same item are skipped.
         ``item_id`` and ``metadata`` apply to every image of a list or file source.
+        ``crop``: ``garment`` indexes each photo by the garment its category names (see
+        :mod:`vestis.catalog.garments`), ``none`` by the whole photo; the choice is kept
+        for later adds (default: the catalog's, at first ``none``).
         """
         import time
 
         started = time.perf_counter()
+        crop = check_crop_mode(crop) if crop is not None else self.crop_mode
         records = unique_records(read_source(source))
         if item_id is not None or metadata:
             records = [
@@ -400,13 +431,30 @@ class Catalog:
             known = self._store.known_hashes((r.item_id, sha) for r, sha in hashed)
             todo = [(r, sha) for r, sha in hashed if (r.item_id, sha) not in known]
             report.skipped = len(hashed) - len(todo)
-            self._embed_and_store(todo, report, on_error, progress)
+            located = self._locate_garments(todo, crop, progress)
+            in_context = [new.box is not None and old.box is None
+                          for (new, _), (old, _) in zip(located, todo, strict=True)]
+            if crop != self.crop_mode:
+                self._store.set_meta({"crop": crop})
+            self._embed_and_store(located, report, on_error, progress, in_context)
             if report.added:
                 self._follow_size()
             if self._index_dirty:
                 self._save_index()
         report.seconds = time.perf_counter() - started
         return report
+
+    def _locate_garments(self, todo, crop: str, progress: bool) -> list[tuple[IngestRecord, str]]:
+        """Each record's garment group and, with ``crop="garment"``, its garment's box. The
+        content hash stays the one of the photo as given, so a re-run skips it unparsed."""
+        records = [record for record, _ in todo]
+        if crop == "garment":
+            records = self.cropper.crop(records, progress=progress)
+        else:
+            records = self.cropper.label(records)
+        if any(GARMENT_KEY in r.metadata for r in records) and not self.has_garment_groups:
+            self._store.set_meta({"garment_groups": "1"})
+        return [(record, sha) for record, (_, sha) in zip(records, todo, strict=True)]
 
     def _hash_records(self, records, report, on_error, progress) -> list[tuple[IngestRecord, str]]:
         def digest(record: IngestRecord) -> tuple[IngestRecord, str | None, str | None]:
@@ -438,17 +486,22 @@ class Catalog:
         if on_error is not None:
             on_error(path, reason)
 
-    def _embed_and_store(self, todo, report, on_error, progress) -> None:
+    def _embed_and_store(self, todo, report, on_error, progress, in_context=None) -> None:
+        """Embed and store ``todo``; rows flagged ``in_context`` (boxes found by the garment
+        parser) get :meth:`Encoder.embed_in_context` vectors, the others their box's own."""
         if not todo:
             return
         index = self._vector_index()
         paths = [record.path for record, _ in todo]
-        boxes = [record.box for record, _ in todo]
+        in_context = in_context or [False] * len(todo)
+        boxes = [None if context else record.box
+                 for (record, _), context in zip(todo, in_context, strict=True)]
         for batch in self.encoder.iter_batches(paths, boxes, progress=progress, desc="indexing"):
             for position, error in batch.errors:
                 self._fail(report, on_error, str(paths[position]), error.reason)
             if not batch.indices:
                 continue
+            self._add_context(batch, todo, in_context)
             new_images, item_metadata = [], {}
             for position, vector in zip(batch.indices, batch.vectors, strict=False):
                 record, sha = todo[position]
@@ -466,6 +519,16 @@ class Catalog:
             report.added += len(added)
             report.skipped += len(ids) - len(added)
 
+    def _add_context(self, batch, todo, in_context) -> None:
+        """Fuse the whole-photo vectors of a batch's parser-boxed rows with their crops'."""
+        rows = [n for n, position in enumerate(batch.indices) if in_context[position]]
+        if not rows:
+            return
+        crops = self.encoder.embed([todo[batch.indices[n]][0].path for n in rows],
+                                   [todo[batch.indices[n]][0].box for n in rows])
+        fused = batch.vectors[rows] + crops
+        batch.vectors[rows] = fused / np.linalg.norm(fused, axis=1, keepdims=True).clip(1e-12)
+
     def add_vectors(
         self,
         item_ids: Sequence[str],
@@ -474,8 +537,11 @@ class Catalog:
         model_id: str,
         paths: Sequence[str] | None = None,
         metadata: Sequence[dict[str, Any]] | None = None,
+        boxes: Sequence[Box | None] | None = None,
     ) -> int:
-        """Add precomputed embeddings; ``model_id`` must be the catalog's model id."""
+        """Add precomputed embeddings; ``model_id`` must be the catalog's model id.
+
+        ``boxes``: the box of each image the vector was embedded from, if any."""
         self._check_model(model_id)
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
@@ -484,14 +550,18 @@ class Catalog:
             raise ValueError(f"{len(item_ids)} item ids for {len(vectors)} vectors")
         paths = paths or [""] * len(vectors)
         metadata = metadata or [{} for _ in vectors]
+        boxes = boxes or [None] * len(vectors)
         new_images, item_metadata = [], {}
-        for item_id, vector, path, meta in zip(item_ids, vectors, paths, metadata, strict=False):
+        rows = zip(item_ids, vectors, paths, metadata, boxes, strict=False)
+        for item_id, vector, path, meta, box in rows:
             sha = hashlib.sha256(vector.tobytes()).hexdigest()
-            new_images.append(NewImage(str(item_id), str(path), sha, vector, dict(meta)))
+            new_images.append(NewImage(str(item_id), str(path), sha, vector, dict(meta), box))
             item_metadata.setdefault(str(item_id), {}).update(meta)
         with self._lock, self._write_lock():
             index = self._vector_index()
             ids = self._store.add_images(new_images, item_metadata)
+            if any(GARMENT_KEY in meta for meta in metadata) and not self.has_garment_groups:
+                self._store.set_meta({"garment_groups": "1"})
             keep = [n for n, i in enumerate(ids) if i != -1]
             if keep:
                 index.add(np.array([ids[n] for n in keep]), vectors[keep])
@@ -558,6 +628,23 @@ class Catalog:
         """
         vector = query if isinstance(query, np.ndarray) else self.embed(query, box)
         return self.search_vectors(np.atleast_2d(vector), k, where=where)[0]
+
+    def search_garments(
+        self,
+        query: ImageSource,
+        k: int = 10,
+        *,
+        garment: str | None = None,
+        compatible: bool = True,
+        where: dict[str, Any] | None = None,
+        mask: str = "none",
+    ) -> list[GarmentHits]:
+        """The ``k`` best items for each garment the parser finds in a photo: ``garment``
+        limits it to one group; ``compatible`` matches only compatible catalog groups;
+        ``mask`` (``none``, ``grey``, ``white``) paints the crop's non-garment pixels.
+        See :func:`vestis.catalog.garments.search_garments`."""
+        return search_garments(self, query, k, garment=garment, compatible=compatible,
+                               where=where, mask=mask)
 
     def search_vectors(
         self, vectors: np.ndarray, k: int = 10, *, where: dict[str, Any] | None = None

@@ -208,19 +208,24 @@ class Store:
 
     def filtered_image_ids(self, where: dict[str, Any]) -> np.ndarray:
         """Ids of images whose metadata (the image's own, else its item's) equals every
-        ``where`` value. ``item_id`` filters on the item itself."""
+        ``where`` value (AND); a list or tuple value means any of its values (IN).
+        ``item_id`` filters on the item itself."""
         clauses, params = [], []
         for key, value in where.items():
+            values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
+            if not values:
+                return np.zeros(0, dtype=np.int64)
+            test = "= ?" if len(values) == 1 else f"IN ({', '.join('?' * len(values))})"
             if key == "item_id":
-                clauses.append("images.item_id = ?")
-                params.append(str(value))
+                clauses.append(f"images.item_id {test}")
+                params.extend(str(v) for v in values)
                 continue
             path = json_path(key)
             clauses.append(
                 "CAST(COALESCE(json_extract(images.metadata, ?), json_extract(items.metadata, ?))"
-                " AS TEXT) = ?"
+                f" AS TEXT) {test}"
             )
-            params.extend([path, path, _as_text(value)])
+            params.extend([path, path, *(_as_text(v) for v in values)])
         sql = "SELECT images.image_id FROM images JOIN items ON items.item_id = images.item_id" + (
             " WHERE " + " AND ".join(clauses) if clauses else ""
         )

@@ -101,12 +101,18 @@ class ParserDecoder(nn.Module):
         x = self.laterals[-1](top) * self.gate(top)
         for level in range(len(coarse) - 2, -1, -1):
             skip = self.laterals[level](coarse[level])
-            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-            x = self.smooth[level](x + skip)
+            x = self.smooth[level](_upsample_to(x, skip) + skip)
         fine = self.fine_lateral(features[0])
-        x = F.interpolate(self.fine_project(x), size=fine.shape[-2:], mode="bilinear",
-                          align_corners=False)
-        return self.classifier(x + fine)
+        return self.classifier(_upsample_to(self.fine_project(x), fine) + fine)
+
+
+def _upsample_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Bilinear upsampling of ``x`` to ``like``'s size. Inputs padded to a multiple of
+    :data:`STRIDE` make every step exactly 2x; a scale factor (not a size) keeps that step
+    independent of the input size in an ONNX export. Same values as ``size=`` either way."""
+    if like.shape[-2] == 2 * x.shape[-2] and like.shape[-1] == 2 * x.shape[-1]:
+        return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
 
 
 class ParserNet(nn.Module):
@@ -167,9 +173,35 @@ def to_input(image: Image.Image, resized: tuple[int, int], padded: tuple[int, in
     return torch.from_numpy(canvas.transpose(2, 0, 1).copy()).unsqueeze(0)
 
 
+def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Symmetric int8 with one fp16 scale per output channel (a conv's first axis)."""
+    flat = weight.detach().float().reshape(weight.shape[0], -1)
+    scale = (flat.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(flat / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return {"q": q.reshape(weight.shape), "scale": scale.half()}
+
+
+def dequantize(packed: dict[str, torch.Tensor]) -> torch.Tensor:
+    q = packed["q"]
+    return (q.float().reshape(q.shape[0], -1) * packed["scale"].float()[:, None]).reshape(q.shape)
+
+
+def _pack(value: torch.Tensor):
+    """Fine-tuned backbone weights as shipped: conv kernels in int8 (they are most of the
+    bytes: the checkpoint must stay small), the rest (BatchNorm) in fp16."""
+    if value.is_floating_point() and value.ndim >= 2:
+        return quantize(value)
+    return (value.half() if value.is_floating_point() else value).clone()
+
+
+def _unpack(value) -> torch.Tensor:
+    return dequantize(value) if isinstance(value, dict) else value
+
+
 def save_parser(net: ParserNet, path: str | Path, meta: dict | None = None) -> Path:
-    """Write the decoder and any fine-tuned backbone stages, in fp16, with the config and
-    ``meta`` (recipe, metrics); the frozen backbone loads from its PyPI package."""
+    """Write the decoder (fp16) and any fine-tuned backbone stages (conv kernels int8 per
+    channel, the rest fp16), with the config and ``meta`` (recipe, metrics); the frozen
+    backbone loads from its PyPI package."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: (v.half() if v.is_floating_point() else v).clone()
@@ -177,11 +209,10 @@ def save_parser(net: ParserNet, path: str | Path, meta: dict | None = None) -> P
     backbone = net.backbone.state_dict()
     payload = {
         "format": CHECKPOINT_FORMAT,
-        "version": 1,
+        "version": 2,
         "config": net.config.to_dict(),
         "decoder": state,
-        "backbone": {k: (backbone[k].half() if backbone[k].is_floating_point()
-                         else backbone[k]).clone() for k in net.trained_backbone_keys()},
+        "backbone": {k: _pack(backbone[k]) for k in net.trained_backbone_keys()},
         "meta": meta or {},
     }
     tmp = path.with_name(f".{path.name}.tmp")
@@ -211,6 +242,6 @@ def load_parser_net(path: str | Path) -> tuple[ParserNet, dict]:
         raise ValueError(f"{path}: backbone weights do not match the fine-tuned stages")
     if trained:
         own = net.backbone.state_dict()
-        own.update({k: v.to(own[k].dtype) for k, v in trained.items()})
+        own.update({k: _unpack(v).to(own[k].dtype) for k, v in trained.items()})
         net.backbone.load_state_dict(own, strict=True)
     return net.eval(), payload.get("meta", {})

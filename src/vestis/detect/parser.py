@@ -23,13 +23,13 @@ from .metrics import (
     read_parsing_csv,
 )
 from .model import ParserNet, input_shape, load_parser_net, to_input
+from .onnx import create_runner
 
 WEIGHTS = Path(__file__).parent / "weights"
 #: Parsers shipped in the package, by name.
 SHIPPED = {"parser-lite0": WEIGHTS / "parser-lite0.pt"}
 DEFAULT_PARSER = "parser-lite0"
-#: Above this many pixels on the long side, the label map is computed at this size and the
-#: boxes scaled back to the photo's coordinates.
+#: ``segment`` computes label maps at most this many pixels on the long side by default.
 WORK_SIDE = 1024
 
 
@@ -48,6 +48,21 @@ class Garment:
         return {"group": self.group, "box": list(self.box), "score": round(self.score, 4),
                 "area": int(self.mask.sum())}
 
+    @property
+    def area(self) -> int:
+        return int(self.mask.sum())
+
+    def crop(self, image: Image.Image, fill: tuple[int, int, int] | None = None) -> Image.Image:
+        """The garment's box cut from ``image`` (the parsed photo); with ``fill``, the pixels
+        of the box outside the garment's mask (background, skin, other garments) are painted
+        that colour."""
+        x1, y1, x2, y2 = self.box
+        crop = image.crop((x1, y1, x2, y2))
+        if fill is None:
+            return crop
+        keep = Image.fromarray(self.mask[y1:y2, x1:x2].astype(np.uint8) * 255)
+        return Image.composite(crop, Image.new("RGB", crop.size, fill), keep)
+
 
 @dataclass(frozen=True, eq=False)
 class Parsing:
@@ -60,24 +75,44 @@ class Parsing:
 
 class GarmentParser:
     def __init__(self, net: ParserNet, name: str = "", meta: dict | None = None,
-                 rules: BoxRules = BoxRules()):
+                 rules: BoxRules = BoxRules(), backend: str = "auto", flip: bool = True):
+        """``backend``: ``auto`` (ONNX Runtime when installed and its export agrees with
+        torch), ``onnx`` or ``torch``. ``flip``: average the class probabilities of the
+        photo and its mirror image (one batch of two; +0.013 held-out mIoU, README)."""
         self.net = net.eval()
+        self.flip = flip
         self.name = name
         self.meta = meta or {}
         self.rules = rules
         self.groups = net.config.groups
+        self.runner = create_runner(self.net, backend)
+
+    @property
+    def backend_name(self) -> str:
+        return self.runner.name
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, name: str | None = None) -> GarmentParser:
+    def from_checkpoint(cls, path: str | Path, name: str | None = None,
+                        backend: str = "auto", flip: bool = True) -> GarmentParser:
         net, meta = load_parser_net(path)
-        return cls(net, name or Path(path).stem, meta)
+        return cls(net, name or Path(path).stem, meta, backend=backend, flip=flip)
+
+    def input_size(self, image: Image.Image) -> tuple[int, int]:
+        """(w, h) of the network input's unpadded part for ``image``."""
+        new_w, new_h, _, _ = input_shape(image.width, image.height, self.net.config.size)
+        return new_w, new_h
 
     @torch.inference_mode()
     def logits(self, image: Image.Image) -> torch.Tensor:
         """Class logits at the size of the network input's unpadded part (1 x G x h x w)."""
         new_w, new_h, pad_w, pad_h = input_shape(image.width, image.height, self.net.config.size)
         x = to_input(image, (new_w, new_h), (pad_w, pad_h))
-        out = self.net(x)
+        if self.flip:
+            x = torch.cat([x, x.flip(-1)])
+        out = torch.from_numpy(self.runner(x.numpy()))
+        if self.flip:  # log of the mean probability: a logit for softmax and argmax
+            probs = out.softmax(1)
+            out = ((probs[:1] + probs[1:].flip(-1)) / 2).clamp_min(1e-8).log()
         out = F.interpolate(out, size=(pad_h, pad_w), mode="bilinear", align_corners=False)
         return out[:, :, :new_h, :new_w]
 
@@ -96,9 +131,12 @@ class GarmentParser:
         return Parsing(labels.numpy(), probs.numpy(), size[0] / image.width)
 
     def parse(self, image: ImageSource) -> list[Garment]:
-        """The garments of a photo (path, bytes or PIL image), one per instance."""
+        """The garments of a photo (path, bytes or PIL image), one per instance.
+
+        Regions are found at the network input's resolution (the parser's ``size`` on the
+        long side); boxes and masks are then scaled to the photo."""
         image = load_image(image)
-        parsing = self.segment(image)
+        parsing = self.segment(image, size=self.input_size(image))
         regions = regions_from_labels(parsing.labels, parsing.probs, groups=self.groups,
                                       rules=self.rules)
         garments = []
@@ -135,16 +173,19 @@ def _scale_box(box: Box, factor: float, size: tuple[int, int]) -> Box:
             min(size[0], int(np.ceil(x2 * factor))), min(size[1], int(np.ceil(y2 * factor))))
 
 
-def load_parser(name: str | Path = DEFAULT_PARSER) -> GarmentParser:
-    """A shipped parser by name (``parser-lite0``), or a checkpoint path written by training."""
+def load_parser(name: str | Path = DEFAULT_PARSER, backend: str = "auto",
+                flip: bool = True) -> GarmentParser:
+    """A shipped parser by name (``parser-lite0``), or a checkpoint path written by training.
+
+    ``backend`` (``auto``, ``onnx`` or ``torch``) and ``flip``: see :class:`GarmentParser`."""
     key = str(name)
     if key in SHIPPED:
         if not SHIPPED[key].is_file():
             raise FileNotFoundError(f"the weights of parser {key!r} are missing: {SHIPPED[key]}")
-        return GarmentParser.from_checkpoint(SHIPPED[key], key)
+        return GarmentParser.from_checkpoint(SHIPPED[key], key, backend, flip)
     path = Path(key).expanduser()
     if path.is_file():
-        return GarmentParser.from_checkpoint(path)
+        return GarmentParser.from_checkpoint(path, backend=backend, flip=flip)
     raise ValueError(f"unknown parser {key!r}: not one of {', '.join(SHIPPED)} and not a "
                      "checkpoint file")
 

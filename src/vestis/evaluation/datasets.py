@@ -86,6 +86,8 @@ class Sample:
     path: Path  # absolute path to the image
     item_id: str
     bbox: BBox | None = None  # x1, y1, x2, y2 in pixels of the original image
+    category: str | None = None  # the product category, when the dataset gives one
+    in_context: bool = False  # embed the box together with its whole photo (garment crops)
 
 
 @dataclass
@@ -235,7 +237,8 @@ def _csv_sample(row: dict[str, str], folder: Path, path: Path, line: int) -> Sam
         raise ValueError(f"{path}, line {line}: empty image or {column}")
     box_cells = [(row.get(column) or "").strip() for column in ("x1", "y1", "x2", "y2")]
     bbox = _parse_box(box_cells, f"{path}, line {line}") if any(box_cells) else None
-    return Sample(folder / image, item_id, bbox)
+    category = (row.get("category") or "").strip() or (item_id if column == "label" else None)
+    return Sample(folder / image, item_id, bbox, category)
 
 
 def _query_gallery_split(name, samples, splits, path) -> EvalDataset:

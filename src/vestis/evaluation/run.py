@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,9 @@ from vestis.evaluation.datasets import EvalDataset, Sample, load_dataset
 from vestis.evaluation.metrics import RetrievalResult, retrieval_metrics
 from vestis.evaluation.report import write_metrics_json, write_report
 from vestis.models import DEFAULT_MODEL, Encoder
+
+#: How ``evaluate`` crops images without a box: see :func:`evaluate`.
+CROPS = ("none", "garment", "largest")
 
 
 def evaluate(
@@ -22,14 +26,22 @@ def evaluate(
     progress: bool = True,
     report_dir: str | Path | None = None,
     json_path: str | Path | None = None,
+    crop: str = "none",
 ) -> RetrievalResult:
     """Evaluate ``model`` (a registry name, a checkpoint path or an :class:`Encoder`) on
     ``dataset`` (a path read by :func:`load_dataset`, or an :class:`EvalDataset`).
 
+    ``crop`` (images without a box of their own): ``none`` embeds whole photos;
+    ``garment`` the garment each image's category names, as a catalog indexed with
+    ``crop="garment"`` does; ``largest`` the largest garment found, ignoring categories.
     Optionally writes a full report to ``report_dir`` and the metrics JSON to ``json_path``.
     """
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
     if not isinstance(dataset, EvalDataset):
         dataset = load_dataset(dataset, format, split=split)
+    if crop != "none":
+        dataset = with_garment_boxes(dataset, use_category=crop == "garment", progress=progress)
     encoder = (
         model if isinstance(model, Encoder) else Encoder.from_name(model, batch_size=batch_size)
     )
@@ -57,17 +69,59 @@ def embed_dataset(
     """
     keys = {_key(sample): None for sample in dataset.gallery + dataset.queries}
     unique = list(keys)
-    boxes = [box for _, box in unique]
+    paths = [path for path, _, _ in unique]
+    boxes = [box for _, box, _ in unique]
     vectors = encoder.embed(
-        [path for path, _ in unique],
-        boxes if any(box is not None for box in boxes) else None,
-        progress=progress,
+        paths, boxes if any(box is not None for box in boxes) else None, progress=progress
     )
+    context = [i for i, (_, box, in_context) in enumerate(unique) if in_context and box]
+    if context:
+        vectors[context] = encoder.embed_in_context([paths[i] for i in context],
+                                                    [boxes[i] for i in context])
     row = {key: i for i, key in enumerate(unique)}
     query_rows = [row[_key(sample)] for sample in dataset.queries]
     gallery_rows = [row[_key(sample)] for sample in dataset.gallery]
     return vectors[query_rows], vectors[gallery_rows]
 
 
-def _key(sample: Sample) -> tuple[Path, tuple[int, int, int, int] | None]:
-    return sample.path, sample.bbox
+def with_garment_boxes(dataset: EvalDataset, *, use_category: bool = True, parser=None,
+                       progress: bool = False) -> EvalDataset:
+    """``dataset`` with every box-less sample boxed to its garment (see
+    :func:`vestis.detect.categories.product_box`), embedded in its photo's context; the whole
+    photo where no garment is trusted."""
+    from tqdm.auto import tqdm
+
+    from vestis.detect import load_parser
+    from vestis.detect.categories import category_group, product_box
+    from vestis.images import load_image
+
+    parser = parser or load_parser()
+
+    def group_of(sample: Sample) -> str | None:
+        return category_group(sample.category) if use_category else None
+
+    groups: dict[Path, set[str | None]] = {}
+    for sample in dataset.gallery + dataset.queries:
+        if sample.bbox is None:
+            groups.setdefault(sample.path, set()).add(group_of(sample))
+    boxes: dict[tuple[Path, str | None], tuple[int, int, int, int] | None] = {}
+    for path, wanted in tqdm(groups.items(), desc="finding garments", unit="img",
+                             disable=not progress):
+        image = load_image(path)
+        garments = parser.parse(image)
+        for group in wanted:
+            found = product_box(garments, group, image.size)
+            boxes[(path, group)] = found[0] if found else None
+
+    def boxed(sample: Sample) -> Sample:
+        if sample.bbox is not None:
+            return sample
+        box = boxes[(sample.path, group_of(sample))]
+        return replace(sample, bbox=box, in_context=box is not None)
+
+    return replace(dataset, queries=[boxed(s) for s in dataset.queries],
+                   gallery=[boxed(s) for s in dataset.gallery])
+
+
+def _key(sample: Sample) -> tuple[Path, tuple[int, int, int, int] | None, bool]:
+    return sample.path, sample.bbox, sample.in_context

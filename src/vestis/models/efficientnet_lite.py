@@ -57,7 +57,13 @@ def round_channels(channels: int, width: float, divisor: int = 8) -> int:
 
 
 class SameConv2d(nn.Conv2d):
-    """Conv2d with TensorFlow "SAME" padding, computed from the input size."""
+    """Conv2d with TensorFlow "SAME" padding, computed from the input size.
+
+    ``divisible_input``: every input side is a multiple of the stride, so the padding is a
+    constant (``kernel - stride``). An ONNX export with dynamic height and width sets it: the
+    tracer would otherwise freeze the traced input's size into the padding."""
+
+    divisible_input = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pad_h = self._same_pad(x.shape[-2], 0)
@@ -68,6 +74,8 @@ class SameConv2d(nn.Conv2d):
 
     def _same_pad(self, size: int, dim: int) -> int:
         stride, kernel, dilation = self.stride[dim], self.kernel_size[dim], self.dilation[dim]
+        if self.divisible_input:
+            return max((kernel - 1) * dilation + 1 - stride, 0)
         out = math.ceil(size / stride)
         return max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
 

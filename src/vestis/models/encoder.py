@@ -142,6 +142,30 @@ class Encoder:
             out[batch.indices] = batch.vectors
         return out
 
+    def embed_in_context(
+        self,
+        sources: Sequence[ImageSource],
+        boxes: Sequence[Box | None],
+        *,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """A garment in its photo: the normalised sum of the whole photo's vector and the
+        garment box's; rows without a box get the whole photo's vector.
+
+        Catalog crops (``crop="garment"``) and query garments use it: the default model was
+        trained on whole photos, and a bare crop lands away from them (BENCHMARKS.md,
+        "Garment crops")."""
+        if len(boxes) != len(sources):
+            raise ValueError(f"{len(boxes)} boxes for {len(sources)} images")
+        vectors = self.embed(sources, progress=progress)
+        boxed = [i for i, box in enumerate(boxes) if box is not None]
+        if boxed:
+            crops = self.embed([sources[i] for i in boxed], [boxes[i] for i in boxed],
+                               progress=progress)
+            fused = vectors[boxed] + crops
+            vectors[boxed] = fused / np.linalg.norm(fused, axis=1, keepdims=True).clip(1e-12)
+        return vectors
+
     def embed_one(self, source: ImageSource, box: Box | None = None) -> np.ndarray:
         return self.embed([source], [box])[0]
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 
 from vestis import __version__
 from vestis.catalog import Item, Match
+from vestis.detect.groups import GARMENT_GROUPS
 from vestis.images import ImageError
 from vestis.serve.auth import open_access, token_checker
 from vestis.serve.limits import BodySizeLimit
@@ -49,8 +50,11 @@ class MatchOut(BaseModel):
 
 
 class GarmentOut(BaseModel):
-    group: str = Field(description="What the garment is; 'whole image' with no detector.")
+    group: str = Field(description="The garment group (upper, outer, lower, dress, footwear, "
+                       "bag, headwear), or 'whole image' when the photo was searched whole.")
     box: list[int] = Field(description="x1, y1, x2, y2 in the uploaded photo's pixels.")
+    score: float = Field(description="The parser's confidence in the garment (1 for a whole "
+                         "image).")
     matches: list[MatchOut]
 
 
@@ -179,19 +183,32 @@ def _add_search_routes(app: FastAPI, service: CatalogService, read: Callable) ->
         where: list[str] | None = Form(
             None, description="Metadata filters as key=value; repeat for several (AND)."
         ),
+        garment: str | None = Form(
+            None, description="Search only garments of this group (upper, outer, lower, dress, "
+            "footwear, bag, headwear)."),
+        whole: bool = Form(False, description="Search the whole photo as one query."),
+        any_group: bool = Form(
+            False, description="Match garments with catalog items of any group (by default "
+            "only compatible groups)."),
     ) -> SearchOut:
-        """Find the catalog items that best match each garment of a photo."""
+        """Find the catalog items that best match each garment of a photo: the garment
+        parser finds the garments, and each is searched on its own."""
         started = time.perf_counter()
         filters = _parse_filters(where)
+        if garment and garment not in GARMENT_GROUPS:
+            raise HTTPException(422, f"garment: one of {', '.join(GARMENT_GROUPS)}, got "
+                                     f"{garment!r}")
         data = image.file.read()
         try:
-            result = service.search(data, k, filters)
+            result = service.search(data, k, filters, whole=whole, garment=garment or None,
+                                    compatible=not any_group)
         except ImageError as exc:
             raise _image_error(image.filename, exc) from None
         garments = [
             GarmentOut(
-                group=found.garment.group,
-                box=list(found.garment.box),
+                group=found.group,
+                box=list(found.box),
+                score=round(found.score, 4),
                 matches=[_match_out(m) for m in found.matches],
             )
             for found in result.garments

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
-from vestis.catalog import Catalog, Item, Match
+from vestis.catalog import Catalog, GarmentHits, Item
 from vestis.catalog.catalog import DB_NAME
+from vestis.catalog.garments import GARMENT_KEY, WHOLE_IMAGE
 from vestis.images import Box, ImageError, load_image
 
 UPLOADS_DIR = "uploads"
@@ -47,24 +47,10 @@ class NotReadyError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Garment:
-    """A region of the query photo searched on its own. ``group`` names its kind."""
-
-    group: str
-    box: Box
-
-
-@dataclass(frozen=True)
-class GarmentMatches:
-    garment: Garment
-    matches: list[Match]
-
-
-@dataclass(frozen=True)
 class SearchResult:
     width: int
     height: int
-    garments: list[GarmentMatches]
+    garments: list[GarmentHits]
 
 
 @dataclass(frozen=True)
@@ -73,11 +59,6 @@ class Upload:
 
     filename: str
     data: bytes
-
-
-def find_garments(image: Image.Image) -> list[Garment]:
-    """The regions to search. No garment detector yet: the whole photo is one garment."""
-    return [Garment("whole image", (0, 0, image.width, image.height))]
 
 
 class CatalogService:
@@ -104,6 +85,7 @@ class CatalogService:
         try:
             catalog = Catalog(self.path)
             catalog.encoder.embed_one(Image.new("RGB", (64, 64), (127, 127, 127)))
+            catalog.parser.parse(Image.new("RGB", (64, 96), (127, 127, 127)))
             catalog.info()  # loads (or rebuilds) the vector index
             self._catalog = catalog
             self.state = "ready"
@@ -135,21 +117,21 @@ class CatalogService:
         return self._catalog
 
     # -- reads -------------------------------------------------------------------------
-    def search(self, data: bytes, k: int, where: dict[str, str] | None = None) -> SearchResult:
-        """Search every garment of an uploaded photo; raises ImageError for a bad photo."""
+    def search(self, data: bytes, k: int, where: dict[str, str] | None = None, *,
+               whole: bool = False, garment: str | None = None,
+               compatible: bool = True) -> SearchResult:
+        """Search every garment of an uploaded photo (or, with ``whole``, the photo as one
+        query); raises ImageError for a bad photo. See :meth:`Catalog.search_garments`."""
         catalog = self.catalog
         image = load_image(data)
-        garments = find_garments(image)
-        whole = (0, 0, image.width, image.height)
-        vectors = np.stack(
-            [catalog.encoder.embed_one(image, None if g.box == whole else g.box) for g in garments]
-        )
-        found = catalog.search_vectors(vectors, k, where=where or None)
-        return SearchResult(
-            image.width,
-            image.height,
-            [GarmentMatches(g, m) for g, m in zip(garments, found, strict=True)],
-        )
+        if whole:
+            box = (0, 0, image.width, image.height)
+            hits = [GarmentHits(WHOLE_IMAGE, box, 1.0,
+                                catalog.search(image, k, where=where or None))]
+        else:
+            hits = catalog.search_garments(image, k, garment=garment, compatible=compatible,
+                                           where=where or None)
+        return SearchResult(image.width, image.height, hits)
 
     def get(self, item_id: str) -> Item:
         return self.catalog.get(item_id)
@@ -210,7 +192,8 @@ class CatalogService:
             raise ValueError("at least one image is needed")
         unique = list({hashlib.sha256(u.data).hexdigest(): u for u in uploads}.values())
         images = [_decode(upload) for upload in unique]
-        vectors = catalog.encoder.embed(images)
+        boxes, image_metadata = self._garments(images, metadata)
+        vectors = catalog.encoder.embed_in_context(images, boxes)
         with self._write_lock:
             if item_id in catalog:
                 raise ItemExistsError(f"item {item_id!r} already exists; PATCH it or DELETE it")
@@ -221,7 +204,8 @@ class CatalogService:
                     vectors,
                     model_id=catalog.encoder.model_id,
                     paths=[str(p) for p in paths],
-                    metadata=[dict(metadata) for _ in paths],
+                    metadata=image_metadata,
+                    boxes=boxes,
                 )
             except BaseException:
                 for path in paths:
@@ -235,6 +219,20 @@ class CatalogService:
             if str(path) not in kept:
                 path.unlink(missing_ok=True)
         return item
+
+    def _garments(self, images: list[Image.Image], metadata: dict[str, Any]
+                  ) -> tuple[list[Box | None], list[dict[str, Any]]]:
+        """Each photo's box (its garment, in a catalog indexed with ``crop="garment"``) and
+        metadata (with the ``garment`` group, when known)."""
+        catalog = self.catalog
+        group = catalog.cropper.group_of(metadata)
+        if catalog.crop_mode == "garment":
+            located = [catalog.cropper.locate(image, group) for image in images]
+        else:
+            located = [(None, group) for _ in images]
+        return ([box for box, _ in located],
+                [{**metadata, GARMENT_KEY: found} if found else dict(metadata)
+                 for _, found in located])
 
     def update_item(self, item_id: str, metadata: dict[str, Any]) -> Item:
         check_metadata(metadata, allow_none=True)

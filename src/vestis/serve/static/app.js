@@ -139,6 +139,7 @@ async function search() {
   const form = new FormData();
   form.append("image", state.file, state.file.name || "pasted-photo");
   form.append("k", $("#k").value || "12");
+  if ($("#whole").checked) form.append("whole", "true");
   for (const [key, value] of currentFilters()) form.append("where", `${key}=${value}`);
   setStatus("Searching…");
   $("#garments").setAttribute("aria-busy", "true");
@@ -294,6 +295,7 @@ function wire() {
   });
   $("#category").addEventListener("change", search);
   $("#k").addEventListener("change", search);
+  $("#whole").addEventListener("change", search);
   $("#add-filter").addEventListener("click", addFilterRow);
   $("#filters").addEventListener("submit", (event) => { event.preventDefault(); search(); });
   $("#close-item").addEventListener("click", () => $("#item-dialog").close());

@@ -1,0 +1,190 @@
+"""Garments in catalog and query photos: the crop an item is indexed by, and one search per
+garment of a query photo.
+
+Catalog side: with ``crop="garment"`` each shop photo is parsed, and the garment its item's
+category names (:func:`vestis.detect.categories.category_group`; the largest garment when
+there is no category, or it names no group) becomes the image's box. Every image whose
+category maps to a group (cropped or not) gets a ``garment`` metadata value, the group.
+
+Query side: :func:`search_garments` parses the photo, embeds each garment and searches
+the catalog once per garment, among catalog images of compatible groups only
+(:data:`vestis.detect.categories.COMPATIBLE_GROUPS`) when the catalog has ``garment`` values.
+
+Both embed a garment in its photo's context: the normalised sum of the whole photo's vector
+and the crop's (:meth:`vestis.models.Encoder.embed_in_context`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from vestis.catalog.sources import IngestRecord
+from vestis.detect.categories import category_mapping, compatible_groups, product_box
+from vestis.detect.groups import GARMENT_GROUPS
+from vestis.images import Box, ImageError, ImageSource, load_image
+
+if TYPE_CHECKING:
+    from vestis.catalog.catalog import Catalog, Match
+    from vestis.detect import GarmentParser
+
+CROP_MODES = ("none", "garment")
+#: The metadata key that holds an image's garment group.
+GARMENT_KEY = "garment"
+#: Metadata keys read, in order, for an item's category.
+CATEGORY_KEYS = ("category", "label")
+#: How the pixels of a garment's box outside its mask are painted before embedding.
+MASK_FILLS: dict[str, tuple[int, int, int] | None] = {
+    "none": None, "grey": (127, 127, 127), "white": (255, 255, 255)}
+#: The group reported for a query searched as a whole (no garment found, or asked for).
+WHOLE_IMAGE = "whole image"
+
+
+def check_crop_mode(crop: str) -> str:
+    if crop not in CROP_MODES:
+        raise ValueError(f"crop must be one of {', '.join(CROP_MODES)}, got {crop!r}")
+    return crop
+
+
+def mask_fill(name: str) -> tuple[int, int, int] | None:
+    if name not in MASK_FILLS:
+        raise ValueError(f"mask must be one of {', '.join(MASK_FILLS)}, got {name!r}")
+    return MASK_FILLS[name]
+
+
+@dataclass(frozen=True)
+class GarmentHits:
+    """One garment of a query photo and the catalog items that match it."""
+
+    group: str
+    box: Box
+    score: float
+    matches: list[Match]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"group": self.group, "box": list(self.box), "score": round(self.score, 4),
+                "results": [m.to_dict() for m in self.matches]}
+
+
+class GarmentCropper:
+    """Chooses the crop of each catalog photo: the garment its item's category names."""
+
+    def __init__(self, parser: GarmentParser | None = None,
+                 mapping: Callable[[str | None], str | None] | None = None,
+                 category_keys: Sequence[str] = CATEGORY_KEYS):
+        self._parser = parser
+        self.mapping = mapping or category_mapping()
+        self.category_keys = tuple(category_keys)
+
+    @property
+    def parser(self) -> GarmentParser:
+        if self._parser is None:
+            from vestis.detect import load_parser
+
+            self._parser = load_parser()
+        return self._parser
+
+    def group_of(self, metadata: Mapping[str, Any]) -> str | None:
+        """The garment group an item's metadata names: its ``garment`` value when valid,
+        else its category's group."""
+        given = metadata.get(GARMENT_KEY)
+        if given in GARMENT_GROUPS:
+            return given
+        category = next((str(metadata[k]) for k in self.category_keys if metadata.get(k)), None)
+        return self.mapping(category)
+
+    def locate(self, image: ImageSource, group: str | None) -> tuple[Box | None, str | None]:
+        """The box and group of the garment a photo of a ``group`` product is about; no box
+        when the parser finds no garment."""
+        image = load_image(image)
+        found = product_box(self.parser.parse(image), group, image.size)
+        return found if found is not None else (None, group)
+
+    def label(self, records: Sequence[IngestRecord]) -> list[IngestRecord]:
+        """Records with their category's ``garment`` group in their metadata (no parsing)."""
+        return [self._with_group(record, self.group_of(record.metadata)) for record in records]
+
+    def crop(self, records: Sequence[IngestRecord], *, progress: bool = False
+             ) -> list[IngestRecord]:
+        """Records with the box of their garment and its group. A record that already has a
+        box keeps it; an unreadable photo is passed on unchanged (the encoder reports it)."""
+        out = []
+        for record in tqdm(records, desc="finding garments", unit="img", disable=not progress):
+            group = self.group_of(record.metadata)
+            if record.box is not None:
+                out.append(self._with_group(record, group))
+                continue
+            try:
+                box, found = self.locate(record.path, group)
+            except ImageError:
+                out.append(record)
+                continue
+            out.append(replace(self._with_group(record, group or found), box=box))
+        return out
+
+    @staticmethod
+    def _with_group(record: IngestRecord, group: str | None) -> IngestRecord:
+        if group is None or record.metadata.get(GARMENT_KEY) == group:
+            return record
+        return replace(record, metadata={**record.metadata, GARMENT_KEY: group})
+
+
+def query_views(image: Image.Image, parser: GarmentParser, *, garment: str | None = None,
+                fill: tuple[int, int, int] | None = None
+                ) -> list[tuple[str, Box, float, Image.Image]]:
+    """(group, box, score, view to embed) per garment of a query photo, largest first; only
+    garments of group ``garment`` when given. A photo with no garment found is searched
+    whole (group :data:`WHOLE_IMAGE`), unless a group was asked for."""
+    if garment is not None and garment not in GARMENT_GROUPS:
+        raise ValueError(f"unknown garment group {garment!r}; one of {', '.join(GARMENT_GROUPS)}")
+    found = parser.parse(image)
+    if garment is not None:
+        found = [g for g in found if g.group == garment]
+    elif not found:
+        return [(WHOLE_IMAGE, (0, 0, image.width, image.height), 1.0, image)]
+    found.sort(key=lambda g: g.area, reverse=True)
+    return [(g.group, g.box, g.score, g.crop(image, fill)) for g in found]
+
+
+def garment_vectors(encoder, image: Image.Image,
+                    views: list[tuple[str, Box, float, Image.Image]]) -> np.ndarray:
+    """Each view's vector in the photo's context, as catalog crops are embedded
+    (:meth:`vestis.models.Encoder.embed_in_context`): the whole photo's vector (computed
+    once) plus the crop's, normalised."""
+    vectors = encoder.embed([image] + [view for *_, view in views])
+    whole, crops = vectors[0], vectors[1:]
+    if len(views) == 1 and views[0][0] == WHOLE_IMAGE:
+        return whole[None]
+    fused = crops + whole
+    return fused / np.linalg.norm(fused, axis=1, keepdims=True).clip(1e-12)
+
+
+def search_garments(catalog: Catalog, query: ImageSource, k: int = 10, *,
+                    garment: str | None = None, compatible: bool = True,
+                    where: dict[str, Any] | None = None, mask: str = "none",
+                    parser: GarmentParser | None = None) -> list[GarmentHits]:
+    """Top-``k`` items for every garment of a query photo (see :func:`query_views`).
+
+    ``compatible``: each garment searches only catalog images of compatible groups, when
+    the catalog has ``garment`` values (a ``garment`` key in ``where`` overrides it).
+    ``mask``: ``none``, ``grey`` or ``white``, paint each crop's non-garment pixels.
+    """
+    image = load_image(query)
+    views = query_views(image, parser or catalog.parser, garment=garment, fill=mask_fill(mask))
+    if not views:
+        return []
+    vectors = garment_vectors(catalog.encoder, image, views)
+    filter_groups = compatible and catalog.has_garment_groups and GARMENT_KEY not in (where or {})
+    hits = []
+    for (group, box, score, _), vector in zip(views, vectors, strict=True):
+        condition = dict(where or {})
+        if filter_groups and group != WHOLE_IMAGE:
+            condition[GARMENT_KEY] = list(compatible_groups(group))
+        matches = catalog.search_vectors(vector[None], k, where=condition or None)[0]
+        hits.append(GarmentHits(group, box, score, matches))
+    return hits
