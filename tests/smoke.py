@@ -18,3 +18,18 @@ def smoke(max_images: int = 48, batches_per_epoch: int | None = None) -> dict:
     """:data:`SMOKE` with fewer images or a fixed number of batches per epoch."""
     sampler = {**SMOKE["sampler"], "batches_per_epoch": batches_per_epoch}
     return {**SMOKE, "data": {"max_images": max_images}, "sampler": sampler}
+
+
+def smoke_log_rows(recipe: str, out: Path, overrides: dict | None = None) -> list[dict[str, str]]:
+    """Train ``configs/<recipe>.yaml`` on the smoke budget into ``out``; the rows of its
+    ``log.csv``, after checking that both smoke epochs ran."""
+    import csv
+
+    from vestis.train import train
+
+    result = train(CONFIGS / f"{recipe}.yaml", out, overrides=overrides or SMOKE, progress=False)
+    assert result.epochs_run == 2
+    with open(out / "log.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    return rows

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import csv
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.smoke import CONFIGS, smoke
+from tests.smoke import CONFIGS, smoke, smoke_log_rows
 from vestis.losses import TrainBatch, create_loss
 from vestis.losses.abe import ABELoss, learner_similarity
 from vestis.models import Encoder, create_model
-from vestis.train import load_config, train
+from vestis.train import load_config
 from vestis.train.trainer import Trainer
 
 SMOKE = smoke(max_images=48, batches_per_epoch=4)
@@ -193,10 +191,7 @@ def test_every_learners_g_is_fine_tuned_at_the_backbone_rate(tmp_path, data_dir)
 # -- the recipes -----------------------------------------------------------------------------
 @pytest.mark.parametrize("recipe", ["abe_m", "m_heads"])
 def test_the_recipe_trains_end_to_end_on_a_smoke_budget(recipe, tmp_path, data_dir):
-    result = train(CONFIGS / f"{recipe}.yaml", tmp_path, overrides=SMOKE, progress=False)
-    assert result.epochs_run == 2
-    with open(tmp_path / "log.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = smoke_log_rows(recipe, tmp_path, SMOKE)
     assert all(np.isfinite(float(row["divergence"])) for row in rows)
     assert {"contrastive", "learner_similarity", "luma_R@1", "clothing_R@1"} <= set(rows[0])
 

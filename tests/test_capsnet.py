@@ -3,7 +3,6 @@ network on cached stage maps, and the recipes end to end."""
 
 from __future__ import annotations
 
-import csv
 import math
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.smoke import CONFIGS, smoke
+from tests.smoke import CONFIGS, smoke, smoke_log_rows
 from vestis.losses import TrainBatch, create_loss
 from vestis.losses.capsule import CapsuleLoss, margin_loss, mask_capsules
 from vestis.models import Encoder, create_model, save_checkpoint
@@ -266,11 +265,7 @@ def test_a_recipe_must_cut_the_backbone_where_the_capsules_start(tmp_path, data_
 
 @pytest.mark.parametrize("recipe", ["sc_capsnet", "rc_capsnet"])
 def test_the_capsnet_recipes_train_end_to_end_on_a_smoke_budget(recipe, tmp_path, data_dir):
-    result = train(CONFIGS / f"{recipe}.yaml", tmp_path, overrides=SMOKE, progress=False)
-    assert result.epochs_run == 2
-    with open(tmp_path / "log.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [row["epoch"] for row in rows] == ["1", "2"]
+    rows = smoke_log_rows(recipe, tmp_path, SMOKE)
     for key in ("loss", "triplet", "margin", "reconstruction", "capsule_accuracy"):
         assert all(np.isfinite(float(row[key])) for row in rows), key
     assert float(rows[1]["margin"]) < float(rows[0]["margin"])

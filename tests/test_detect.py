@@ -16,6 +16,7 @@ from vestis.detect import (
     CCP_LABEL_GROUPS,
     GARMENT_GROUPS,
     GROUPS,
+    BoxRules,
     confusion,
     load_parser,
     metrics_from_confusion,
@@ -117,6 +118,18 @@ def test_fragments_of_one_garment_merge_and_scores_are_mean_probabilities():
     left, right = 80 * 45, 80 * 52
     assert region.score == pytest.approx((0.9 * left + 0.6 * right) / (left + right), rel=1e-5)
     assert region.mask.sum() == left + right and not region.mask[:, 95:98].any()
+
+
+def test_low_confidence_garments_are_dropped_and_the_threshold_is_a_rule():
+    labels = np.zeros((300, 200), dtype=np.uint8)
+    labels[40:120, 50:150] = group("upper")
+    labels[150:280, 60:140] = group("lower")
+    probs = np.zeros((len(GROUPS), 300, 200), dtype=np.float32)
+    probs[group("upper"), 40:120, 50:150] = 0.4  # unsure
+    probs[group("lower"), 150:280, 60:140] = 0.8
+    assert [r.group for r in regions_from_labels(labels, probs)] == ["lower"]
+    keep_all = regions_from_labels(labels, probs, rules=BoxRules(min_score=0.0))
+    assert [r.group for r in keep_all] == ["upper", "lower"]
 
 
 # -- metrics --------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 
 import numpy as np
@@ -11,11 +10,10 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from tests.smoke import CONFIGS, SMOKE
+from tests.smoke import smoke_log_rows
 from vestis.losses import TrainBatch, create_loss
 from vestis.losses.hdc import HDCLoss
 from vestis.models import Encoder, create_model, save_checkpoint
-from vestis.train import train
 
 LABELS = torch.tensor([0, 0, 1, 1, 2, 2])
 E = torch.eye(4)
@@ -154,11 +152,7 @@ def test_each_stage_sees_only_the_levels_up_to_its_depth(tmp_path):
 
 
 def test_the_hdc_recipe_trains_end_to_end_on_a_smoke_budget(tmp_path, data_dir):
-    result = train(CONFIGS / "hdc.yaml", tmp_path, overrides=SMOKE, progress=False)
-    assert result.epochs_run == 2
-    with open(tmp_path / "log.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [row["epoch"] for row in rows] == ["1", "2"]
+    rows = smoke_log_rows("hdc", tmp_path)
     assert all(np.isfinite(float(row["hdc"])) for row in rows)
     assert all(float(row["stage_3_pairs"]) <= float(row["stage_2_pairs"])
                <= float(row["stage_1_pairs"]) for row in rows)

@@ -8,7 +8,10 @@ Steps, per garment group:
    ``merge_gap`` times the smaller cluster's box size (a top cut in two by an arm or a bag
    strap is one top; two shoes a step apart stay two);
 4. clusters under ``min_area`` of the image, or under ``min_relative`` of the group's largest
-   cluster, are dropped.
+   cluster, are dropped;
+5. with probabilities given, garments whose score is under ``min_score`` are dropped: such
+   low-confidence fragments (a scarf's edge read as a top) were most of the extra
+   "garments" of a single-product photo.
 
 The score of a garment is the mean probability of its group over the garment's pixels.
 """
@@ -31,6 +34,7 @@ class BoxRules:
     min_area: float = 0.001  # fraction of the image
     min_relative: float = 0.05  # fraction of the group's largest cluster
     merge_gap: float = 0.1  # fraction of the smaller cluster's larger box side
+    min_score: float = 0.5  # mean probability of the group over the garment's pixels
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,6 +132,8 @@ def regions_from_labels(
             ids = np.array([keep[k] + 1 for k in cluster])
             mask = np.isin(components, ids)
             score = float(probs[index][mask].mean()) if probs is not None else 1.0
+            if score < rules.min_score:
+                continue
             regions.append(Region(name, _box_of(mask), score, mask))
     order = {name: i for i, name in enumerate(garment_groups)}
     regions.sort(key=lambda r: (order[r.group], r.box[1], r.box[0]))
