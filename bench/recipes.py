@@ -26,7 +26,7 @@ from vestis.train.trainer import split_metrics
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 RECIPES = ("triplet", "os_is", "htl", "bier", "hdc", "m_heads", "abe_m", "impdrop",
-           "sc_capsnet", "rc_capsnet", "vestis-lite0")
+           "sc_capsnet", "rc_capsnet", "fashionnet", "vestis-lite0")
 # The shipped default is the last epoch of its cosine schedule (scripts/ship_model.py
 # runs/bench/vestis-lite0/last.pt); the method rows use their best validation epoch.
 SCORED_CHECKPOINT = {"vestis-lite0": "last.pt"}

@@ -265,3 +265,59 @@ def test_fine_tuned_stages_ship_as_int8_per_channel_within_half_a_step():
     shipped = read_parser_checkpoint(SHIPPED["parser-lite0"])["backbone"]
     kernels = [v for v in shipped.values() if isinstance(v, dict)]
     assert kernels and all(v["q"].dtype == torch.int8 for v in kernels)
+
+
+# -- landmarks ------------------------------------------------------------------------------
+def test_landmarks_of_a_t_shirt_mask_sit_on_its_collar_sleeves_waist_and_hem():
+    from vestis.detect.landmarks import LANDMARKS, mask_landmarks
+
+    mask = np.zeros((260, 200), dtype=bool)
+    mask[40:200, 60:140] = True  # torso
+    mask[45:90, 20:60] = True  # left sleeve
+    mask[45:90, 140:180] = True  # right sleeve
+    found = mask_landmarks(mask, "upper")
+    point = dict(zip(LANDMARKS, found.points.tolist(), strict=True))
+    assert found.visible.all()
+    assert point["left_sleeve"][0] == 20 and point["right_sleeve"][0] == 179
+    assert 45 <= point["left_sleeve"][1] < 90
+    assert point["left_hem"] == [60, pytest.approx(196.5, abs=3)]
+    assert point["right_hem"][0] == 139 and point["right_hem"][1] > 190
+    assert 55 < point["left_collar"][0] < point["right_collar"][0] < 145  # the middle half
+    assert point["left_collar"][1] < 50
+    assert point["left_waistline"][0] == 60 and 140 < point["left_waistline"][1] < 170
+
+
+def test_trousers_have_a_waistband_and_hems_but_no_collar_and_shoes_no_landmarks():
+    from vestis.detect.landmarks import LANDMARKS, mask_landmarks
+
+    mask = np.zeros((300, 200), dtype=bool)
+    mask[50:90, 50:150] = True  # waistband and hips
+    mask[90:280, 50:95] = True  # left leg
+    mask[90:280, 105:150] = True  # right leg
+    found = mask_landmarks(mask, "lower")
+    seen = {name for name, visible in zip(LANDMARKS, found.visible, strict=True) if visible}
+    assert seen == {"left_waistline", "right_waistline", "left_hem", "right_hem"}
+    point = dict(zip(LANDMARKS, found.points.tolist(), strict=True))
+    assert point["left_waistline"][1] < 60 and point["left_hem"][1] > 270
+    assert point["left_hem"][0] == 50 and point["right_hem"][0] == 149
+    assert not mask_landmarks(mask, "footwear").visible.any()
+
+
+def test_vestis_detect_landmarks_in_json(held_out, tmp_path):
+    from typer.testing import CliRunner
+
+    from vestis.cli import app
+
+    val, _ = held_out
+    result = CliRunner().invoke(app, ["detect", str(val[0].image), "--json", "--landmarks",
+                                 "--out", str(tmp_path / "vis.png")])
+    assert result.exit_code == 0, result.output
+    garments = json.loads(result.stdout)["garments"]
+    width, height = Image.open(val[0].image).size
+    bodies = [g for g in garments if g["group"] in ("upper", "outer", "dress", "lower")]
+    assert bodies and all(g["landmarks"] for g in bodies)
+    for garment in bodies:
+        x1, y1, x2, y2 = garment["box"]
+        for x, y in garment["landmarks"].values():
+            assert x1 <= x <= x2 and y1 <= y <= y2
+    assert (tmp_path / "vis.png").exists()

@@ -417,6 +417,9 @@ def detect(
     parser: str = typer.Option("parser-lite0", help="Parser name or checkpoint path."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Draw masks and boxes (PNG)."),
+    landmarks: bool = typer.Option(
+        False, "--landmarks", help="Also find each garment's FashionNet landmarks (collar, "
+        "sleeves, waistline, hem), read off its mask: in the JSON and the drawing."),
 ) -> None:
     """Find the garments in a photo: group, box (x1 y1 x2 y2) and score of each."""
     from vestis.detect import draw_garments, load_parser
@@ -426,11 +429,12 @@ def detect(
     garments = load_parser(parser).parse(photo)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        draw_garments(photo, garments).save(out)
+        draw_garments(photo, garments, landmarks=landmarks).save(out)
     if as_json:
+        found = [{**g.to_dict(), **({"landmarks": g.landmarks().to_dict()} if landmarks else {})}
+                 for g in garments]
         typer.echo(json.dumps({"image": str(image), "width": photo.width,
-                               "height": photo.height,
-                               "garments": [g.to_dict() for g in garments]}, indent=2))
+                               "height": photo.height, "garments": found}, indent=2))
     else:
         if not garments:
             typer.echo("no garments found")

@@ -8,6 +8,7 @@
 
 from .boxes import BoxRules, Region, regions_from_labels
 from .groups import CCP_LABEL_GROUPS, GARMENT_GROUPS, GROUPS, label_lookup
+from .landmarks import LANDMARKS, Landmarks, mask_landmarks
 from .metrics import ParsingMetrics, confusion, format_metrics, metrics_from_confusion
 from .parser import DEFAULT_PARSER, Garment, GarmentParser, Parsing, draw_garments, load_parser
 
@@ -18,6 +19,8 @@ __all__ = [
     "GARMENT_GROUPS",
     "GROUPS",
     "Garment",
+    "LANDMARKS",
+    "Landmarks",
     "GarmentParser",
     "Parsing",
     "ParsingMetrics",
@@ -27,6 +30,7 @@ __all__ = [
     "format_metrics",
     "label_lookup",
     "load_parser",
+    "mask_landmarks",
     "metrics_from_confusion",
     "regions_from_labels",
 ]

@@ -14,6 +14,7 @@ from vestis.images import ImageSource, load_image
 
 from .boxes import Box, BoxRules, regions_from_labels
 from .groups import GROUP_COLOURS
+from .landmarks import Landmarks, mask_landmarks
 from .metrics import (
     ParsingMetrics,
     confusion,
@@ -51,6 +52,10 @@ class Garment:
     @property
     def area(self) -> int:
         return int(self.mask.sum())
+
+    def landmarks(self) -> Landmarks:
+        """FashionNet's eight landmarks, read off the mask (see :mod:`.landmarks`)."""
+        return mask_landmarks(self.mask, self.group)
 
     def crop(self, image: Image.Image, fill: tuple[int, int, int] | None = None) -> Image.Image:
         """The garment's box cut from ``image`` (the parsed photo); with ``fill``, the pixels
@@ -190,9 +195,10 @@ def load_parser(name: str | Path = DEFAULT_PARSER, backend: str = "auto",
                      "checkpoint file")
 
 
-def draw_garments(image: ImageSource, garments: list[Garment], alpha: float = 0.45
-                  ) -> Image.Image:
-    """The photo with each garment's mask tinted in its group's colour and its box outlined."""
+def draw_garments(image: ImageSource, garments: list[Garment], alpha: float = 0.45,
+                  landmarks: bool = False) -> Image.Image:
+    """The photo with each garment's mask tinted in its group's colour and its box outlined;
+    with ``landmarks``, each garment's visible landmarks as white dots."""
     photo = load_image(image)
     base = np.asarray(photo, dtype=np.float32)
     tint = base.copy()
@@ -210,4 +216,10 @@ def draw_garments(image: ImageSource, garments: list[Garment], alpha: float = 0.
         ty = y1 - (bottom - top) - 4 if y1 >= (bottom - top) + 4 else y1
         draw.rectangle((x1, ty, x1 + right - left + 4, ty + bottom - top + 4), fill=colour)
         draw.text((x1 + 2, ty + 1), text, fill=(0, 0, 0))
+        if landmarks:
+            found = garment.landmarks()
+            for (x, y), seen in zip(found.points, found.visible, strict=True):
+                if seen:
+                    draw.ellipse((x - 2 * line, y - 2 * line, x + 2 * line, y + 2 * line),
+                                 fill=(255, 255, 255), outline=colour, width=line)
     return blended

@@ -10,6 +10,7 @@ from vestis.models.cascade import HDCNet  # registers "hdc_net"
 from vestis.models.checkpoint import load_checkpoint, save_checkpoint
 from vestis.models.efficientnet_lite import EfficientNetLite, efficientnet_lite
 from vestis.models.encoder import EncodedBatch, Encoder
+from vestis.models.fashionnet import FashionNet  # registers "fashionnet"
 from vestis.models.imagenet import imagenet_classes
 from vestis.models.impdrop import ImpdropNet  # registers "impdrop_net"
 from vestis.models.registry import create_model, list_models, register_checkpoint, register_model
@@ -27,6 +28,7 @@ __all__ = [
     "EfficientNetLite",
     "EncodedBatch",
     "Encoder",
+    "FashionNet",
     "HDCNet",
     "ImpdropNet",
     "MHeadsNet",

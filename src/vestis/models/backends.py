@@ -149,11 +149,18 @@ def create_backend(
     if kind not in BACKENDS:
         raise ValueError(f"unknown backend {kind!r}; one of {', '.join(BACKENDS)}")
     on_cpu = device is None or torch.device(device).type == "cpu"
-    if kind == "torch" or (kind == "auto" and not (on_cpu and onnxruntime_available())):
+    # A model whose forward leaves torch (FashionNet's landmarks are found in numpy) would be
+    # traced with that part frozen into constants.
+    exportable = getattr(model, "onnx_exportable", True)
+    if kind == "torch" or (kind == "auto" and not (on_cpu and onnxruntime_available()
+                                                    and exportable)):
         return TorchBackend(model, device or "cpu")
     if kind == "onnx":
         if not on_cpu:
             raise ValueError("the ONNX Runtime backend runs on the CPU only")
+        if not exportable:
+            raise ValueError(f"{getattr(model, 'model_name', type(model).__name__)} does not "
+                             "export to ONNX; use the torch backend")
         return onnx_for(model, threads=threads, streams=streams)
     try:
         return onnx_for(model, threads=threads, streams=streams)
