@@ -45,6 +45,7 @@ from vestis.catalog.sources import IngestRecord, read_source, unique_records
 from vestis.catalog.store import ImageRow, NewImage, Store
 from vestis.images import Box, ImageSource
 from vestis.models import DEFAULT_MODEL, Encoder
+from vestis.models.encoder import in_context
 
 try:
     import fcntl
@@ -432,11 +433,11 @@ class Catalog:
             todo = [(r, sha) for r, sha in hashed if (r.item_id, sha) not in known]
             report.skipped = len(hashed) - len(todo)
             located = self._locate_garments(todo, crop, progress)
-            in_context = [new.box is not None and old.box is None
+            parsed_box = [new.box is not None and old.box is None
                           for (new, _), (old, _) in zip(located, todo, strict=True)]
             if crop != self.crop_mode:
                 self._store.set_meta({"crop": crop})
-            self._embed_and_store(located, report, on_error, progress, in_context)
+            self._embed_and_store(located, report, on_error, progress, parsed_box)
             if report.added:
                 self._follow_size()
             if self._index_dirty:
@@ -486,22 +487,22 @@ class Catalog:
         if on_error is not None:
             on_error(path, reason)
 
-    def _embed_and_store(self, todo, report, on_error, progress, in_context=None) -> None:
-        """Embed and store ``todo``; rows flagged ``in_context`` (boxes found by the garment
+    def _embed_and_store(self, todo, report, on_error, progress, parsed_box=None) -> None:
+        """Embed and store ``todo``; rows flagged ``parsed_box`` (boxes found by the garment
         parser) get :meth:`Encoder.embed_in_context` vectors, the others their box's own."""
         if not todo:
             return
         index = self._vector_index()
         paths = [record.path for record, _ in todo]
-        in_context = in_context or [False] * len(todo)
+        parsed_box = parsed_box or [False] * len(todo)
         boxes = [None if context else record.box
-                 for (record, _), context in zip(todo, in_context, strict=True)]
+                 for (record, _), context in zip(todo, parsed_box, strict=True)]
         for batch in self.encoder.iter_batches(paths, boxes, progress=progress, desc="indexing"):
             for position, error in batch.errors:
                 self._fail(report, on_error, str(paths[position]), error.reason)
             if not batch.indices:
                 continue
-            self._add_context(batch, todo, in_context)
+            self._add_context(batch, todo, parsed_box)
             new_images, item_metadata = [], {}
             for position, vector in zip(batch.indices, batch.vectors, strict=False):
                 record, sha = todo[position]
@@ -519,15 +520,14 @@ class Catalog:
             report.added += len(added)
             report.skipped += len(ids) - len(added)
 
-    def _add_context(self, batch, todo, in_context) -> None:
+    def _add_context(self, batch, todo, parsed_box) -> None:
         """Fuse the whole-photo vectors of a batch's parser-boxed rows with their crops'."""
-        rows = [n for n, position in enumerate(batch.indices) if in_context[position]]
+        rows = [n for n, position in enumerate(batch.indices) if parsed_box[position]]
         if not rows:
             return
         crops = self.encoder.embed([todo[batch.indices[n]][0].path for n in rows],
                                    [todo[batch.indices[n]][0].box for n in rows])
-        fused = batch.vectors[rows] + crops
-        batch.vectors[rows] = fused / np.linalg.norm(fused, axis=1, keepdims=True).clip(1e-12)
+        batch.vectors[rows] = in_context(batch.vectors[rows], crops)
 
     def add_vectors(
         self,

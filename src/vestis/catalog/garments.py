@@ -28,6 +28,7 @@ from vestis.catalog.sources import IngestRecord
 from vestis.detect.categories import category_mapping, compatible_groups, product_box
 from vestis.detect.groups import GARMENT_GROUPS
 from vestis.images import Box, ImageError, ImageSource, load_image
+from vestis.models.encoder import in_context
 
 if TYPE_CHECKING:
     from vestis.catalog.catalog import Catalog, Match
@@ -156,12 +157,10 @@ def garment_vectors(encoder, image: Image.Image,
     """Each view's vector in the photo's context, as catalog crops are embedded
     (:meth:`vestis.models.Encoder.embed_in_context`): the whole photo's vector (computed
     once) plus the crop's, normalised."""
-    vectors = encoder.embed([image] + [view for *_, view in views])
-    whole, crops = vectors[0], vectors[1:]
     if len(views) == 1 and views[0][0] == WHOLE_IMAGE:
-        return whole[None]
-    fused = crops + whole
-    return fused / np.linalg.norm(fused, axis=1, keepdims=True).clip(1e-12)
+        return encoder.embed([image])
+    vectors = encoder.embed([image] + [view for *_, view in views])
+    return in_context(vectors[0], vectors[1:])
 
 
 def search_garments(catalog: Catalog, query: ImageSource, k: int = 10, *,

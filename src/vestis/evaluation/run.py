@@ -11,6 +11,7 @@ from vestis.evaluation.datasets import EvalDataset, Sample, load_dataset
 from vestis.evaluation.metrics import RetrievalResult, retrieval_metrics
 from vestis.evaluation.report import write_metrics_json, write_report
 from vestis.models import DEFAULT_MODEL, Encoder
+from vestis.models.encoder import in_context
 
 #: How ``evaluate`` crops images without a box: see :func:`evaluate`.
 CROPS = ("none", "garment", "largest")
@@ -74,10 +75,10 @@ def embed_dataset(
     vectors = encoder.embed(
         paths, boxes if any(box is not None for box in boxes) else None, progress=progress
     )
-    context = [i for i, (_, box, in_context) in enumerate(unique) if in_context and box]
-    if context:
-        vectors[context] = encoder.embed_in_context([paths[i] for i in context],
-                                                    [boxes[i] for i in context])
+    context = [i for i, (_, box, context) in enumerate(unique) if context and box]
+    if context:  # their crops are embedded above; add their whole photos' vectors
+        whole = encoder.embed([paths[i] for i in context], progress=progress)
+        vectors[context] = in_context(whole, vectors[context])
     row = {key: i for i, key in enumerate(unique)}
     query_rows = [row[_key(sample)] for sample in dataset.queries]
     gallery_rows = [row[_key(sample)] for sample in dataset.gallery]

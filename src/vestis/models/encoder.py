@@ -35,6 +35,13 @@ class EncodedBatch:
     errors: list[tuple[int, ImageError]] = field(default_factory=list)
 
 
+def in_context(whole: np.ndarray, crops: np.ndarray) -> np.ndarray:
+    """Garment vectors in their photos' context: ``whole + crops``, rows L2-normalised
+    (``whole`` may be one row shared by every crop)."""
+    fused = crops + whole
+    return fused / np.linalg.norm(fused, axis=-1, keepdims=True).clip(1e-12)
+
+
 class Encoder:
     """Embeds images with a model from the registry.
 
@@ -162,8 +169,7 @@ class Encoder:
         if boxed:
             crops = self.embed([sources[i] for i in boxed], [boxes[i] for i in boxed],
                                progress=progress)
-            fused = vectors[boxed] + crops
-            vectors[boxed] = fused / np.linalg.norm(fused, axis=1, keepdims=True).clip(1e-12)
+            vectors[boxed] = in_context(vectors[boxed], crops)
         return vectors
 
     def embed_one(self, source: ImageSource, box: Box | None = None) -> np.ndarray:

@@ -55,23 +55,10 @@ class FashionNet(RetrievalNet):
         self.local_stage = local_stage
         self.global_dim = self.feature_dim
         self.local_dim = len(LANDMARKS) * self.backbone.stage_channels[local_stage]
-        self.feature_dim = self.global_dim + self.local_dim
-        self._rebuild_head(kwargs.get("adapter_dim"), kwargs.get("embed_dim"),
-                           kwargs.get("category_classes", 0))
+        self._build_head(self.global_dim + self.local_dim, kwargs.get("adapter_dim"),
+                         kwargs.get("embed_dim"), kwargs.get("category_classes", 0))
         self.parser_name = parser
         self._parser = None  # loaded on first use, outside the module's state
-
-    def _rebuild_head(self, adapter_dim, embed_dim, category_classes) -> None:
-        from vestis.models.retrieval_net import _adapter
-
-        self.adapter = _adapter(self.feature_dim, adapter_dim)
-        adapted = adapter_dim or self.feature_dim
-        self.adapter_output_dim = adapted
-        self.projection = torch.nn.Linear(adapted, embed_dim) if embed_dim else None
-        self.embed_dim = embed_dim or adapted
-        self.classifier = torch.nn.Linear(adapted, category_classes) if category_classes else None
-        blend = self.classifier is not None and self.category_weight > 0
-        self.output_dim = self.embed_dim + (category_classes if blend else 0)
 
     @property
     def parser(self):

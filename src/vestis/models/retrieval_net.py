@@ -60,17 +60,23 @@ class RetrievalNet(nn.Module):
         self.backbone = efficientnet_lite(backbone, pretrained=pretrained)
         self.levels = _check_levels(levels, len(self.backbone.stage_channels))
         self.pool = create_pooling(pooling, **({"p": gem_p} if pooling == "gem" else {}))
-        self.feature_dim = sum(self._level_channels(level) for level in self.levels)
-        self.adapter = _adapter(self.feature_dim, adapter_dim)
-        adapted = adapter_dim or self.feature_dim
+        self.category_weight = float(category_weight)
+        self._build_head(sum(self._level_channels(level) for level in self.levels),
+                         adapter_dim, embed_dim, category_classes)
+        self.preprocess = Preprocess(size=VARIANTS[backbone].resolution)
+
+    def _build_head(self, feature_dim: int, adapter_dim: int | None, embed_dim: int | None,
+                    category_classes: int) -> None:
+        """The trainable head over ``feature_dim`` extracted features."""
+        self.feature_dim = feature_dim
+        self.adapter = _adapter(feature_dim, adapter_dim)
+        adapted = adapter_dim or feature_dim
         self.adapter_output_dim = adapted
         self.projection = nn.Linear(adapted, embed_dim) if embed_dim else None
         self.embed_dim = embed_dim or adapted
         self.classifier = nn.Linear(adapted, category_classes) if category_classes else None
-        self.category_weight = float(category_weight)
         blend = self.classifier is not None and self.category_weight > 0
         self.output_dim = self.embed_dim + (category_classes if blend else 0)
-        self.preprocess = Preprocess(size=VARIANTS[backbone].resolution)
 
     def _level_channels(self, level: int | str) -> int:
         if level == HEAD_LEVEL:
