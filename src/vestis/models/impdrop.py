@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vestis.models.registry import register_model
-from vestis.models.retrieval_net import RetrievalNet, _adapter
+from vestis.models.retrieval_net import RetrievalNet
 
 DEFAULT_LEVELS = (2, 3, 4, "head")
 # Convolutions on CPU run about 1.4x faster (training steps and caching) in NHWC layout.
@@ -130,8 +130,9 @@ class ImpdropNet(RetrievalNet):
         self.branch = nn.Sequential(*copy.deepcopy(self._stage_blocks(attend_at_stage,
                                                                       branch_stages)))
         self.global_dim = self.feature_dim
+        self.category_weight = float(category_weight)
         self._build_head(self.global_dim + self.backbone.num_features, adapter_dim, embed_dim,
-                         category_classes, category_weight)
+                         category_classes)
         self.config.update(attend_at_stage=attend_at_stage, branch_stages=branch_stages,
                            attention_width=attention_width, adapter_dim=adapter_dim,
                            embed_dim=embed_dim, category_classes=category_classes,
@@ -141,18 +142,6 @@ class ImpdropNet(RetrievalNet):
     def _stage_blocks(self, start: int, count: int) -> list[nn.Module]:
         ends = self.backbone.stage_ends
         return self.backbone.stage_modules(start)[:ends[start + count - 1] - ends[start - 1]]
-
-    def _build_head(self, features: int, adapter_dim, embed_dim, classes: int, weight: float):
-        """RetrievalNet's adapter, projection and classifier, over both branches' features."""
-        self.feature_dim = features
-        self.adapter = _adapter(features, adapter_dim)
-        adapted = self.adapter_output_dim = adapter_dim or features
-        self.projection = nn.Linear(adapted, embed_dim) if embed_dim else None
-        self.embed_dim = embed_dim or adapted
-        self.classifier = nn.Linear(adapted, classes) if classes else None
-        self.category_weight = float(weight)
-        blend = self.classifier is not None and self.category_weight > 0
-        self.output_dim = self.embed_dim + (classes if blend else 0)
 
     # -- the cut -------------------------------------------------------------------------
     def check_cut(self, cut: int | None) -> int:
