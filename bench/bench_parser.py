@@ -3,6 +3,7 @@
 Usage::
 
     nice -n 5 python bench/bench_parser.py [--photos 40] [--parser parser-lite0] [--threads N]
+        [--update BENCHMARKS.md]    # also the held-out mIoU, and both into the report
 
 Times ``GarmentParser.parse(path)`` end to end: JPEG decode, resize, the network (on the
 parser's backend, ONNX Runtime when installed; photo and mirror image as one batch),
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from vestis.detect import load_parser, regions_from_labels
+from vestis.detect import GARMENT_GROUPS, load_parser, regions_from_labels
 from vestis.detect.train import load_recipe, recipe_split
 from vestis.images import load_image
 
@@ -40,12 +41,15 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", help="auto, onnx or torch")
     parser.add_argument("--no-flip", action="store_true", help="no mirror-image averaging")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--update", type=Path,
+                        help="Also score the recipe's held-out photos (mIoU) and write both "
+                        "into this BENCHMARKS.md.")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     model = load_parser(args.parser, backend=args.backend, flip=not args.no_flip)
-    _, val, _ = recipe_split(load_recipe(args.recipe))
+    _, val, lookup = recipe_split(load_recipe(args.recipe))
     photos = [row.image for row in val[: args.photos]]
     if len(photos) < args.photos:
         raise SystemExit(f"only {len(photos)} held-out photos")
@@ -84,6 +88,25 @@ def main() -> None:
         print(f"  {name:<16} median {statistics.median(values) * 1000:6.1f} ms")
     print("load average (1, 5, 15 min) before: " + ", ".join(f"{v:.2f}" for v in load_before)
           + "; after: " + ", ".join(f"{v:.2f}" for v in load_after))
+    if args.update:
+        metrics = model.evaluate_rows(val, lookup, progress=True)
+        iou = ", ".join(f"{group} {metrics.iou[group]:.3f}" for group in GARMENT_GROUPS)
+        section = [
+            "## Garment parser (`bench/bench_parser.py`)", "",
+            f"Parser `{args.parser}` on {model.backend_name} (mirror-image averaging "
+            f"{'on' if model.flip else 'off'}), the {len(val)} held-out photos of "
+            f"`{args.recipe.relative_to(REPO)}`, at each mask's full resolution: **garment "
+            f"mIoU {metrics.miou:.3f}** ({iou}); person {metrics.iou['person']:.3f} and "
+            f"background {metrics.iou['background']:.3f} apart; pixel accuracy "
+            f"{metrics.pixel_accuracy:.3f}.", "",
+            f"Latency per photo (decode and boxes included), median of {len(ms)}: "
+            f"{statistics.median(ms):.1f} ms (p90 {ms[int(0.9 * (len(ms) - 1))]:.1f}); load "
+            f"average before {load_before[0]:.2f}.",
+        ]
+        print("\n".join(section))
+        from recipes import replace_section
+
+        replace_section(args.update, section)
 
 
 if __name__ == "__main__":

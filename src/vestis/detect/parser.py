@@ -156,10 +156,14 @@ class GarmentParser:
     def evaluate(self, dataset: str | Path, labels: str | Path | None = None,
                  progress: bool = False) -> ParsingMetrics:
         """Parsing metrics on a CCP-format CSV, at each mask's own resolution."""
+        return self.evaluate_rows(read_parsing_csv(dataset), dataset_lookup(dataset, labels),
+                                  progress)
+
+    def evaluate_rows(self, rows, lookup: np.ndarray, progress: bool = False) -> ParsingMetrics:
+        """Parsing metrics over rows with ``image`` and ``mask`` paths; ``lookup`` maps mask
+        values to group indices (:func:`vestis.detect.groups.label_lookup`)."""
         from tqdm.auto import tqdm
 
-        rows = read_parsing_csv(dataset)
-        lookup = dataset_lookup(dataset, labels)
         matrix = np.zeros((len(self.groups),) * 2, dtype=np.int64)
         for row in tqdm(rows, desc="eval-parsing", unit="photo", disable=not progress):
             truth = load_group_mask(row.mask, lookup)
