@@ -254,8 +254,9 @@ def test_vestis_eval_parsing_on_a_small_ccp_format_split(held_out, ccp, tmp_path
 def test_fine_tuned_stages_ship_as_int8_per_channel_within_half_a_step():
     import torch
 
-    from vestis.detect.model import dequantize, quantize, read_parser_checkpoint
+    from vestis.detect.model import read_parser_checkpoint
     from vestis.detect.parser import SHIPPED
+    from vestis.models.quantize import dequantize, quantize
 
     weight = torch.randn(16, 8, 3, 3) * torch.linspace(0.01, 2.0, 16)[:, None, None, None]
     packed = quantize(weight)

@@ -162,3 +162,28 @@ def test_checkpoint_with_fine_tuned_stages_keeps_only_those(tmp_path, data_dir):
     untuned.load_state_dict(model.state_dict() | {
         "backbone._conv_head.weight": untuned.backbone._conv_head.weight})
     assert float(reloaded @ Encoder(untuned).embed_one(image)) < 0.999
+
+
+def test_int8_checkpoint_is_smaller_and_embeds_like_the_original(tmp_path, data_dir):
+    model = create_model("lite0", embed_dim=32)
+    tuned = [f"backbone.{name}" for name, _ in model.backbone.named_parameters()
+             if name.startswith("_conv_head")]
+    half = save_checkpoint(model, tmp_path / "half.pt", include_backbone=tuned, half=True)
+    small = save_checkpoint(model, tmp_path / "int8.pt", include_backbone=tuned, int8=True)
+    payload = torch.load(small, weights_only=True)
+    kernel = payload["state_dict"]["backbone._conv_head.weight"]
+    assert kernel["q"].dtype == torch.int8 and payload["version"] == 2
+    assert small.stat().st_size < 0.6 * half.stat().st_size
+    images = [data_dir / "luma" / "images" / name
+              for name in ("mh06-blue_main.jpg", "mh07-black_main.jpg")]
+    original = Encoder(model).embed(images)
+    reloaded = Encoder.from_name(str(small)).embed(images)
+    assert np.all((original * reloaded).sum(1) > 0.995)
+
+
+def test_shipped_default_stores_its_trained_weights_in_int8():
+    from vestis.models.registry import _TRAINED
+
+    payload = torch.load(_TRAINED["vestis-lite0"], weights_only=True)
+    packed = [v for v in payload["state_dict"].values() if isinstance(v, dict)]
+    assert packed and all(v["q"].dtype == torch.int8 for v in packed)

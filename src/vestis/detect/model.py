@@ -18,6 +18,7 @@ from torch import nn
 
 # A leaf module (torch only): the detect layer sits below vestis.models' registry and encoders.
 from vestis.models.efficientnet_lite import EfficientNetLite, efficientnet_lite
+from vestis.models.quantize import pack, unpack
 
 from .groups import GROUPS
 
@@ -173,31 +174,6 @@ def to_input(image: Image.Image, resized: tuple[int, int], padded: tuple[int, in
     return torch.from_numpy(canvas.transpose(2, 0, 1).copy()).unsqueeze(0)
 
 
-def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Symmetric int8 with one fp16 scale per output channel (a conv's first axis)."""
-    flat = weight.detach().float().reshape(weight.shape[0], -1)
-    scale = (flat.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-    q = torch.round(flat / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return {"q": q.reshape(weight.shape), "scale": scale.half()}
-
-
-def dequantize(packed: dict[str, torch.Tensor]) -> torch.Tensor:
-    q = packed["q"]
-    return (q.float().reshape(q.shape[0], -1) * packed["scale"].float()[:, None]).reshape(q.shape)
-
-
-def _pack(value: torch.Tensor):
-    """Fine-tuned backbone weights as shipped: conv kernels in int8 (they are most of the
-    bytes: the checkpoint must stay small), the rest (BatchNorm) in fp16."""
-    if value.is_floating_point() and value.ndim >= 2:
-        return quantize(value)
-    return (value.half() if value.is_floating_point() else value).clone()
-
-
-def _unpack(value) -> torch.Tensor:
-    return dequantize(value) if isinstance(value, dict) else value
-
-
 def save_parser(net: ParserNet, path: str | Path, meta: dict | None = None) -> Path:
     """Write the decoder (fp16) and any fine-tuned backbone stages (conv kernels int8 per
     channel, the rest fp16), with the config and ``meta`` (recipe, metrics); the frozen
@@ -212,7 +188,7 @@ def save_parser(net: ParserNet, path: str | Path, meta: dict | None = None) -> P
         "version": 2,
         "config": net.config.to_dict(),
         "decoder": state,
-        "backbone": {k: _pack(backbone[k]) for k in net.trained_backbone_keys()},
+        "backbone": {k: pack(backbone[k]) for k in net.trained_backbone_keys()},
         "meta": meta or {},
     }
     tmp = path.with_name(f".{path.name}.tmp")
@@ -242,6 +218,6 @@ def load_parser_net(path: str | Path) -> tuple[ParserNet, dict]:
         raise ValueError(f"{path}: backbone weights do not match the fine-tuned stages")
     if trained:
         own = net.backbone.state_dict()
-        own.update({k: _unpack(v).to(own[k].dtype) for k, v in trained.items()})
+        own.update({k: unpack(v).to(own[k].dtype) for k, v in trained.items()})
         net.backbone.load_state_dict(own, strict=True)
     return net.eval(), payload.get("meta", {})

