@@ -198,6 +198,43 @@ def test_a_street_photo_is_searched_garment_by_garment_in_compatible_groups(clie
     assert bad.status_code == 422 and "garment" in bad.json()["detail"]
 
 
+def test_complete_the_look_and_describe_over_http(client, photos):
+    from vestis.evaluation.outfits import category_leaf
+
+    item_id, path = sorted(photos.items())[0]
+    response = client.post("/complete", files={"image": ("q.jpg", path.read_bytes())},
+                           data={"k": "4"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    own = category_leaf(body["category"])
+    assert body["matches"] and len(body["matches"]) <= 4
+    assert all(category_leaf(m["metadata"]["category"]) != own for m in body["matches"])
+    assert item_id not in {m["item_id"] for m in body["matches"]}
+    described = client.post("/describe", files={"image": ("q.jpg", path.read_bytes())})
+    assert described.status_code == 200
+    assert described.json()["category"]["name"] and described.json()["attributes"]
+    bad = client.post("/complete", files={"image": ("q.jpg", b"not an image")})
+    assert bad.status_code in (415, 422) and bad.json()["detail"]
+
+
+def test_search_by_words_and_by_photo_changed_by_words(client, photos):
+    item_id, path = sorted(photos.items())[0]
+    meta = client.get(f"/items/{item_id}").json()["metadata"]
+    words = f"{meta['colour']} {meta['name']}"
+    response = client.post("/search/text", data={"text": words, "k": "3"})
+    assert response.status_code == 200, response.text
+    assert response.json()["matches"][0]["item_id"] == item_id
+    bm25 = client.post("/search/text", data={"text": words, "mode": "bm25"}).json()
+    assert bm25["matches"][0]["item_id"] == item_id
+    changed = search(client, path, k=3, text="in red")
+    assert changed.status_code == 200, changed.text
+    [garment] = changed.json()["garments"]
+    assert garment["group"] == "whole image" and garment["matches"]
+    for bad in ({"text": "   "}, {"text": "x", "mode": "fuzzy"}):
+        refused = client.post("/search/text", data=bad)
+        assert refused.status_code == 422 and refused.json()["detail"]
+
+
 def test_filters_keep_only_matching_items(client, photos):
     path = sorted(photos.values())[0]
     categories = client.get("/facets").json()["category"]["values"]

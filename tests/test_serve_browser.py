@@ -35,7 +35,13 @@ def browser():
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory, luma_rows, data_dir) -> Iterator[str]:
+    from vestis.catalog import Catalog
+    from vestis.catalog.annotate import annotate_attributes
+    from vestis.models.attributes import load_attribute_model
+
     catalog = small_catalog(tmp_path_factory, luma_rows, data_dir)
+    with Catalog(catalog) as opened:
+        annotate_attributes(opened, load_attribute_model())
     with running_server(create_app(catalog, token=TOKEN)) as base:
         yield base
 
@@ -93,6 +99,27 @@ def test_uploading_a_photo_shows_the_garment_and_its_item_first(page, rows, data
     shot = SCREENSHOTS / "serve-screenshot.png"
     page.screenshot(path=str(shot), full_page=True)
     print(f"screenshot: {shot}")
+
+
+def test_attribute_chips_and_complete_the_look(page, rows, data_dir):
+    item_id, photo = photo_of(rows, data_dir)
+    page.set_input_files("#file", str(photo))
+    cards_of(page)
+    assert page.locator("#garments .card").first.locator(".chip").count() > 0
+    page.click("#complete")
+    page.wait_for_selector("#outfit .card")
+    assert page.inner_text("#outfit h3").startswith("Goes with")
+    suggested = page.eval_on_selector_all("#outfit .card", "cs => cs.map(c => c.dataset.item)")
+    assert suggested and item_id not in suggested
+    page.screenshot(path=str(SCREENSHOTS / "serve-screenshot-outfit.png"), full_page=True)
+
+
+def test_search_by_words_without_a_photo(page, rows):
+    row = rows[0]
+    page.fill("#text", f"{row['colour']} {row['name']}")
+    page.press("#text", "Enter")
+    assert cards_of(page)[0] == row["item_id"]
+    assert row["name"] in page.inner_text("#garments h3")
 
 
 def test_a_street_photo_shows_one_box_and_result_list_per_garment(page, data_dir):

@@ -80,3 +80,39 @@ def test_fine_tuning_upper_stages_trains_and_ships_only_them(tmp_path, data_dir)
     encoder = Encoder.from_name(str(tmp_path / "best.pt"))
     vector = encoder.embed_one(data_dir / "luma" / "images" / "mh06-blue_main.jpg")
     assert np.isclose(np.linalg.norm(vector), 1.0, atol=1e-5)
+
+
+def test_a_run_can_start_from_another_runs_checkpoint(tmp_path, data_dir):
+    from vestis.train.trainer import init_from_checkpoint
+
+    train(CONFIGS / "triplet.yaml", tmp_path / "first", overrides=SMOKE, progress=False)
+    start = torch.load(tmp_path / "first" / "best.pt", weights_only=True)["state_dict"]
+    model = create_model("lite0", levels=[2, 3, 4, "head"], adapter_dim=512, embed_dim=256)
+    loaded = init_from_checkpoint(model, tmp_path / "first" / "best.pt")
+    assert any(k.startswith("projection") for k in loaded)
+    key = next(k for k in loaded if not k.startswith("backbone."))
+    assert torch.equal(model.state_dict()[key], start[key].float())
+    other = create_model("lite0", embed_dim=32)  # another head: nothing matches it
+    with pytest.raises(ValueError, match="no weights match"):
+        init_from_checkpoint(other, tmp_path / "first" / "best.pt")
+    second = {**SMOKE, "epochs": 1, "model": {"init_from": str(tmp_path / "first" / "best.pt")}}
+    train(CONFIGS / "triplet.yaml", tmp_path / "second", overrides=second, progress=False)
+    assert read_log(tmp_path / "second")
+
+
+def test_validation_only_sources_are_scored_but_never_trained_on(tmp_path, data_dir):
+    from vestis.train.sources import build_sources
+
+    config = load_config(CONFIGS / "triplet.yaml", {
+        "data": {"sources": [
+            {"name": "luma", "kind": "luma", "path": str(data_dir / "luma" / "catalog.csv"),
+             "split_by": "product", "val_fraction": 0.2},
+            {"name": "clothing", "kind": "clothing",
+             "path": str(data_dir / "clothing" / "labels.csv"), "split_by": "sender_id",
+             "val_fraction": 0.2, "validation_only": True}]}})
+    samples, validation = build_sources(config)
+    assert {s.label.split(":")[0] for s in samples} == {"luma"}
+    assert [v.name for v in validation] == ["luma", "clothing"]
+    with pytest.raises(ValueError, match="nothing to train"):
+        load_config({"data": {"sources": [{"kind": "luma", "path": ".", "split_by": "product",
+                                           "validation_only": True}]}})

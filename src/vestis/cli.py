@@ -39,6 +39,8 @@ def friendly_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except (ImageError, ModelMismatchError, FileNotFoundError, ValueError) as exc:
+            fail(str(exc))  # VideoError is a ValueError
+        except ImportError as exc:  # an optional model package missing (TextEncoderMissing)
             fail(str(exc))
         except KeyError as exc:
             fail(str(exc.args[0]) if exc.args else "not found")
@@ -93,6 +95,12 @@ def index(
         None, "--crop", help="garment: index each photo by the garment its item's category "
         "names (found by the garment parser); none: the whole photo. Kept for later runs "
         "(default: the catalog's choice, at first none)."),
+    products: Path | None = typer.Option(
+        None, "--products", help="A products.csv (product,name,description,attributes...): "
+        "each item with a matching 'product' value gets its description and attributes."),
+    attributes: bool = typer.Option(
+        False, "--attributes", help="Predict each item's category and attributes and store "
+        "them as predicted.<family> metadata (filter with --where predicted.pattern=Solid)."),
 ) -> None:
     """Add the images of SOURCE to the catalog (created if missing); prints images/s."""
     from tqdm.auto import tqdm
@@ -113,14 +121,35 @@ def index(
             f"catalog has {len(cat)} items, {cat.num_images} images; index {cat.factory}; "
             f"crop {cat.crop_mode}"
         )
+        _annotate(cat, products, attributes)
     if report.failed:
         raise typer.Exit(1)
+
+
+def _annotate(cat, products: Path | None, attributes: bool) -> None:
+    from vestis.catalog.annotate import annotate_attributes, join_products
+
+    if products is not None:
+        from vestis.data.products import read_products
+
+        joined = join_products(cat, read_products(products))
+        typer.echo(f"joined {joined} items with {products}")
+    if attributes:
+        from vestis.models.attributes import load_attribute_model
+
+        count = annotate_attributes(cat, load_attribute_model(), progress=True)
+        typer.echo(f"predicted attributes of {count} items")
+
+
+TEXT_HELP = ("Search by words ('navy full-zip hoodie'); with a photo: the photo changed by "
+             "the words ('but in red').")
 
 
 @app.command()
 @friendly_errors
 def search(
-    image: Path = typer.Argument(..., help="Query photo."),
+    image: Path | None = typer.Argument(
+        None, help="Query photo or video (.mp4, .mov, .webm, ...); omit it with --text."),
     catalog: Path = CatalogOption,
     k: int = typer.Option(10, "-k", "--k", min=1, help="Number of items per garment."),
     where: list[str] | None = typer.Option(None, "--where", help="Filter key=value (AND)."),
@@ -133,16 +162,40 @@ def search(
         "default only compatible groups: shoes never return hoodies)."),
     mask: str = typer.Option(
         "none", "--mask", help="Paint each crop's non-garment pixels: none, grey or white."),
+    text: str | None = typer.Option(None, "--text", help=TEXT_HELP),
+    text_mode: str = typer.Option(
+        "hybrid", "--text-mode", help="Text search: hybrid (BM25 fused with the aligned "
+        "embedding), bm25 or embedding."),
+    text_weight: float = typer.Option(
+        0.5, "--text-weight", min=0.0, max=1.0, help="Photo + text: the text's share."),
+    fusion: str = typer.Option(
+        "learned", "--fusion", help="Video: how a track's frames are fused (learned, max, "
+        "mean)."),
+    every: int = typer.Option(25, "--every", min=1, help="Video: sample every Nth frame."),
+    thumbnails: Path | None = typer.Option(
+        None, "--thumbnails", help="Video: write each track's best frame crop here."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Find the catalog items that best match each garment of a photo.
+    """Find the catalog items that best match each garment of a photo, or a text.
 
     The garment parser finds the garments; each is searched on its own (its group, box and
-    top-k are printed). A photo with no garment found is searched whole."""
+    top-k are printed). A photo with no garment found is searched whole. --text searches by
+    words, or with a photo, for items like the photo as the words change it. A video is
+    sampled every --every frames, its garments are tracked, and each track is matched."""
     from vestis.catalog.garments import WHOLE_IMAGE, GarmentHits, mask_fill
     from vestis.images import load_image
 
     mask_fill(mask)  # a bad value fails before any model loads
+    if image is None and text is None:
+        raise ValueError("give a photo, --text, or both")
+    if text is not None:
+        _search_text(image, catalog, k, parse_where(where), text, text_mode, text_weight,
+                     as_json)
+        return
+    if is_video(image):
+        _search_video(image, catalog, k, parse_where(where), not any_group, fusion, every,
+                      thumbnails, as_json)
+        return
     with open_catalog(catalog) as cat:
         if whole:
             photo = load_image(image)
@@ -159,13 +212,76 @@ def search(
         typer.echo(f"no {garment} garment found" if garment else "no results")
     for hit in hits:
         typer.echo(f"{hit.group}  box {' '.join(map(str, hit.box))}  score {hit.score:.2f}")
-        if not hit.matches:
-            typer.echo("       no results")
-        for rank, match in enumerate(hit.matches, start=1):
-            label = match.metadata.get("name") or match.metadata.get("category") or ""
-            box = f"  [{' '.join(map(str, match.box))}]" if match.box else ""
-            typer.echo(f"  {rank:>3}  {match.score:.4f}  {match.item_id}  {label}  "
-                       f"{match.path}{box}")
+        _print_matches(hit.matches)
+
+
+VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".mpg", ".mpeg"}
+
+
+def is_video(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_SUFFIXES
+
+
+def _search_video(video: Path, catalog: Path, k: int, where: dict, compatible: bool,
+                  fusion: str, every: int, thumbnails: Path | None, as_json: bool) -> None:
+    from vestis.video.search import search_video
+
+    if not video.is_file():
+        raise FileNotFoundError(f"{video}: no such video")
+    with open_catalog(catalog) as cat:
+        tracks = search_video(cat, video, k, fusion=fusion, every=every, progress=True,
+                              where=where or None, compatible=compatible)
+    if thumbnails is not None:
+        thumbnails.mkdir(parents=True, exist_ok=True)
+        for track in tracks:
+            if track.thumbnail is not None:
+                track.thumbnail.convert("RGB").save(thumbnails / f"track-{track.track_id}.jpg")
+    if as_json:
+        typer.echo(json.dumps({"query": str(video), "fusion": fusion,
+                               "tracks": [t.to_dict(thumbnail=thumbnails is None)
+                                          for t in tracks]}, indent=2))
+        return
+    if not tracks:
+        typer.echo("no garment tracked in the video")
+    for track in tracks:
+        span = f"{track.times[0]:.1f}-{track.times[-1]:.1f} s" if track.times else ""
+        shot = (f"  thumbnail {thumbnails / f'track-{track.track_id}.jpg'}"
+                if thumbnails is not None and track.thumbnail is not None else "")
+        typer.echo(f"track {track.track_id}  {track.group}  {span}  {len(track.frames)} "
+                   f"frames  best frame {track.best_frame_index}{shot}")
+        _print_matches(track.matches)
+
+
+def _print_matches(matches) -> None:
+    if not matches:
+        typer.echo("       no results")
+    for rank, match in enumerate(matches, start=1):
+        label = match.metadata.get("name") or match.metadata.get("category") or ""
+        colour = f" ({match.metadata['colour']})" if match.metadata.get("colour") else ""
+        box = f"  [{' '.join(map(str, match.box))}]" if match.box else ""
+        typer.echo(f"  {rank:>3}  {match.score:.4f}  {match.item_id}  {label}{colour}  "
+                   f"{match.path}{box}")
+
+
+def _search_text(image: Path | None, catalog: Path, k: int, where: dict, text: str,
+                 mode: str, text_weight: float, as_json: bool) -> None:
+    from vestis.images import load_image
+    from vestis.text.search import search_image_text, search_text
+
+    with open_catalog(catalog) as cat:
+        if image is None:
+            matches = search_text(cat, text, k, where=where or None, mode=mode)
+        else:
+            photo = load_image(image)
+            photo_mode = "embedding" if mode == "embedding" else "hybrid"
+            matches = search_image_text(cat, photo, text, k, text_weight, where=where or None,
+                                        mode=photo_mode)
+    if as_json:
+        typer.echo(json.dumps({"query": str(image) if image else None, "text": text,
+                               "results": [m.to_dict() for m in matches]}, indent=2))
+        return
+    typer.echo(f"text {text!r}" + (f" with photo {image}" if image else ""))
+    _print_matches(matches)
 
 
 @app.command()
@@ -353,8 +469,13 @@ def train_(
     epochs: int | None = typer.Option(None, help="Override the recipe's epochs."),
     minutes: float | None = typer.Option(None, help="Override the time budget (minutes)."),
 ) -> None:
-    """Train an embedding model; writes best.pt, last.pt, config.yaml and log.csv."""
+    """Train an embedding model; writes best.pt, last.pt, config.yaml and log.csv.
+
+    Recipes with ``task: attributes`` or ``task: outfits`` train the small heads on frozen
+    features instead (best.pt, config.json, metrics.json)."""
+    from vestis.recipe_files import read_recipe
     from vestis.train import train
+    from vestis.train.heads import is_head_recipe, train_heads
 
     overrides: dict = {}
     if epochs is not None:
@@ -362,6 +483,11 @@ def train_(
     if minutes is not None:
         overrides["time_budget_minutes"] = minutes
     out = out or Path("runs") / recipe.stem
+    if is_head_recipe(read_recipe(recipe)):
+        heads = train_heads(recipe, out, overrides)
+        typer.echo(f"trained in {heads.seconds:.0f} s; wrote {heads.path}; held-out metrics "
+                   f"in {out / 'metrics.json'}")
+        return
     result = train(recipe, out, resume=resume, overrides=overrides)
     typer.echo(
         f"trained {result.epochs_run} epochs in {result.seconds / 60:.1f} min; "
@@ -444,6 +570,137 @@ def detect(
                        f"{garment.score:.3f}")
     if out is not None:
         typer.echo(f"wrote {out}", err=True)
+
+
+@app.command()
+@friendly_errors
+def describe(
+    image: Path = typer.Argument(..., help="Photo of a garment."),
+    model: str = typer.Option("attributes-lite0", help="Attribute model name or checkpoint."),
+    threshold: float = typer.Option(0.5, min=0.0, max=1.0,
+                                    help="Show values at least this likely (the best always)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Predict a garment's category and attributes (material, pattern, climate, style)."""
+    from vestis.images import load_image
+    from vestis.models.attributes import load_attribute_model
+
+    photo = load_image(image)
+    description = load_attribute_model(model).describe(photo, threshold=threshold)
+    if as_json:
+        typer.echo(json.dumps({"image": str(image), **description.to_dict()}, indent=2))
+        return
+    if description.category:
+        typer.echo(f"category  {description.category}  ({description.category_probability:.2f})")
+    for family, values in description.attributes.items():
+        shown = ", ".join(f"{value} ({p:.2f})" for value, p in values)
+        typer.echo(f"{family:<9} {shown}")
+
+
+@app.command(name="eval-attributes")
+@friendly_errors
+def eval_attributes(
+    catalog_csv: Path = typer.Argument(..., help="Luma-layout catalog.csv (image, product, "
+                                       "category)."),
+    products: Path = typer.Option(..., "--products", help="products.csv with the true "
+                                  "attributes."),
+    model: str = typer.Option("attributes-lite0", help="Attribute model name or checkpoint."),
+    families: str = typer.Option("climate,pattern,material",
+                                 help="Attribute families to report, comma-separated."),
+    held_out: bool = typer.Option(False, "--held-out", help="Only the products the training "
+                                  "recipes hold out (split by product, 0.2, seed 0)."),
+    as_json: Path | None = typer.Option(None, "--json", help="Also write the report here."),
+) -> None:
+    """Per-attribute top-k recall and mAP, against the label-frequency prior."""
+    from vestis.models.attributes import load_attribute_model
+    from vestis.train.heads import evaluate_attribute_csv
+
+    columns = [c.strip() for c in families.split(",") if c.strip()]
+    report = evaluate_attribute_csv(load_attribute_model(model), catalog_csv, products,
+                                    columns, held_out_only=held_out, progress=True)
+    if as_json:
+        as_json.write_text(json.dumps(report, indent=2))
+    typer.echo(f"{report['images']} images of {report['products']} products")
+    typer.echo(f"{'family':<14}{'values':>7}{'mAP':>8}{'prior':>8}{'top3':>8}{'prior':>8}"
+               f"{'top5':>8}{'prior':>8}")
+    for family, row in report["families"].items():
+        typer.echo(f"{family:<14}{row['values']:>7}{row['mAP']:>8.3f}{row['prior_mAP']:>8.3f}"
+                   f"{row['top3_recall']:>8.3f}{row['prior_top3_recall']:>8.3f}"
+                   f"{row['top5_recall']:>8.3f}{row['prior_top5_recall']:>8.3f}")
+    typer.echo(f"{'all':<14}{'':>7}{report['mAP']:>8.3f}{report['prior_mAP']:>8.3f}")
+    if "category_accuracy" in report:
+        typer.echo(f"category accuracy {report['category_accuracy']:.3f}")
+
+
+@app.command()
+@friendly_errors
+def complete(
+    image: Path = typer.Argument(..., help="Photo of a garment."),
+    catalog: Path = CatalogOption,
+    k: int = typer.Option(10, "-k", "--k", min=1, help="Number of items."),
+    model: str = typer.Option("compnet-lite0", help="Outfit model name or checkpoint."),
+    same_category: bool = typer.Option(
+        False, "--same-category", help="Also suggest items of the photo's own category."),
+    where: list[str] | None = typer.Option(None, "--where", help="Filter key=value (AND)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Complete the look: the catalog items that go with the garment in the photo (Comp-Net)."""
+    from vestis.catalog.outfits import complete_outfit
+    from vestis.images import load_image
+    from vestis.models.compnet import load_outfit_model
+
+    photo = load_image(image)
+    with open_catalog(catalog) as cat:
+        result = complete_outfit(cat, photo, k, model=load_outfit_model(model),
+                                 exclude_category=not same_category, where=parse_where(where),
+                                 progress=True)
+    if as_json:
+        typer.echo(json.dumps({"query": str(image), **result.to_dict()}, indent=2))
+        return
+    typer.echo(f"goes with a {result.category or 'garment'}:")
+    if not result.matches:
+        typer.echo("  no results")
+    for rank, match in enumerate(result.matches, start=1):
+        label = match.metadata.get("name") or match.metadata.get("category") or ""
+        typer.echo(f"  {rank:>3}  {match.score:.4f}  {match.item_id}  {label}  {match.path}")
+
+
+@app.command(name="eval-outfits")
+@friendly_errors
+def eval_outfits(
+    catalog_csv: Path = typer.Argument(..., help="Luma-layout catalog.csv (image, product, "
+                                       "category)."),
+    related: Path = typer.Option(..., "--related", help="related.csv: product,related_product."),
+    products: Path | None = typer.Option(None, "--products", help="products.csv: the catalog "
+                                         "items' known climate and style labels."),
+    model: str = typer.Option("compnet-lite0", help="Outfit model name or checkpoint."),
+    held_out: bool = typer.Option(False, "--held-out", help="Only the products the training "
+                                  "recipes hold out query (split by product, 0.2, seed 0)."),
+    as_json: Path | None = typer.Option(None, "--json", help="Also write the report here."),
+) -> None:
+    """Related-product Recall@K and mAP of Comp-Net against attribute similarity."""
+    from vestis.models.attributes import load_attribute_model
+    from vestis.models.compnet import load_outfit_model
+    from vestis.train.heads import evaluate_outfit_csv
+
+    report = evaluate_outfit_csv(load_outfit_model(model), catalog_csv, related, products,
+                                 attribute_model=load_attribute_model(),
+                                 held_out_only=held_out, progress=True)
+    if as_json:
+        as_json.write_text(json.dumps(report, indent=2))
+    names = {"compnet_predicted": "Comp-Net", "compnet_known": "Comp-Net, shop's labels",
+             "attribute_model_predicted": "attribute similarity",
+             "attribute_model_known": "attribute sim., shop's labels",
+             "visual": "visual similarity"}
+    if products is None:  # without the table, "known" labels are the predicted ones
+        names = {k: v for k, v in names.items() if not k.endswith("_known")}
+    rows = {label: report[key] for key, label in names.items()}
+    queries = rows["Comp-Net"]["queries"]
+    typer.echo(f"{queries} query photos; the query's own kind of garment is left out")
+    typer.echo(f"{'ranking':<31}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'mAP':>7}")
+    for name, row in rows.items():
+        typer.echo(f"{name:<31}{row['R@1']:>7.3f}{row['R@5']:>7.3f}{row['R@10']:>7.3f}"
+                   f"{row['mAP']:>7.3f}")
 
 
 @app.command(name="eval-parsing")

@@ -604,6 +604,10 @@ class Catalog:
     def item_ids(self) -> list[str]:
         return self._store.item_ids()
 
+    def image_ids_where(self, where: dict[str, Any]) -> np.ndarray:
+        """Ids of the images a ``where`` filter keeps (see :meth:`search`)."""
+        return self._store.filtered_image_ids(where)
+
     def image(self, image_id: int) -> ImageRow:
         rows = self._store.images_by_id([image_id])
         if image_id not in rows:

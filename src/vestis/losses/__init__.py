@@ -12,6 +12,7 @@ from vestis.losses.htl import ClassTree, HierarchicalTripletLoss, anchor_neighbo
 from vestis.losses.os_is import FeatureRelaxation, OSISLoss
 from vestis.losses.registry import create_loss, list_losses, register_loss
 from vestis.losses.triplet import MINING_STRATEGIES, TripletLoss, TripletMethod, create_miner
+from vestis.losses.video_triplet import VideoTripletLoss
 
 __all__ = [
     "ABELoss",
@@ -28,6 +29,7 @@ __all__ = [
     "OSISLoss",
     "TrainBatch",
     "TripletLoss",
+    "VideoTripletLoss",
     "TripletMethod",
     "anchor_neighbour_classes",
     "create_loss",

@@ -25,10 +25,12 @@ from vestis.images import ImageError
 from vestis.serve.auth import open_access, token_checker
 from vestis.serve.limits import BodySizeLimit
 from vestis.serve.service import CatalogService, ItemExistsError, NotReadyError, Upload
+from vestis.text.search import MODES as TEXT_MODES
 
 STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_MB = 20.0
 MAX_K = 100
+
 
 # The page loads nothing from elsewhere; the browser enforces it.
 PAGE_CSP = (
@@ -65,6 +67,29 @@ class SearchOut(BaseModel):
     filters: dict[str, str]
     garments: list[GarmentOut]
     took_ms: float
+
+
+class TextSearchOut(BaseModel):
+    text: str
+    k: int
+    matches: list[MatchOut]
+    took_ms: float
+
+
+class CompleteOut(BaseModel):
+    category: str | None = Field(description="The photo's kind of garment (its nearest "
+                                 "catalog item's category), left out of the results.")
+    k: int
+    matches: list[MatchOut]
+    took_ms: float
+
+
+class DescriptionOut(BaseModel):
+    category: dict[str, Any] = Field(description="name and probability of the predicted "
+                                     "category.")
+    attributes: dict[str, list[list[Any]]] = Field(
+        description="Per family (material, pattern, climate, style...), [value, probability] "
+        "pairs at least 0.5 likely, most likely first.")
 
 
 class ImageOut(BaseModel):
@@ -149,6 +174,8 @@ def create_app(
     write = token_checker(token, what="writes")
     read = token_checker(token, what="reads on this private server") if private else open_access
     _add_search_routes(app, service, read)
+    _add_text_routes(app, service, read)
+    _add_outfit_routes(app, service, read)
     _add_item_routes(app, service, read, write)
     _add_info_routes(app, service, read)
     _add_page_routes(app)
@@ -190,6 +217,10 @@ def _add_search_routes(app: FastAPI, service: CatalogService, read: Callable) ->
         any_group: bool = Form(
             False, description="Match garments with catalog items of any group (by default "
             "only compatible groups)."),
+        text: str | None = Form(
+            None, max_length=500, description="Words that change the photo's query ('but in "
+            "red'): the photo is then searched whole, mixed with the text."),
+        text_weight: float = Form(0.5, ge=0.0, le=1.0, description="The text's share."),
     ) -> SearchOut:
         """Find the catalog items that best match each garment of a photo: the garment
         parser finds the garments, and each is searched on its own."""
@@ -200,8 +231,12 @@ def _add_search_routes(app: FastAPI, service: CatalogService, read: Callable) ->
                                      f"{garment!r}")
         data = image.file.read()
         try:
-            result = service.search(data, k, filters, whole=whole, garment=garment or None,
-                                    compatible=not any_group)
+            if text and text.strip():
+                result = service.search_photo_text(data, text, k, filters,
+                                                   text_weight=text_weight)
+            else:
+                result = service.search(data, k, filters, whole=whole,
+                                        garment=garment or None, compatible=not any_group)
         except ImageError as exc:
             raise _image_error(image.filename, exc) from None
         garments = [
@@ -222,6 +257,58 @@ def _add_search_routes(app: FastAPI, service: CatalogService, read: Callable) ->
             garments=garments,
             took_ms=round(took, 1),
         )
+
+
+def _add_text_routes(app: FastAPI, service: CatalogService, read: Callable) -> None:
+    @app.post("/search/text", response_model=TextSearchOut, dependencies=[Depends(read)],
+              tags=["search"])
+    def search_text(
+        text: str = Form(..., min_length=1, max_length=500,
+                         description="The words, e.g. 'navy full-zip hoodie'."),
+        k: int = Form(10, ge=1, le=MAX_K, description="Items to return."),
+        where: list[str] | None = Form(None, description="Metadata filters key=value (AND)."),
+        mode: str = Form("hybrid", description="hybrid (BM25 fused with the aligned text "
+                         "embedding), bm25 or embedding."),
+    ) -> TextSearchOut:
+        """Search the catalog by words."""
+        started = time.perf_counter()
+        if mode not in TEXT_MODES:
+            raise HTTPException(422, f"mode: one of {', '.join(TEXT_MODES)}, got {mode!r}")
+        if not text.strip():
+            raise HTTPException(422, "text: the query is empty")
+        matches = service.search_text(text, k, _parse_filters(where), mode=mode)
+        return TextSearchOut(text=text, k=k, matches=[_match_out(m) for m in matches],
+                             took_ms=round((time.perf_counter() - started) * 1000, 1))
+
+
+def _add_outfit_routes(app: FastAPI, service: CatalogService, read: Callable) -> None:
+    @app.post("/complete", response_model=CompleteOut, dependencies=[Depends(read)],
+              tags=["search"])
+    def complete(
+        image: UploadFile = File(..., description="Photo of a garment."),
+        k: int = Form(10, ge=1, le=MAX_K, description="Items to return."),
+        same_category: bool = Form(False, description="Also suggest the photo's own kind."),
+        where: list[str] | None = Form(None, description="Metadata filters key=value (AND)."),
+    ) -> CompleteOut:
+        """Complete the look: catalog items that go with the garment (Comp-Net)."""
+        started = time.perf_counter()
+        try:
+            result = service.complete(image.file.read(), k, exclude_category=not same_category,
+                                      where=_parse_filters(where))
+        except ImageError as exc:
+            raise _image_error(image.filename, exc) from None
+        return CompleteOut(category=result.category, k=k,
+                           matches=[_match_out(m) for m in result.matches],
+                           took_ms=round((time.perf_counter() - started) * 1000, 1))
+
+    @app.post("/describe", response_model=DescriptionOut, dependencies=[Depends(read)],
+              tags=["search"])
+    def describe(image: UploadFile = File(..., description="Photo of a garment.")) -> dict:
+        """The garment's predicted category and attributes."""
+        try:
+            return service.describe(image.file.read())
+        except ImageError as exc:
+            raise _image_error(image.filename, exc) from None
 
 
 def _add_item_routes(

@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -25,6 +25,9 @@ from vestis.catalog import Catalog, GarmentHits, Item
 from vestis.catalog.catalog import DB_NAME
 from vestis.catalog.garments import GARMENT_KEY, WHOLE_IMAGE
 from vestis.images import Box, ImageError, load_image
+
+if TYPE_CHECKING:
+    from vestis.catalog.outfits import OutfitResult
 
 UPLOADS_DIR = "uploads"
 ITEM_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -78,6 +81,7 @@ class CatalogService:
         self._write_lock = threading.Lock()
         self._generation = 0
         self._facets: tuple[int, dict[str, dict[str, Any]]] | None = None
+        self._heads: dict[str, Any] = {}  # attribute and outfit heads, loaded on first use
 
     # -- life cycle --------------------------------------------------------------------
     def load(self) -> None:
@@ -117,6 +121,26 @@ class CatalogService:
         return self._catalog
 
     # -- reads -------------------------------------------------------------------------
+    def search_text(self, text: str, k: int, where: dict[str, str] | None = None, *,
+                    mode: str = "hybrid") -> list:
+        """Items for a text query (see :func:`vestis.text.search.search_text`)."""
+        from vestis.text.search import search_text
+
+        return search_text(self.catalog, text, k, where=where or None, mode=mode)
+
+    def search_photo_text(self, data: bytes, text: str, k: int,
+                          where: dict[str, str] | None = None, *,
+                          text_weight: float = 0.5) -> SearchResult:
+        """Items like an uploaded photo, as a text changes it ("but in red")."""
+        from vestis.text.search import search_image_text
+
+        image = load_image(data)
+        matches = search_image_text(self.catalog, image, text, k, text_weight,
+                                    where=where or None)
+        box = (0, 0, image.width, image.height)
+        return SearchResult(image.width, image.height, [GarmentHits(WHOLE_IMAGE, box, 1.0,
+                                                                    matches)])
+
     def search(self, data: bytes, k: int, where: dict[str, str] | None = None, *,
                whole: bool = False, garment: str | None = None,
                compatible: bool = True) -> SearchResult:
@@ -132,6 +156,35 @@ class CatalogService:
             hits = catalog.search_garments(image, k, garment=garment, compatible=compatible,
                                            where=where or None)
         return SearchResult(image.width, image.height, hits)
+
+    def describe(self, data: bytes) -> dict[str, Any]:
+        """The attribute heads' reading of an uploaded photo (category and attributes)."""
+        image = load_image(data)
+        return self._attributes().describe(image).to_dict()
+
+    def complete(self, data: bytes, k: int, *, exclude_category: bool = True,
+                 where: dict[str, str] | None = None) -> OutfitResult:
+        """Catalog items that go with the garment of an uploaded photo (Comp-Net)."""
+        from vestis.catalog.outfits import complete_outfit
+
+        catalog = self.catalog
+        image = load_image(data)
+        return complete_outfit(catalog, image, k, model=self._outfits(),
+                               exclude_category=exclude_category, where=where or None)
+
+    def _attributes(self):
+        from vestis.models.attributes import load_attribute_model
+
+        if "attributes" not in self._heads:
+            self._heads["attributes"] = load_attribute_model()
+        return self._heads["attributes"]
+
+    def _outfits(self):
+        from vestis.models.compnet import load_outfit_model
+
+        if "outfits" not in self._heads:
+            self._heads["outfits"] = load_outfit_model()
+        return self._heads["outfits"]
 
     def get(self, item_id: str) -> Item:
         return self.catalog.get(item_id)

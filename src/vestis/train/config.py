@@ -14,6 +14,7 @@ DEFAULTS: dict[str, Any] = {
         # Each source: kind (luma | clothing | csv), path, split_by (a column, "product",
         # "sender_id" or null), val_fraction, and instances: "labels" (use the label column)
         # or "self" (every photo is its own instance; augmented views are its positives).
+        # validation_only: true scores the source's held-out part without training on it.
         "sources": [],
         "max_images": None,  # cap on every source (with any per-source cap), for smoke runs
     },
@@ -101,6 +102,10 @@ def validate(config: dict[str, Any]) -> None:
             raise ValueError(f"data source has no path: {source}")
         if source.get("instances", "labels") not in ("labels", "self"):
             raise ValueError(f"instances must be 'labels' or 'self': {source}")
+        if source.get("validation_only") and not source.get("split_by"):
+            raise ValueError(f"a validation_only source needs split_by: {source}")
+    if all(source.get("validation_only") for source in sources):
+        raise ValueError("every data source is validation_only: nothing to train on")
     if config["epochs"] < 1:
         raise ValueError("epochs must be at least 1")
     if config["sampler"]["p"] < 2 or config["sampler"]["k"] < 2:

@@ -80,6 +80,8 @@ def build_sources(
             validation.append(ValidationSet(name, val_part))
         else:
             train_part = samples
+        if source.get("validation_only"):
+            continue  # scored on its held-out part, never trained on (unsupervised recipes)
         self_instances = source.get("instances", "labels") == "self"
         train.extend(_namespaced(sample, name, self_instances) for sample in train_part)
     return train, validation

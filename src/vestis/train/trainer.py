@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from torch import nn
 from tqdm.auto import tqdm
 
 from vestis.data import (
@@ -44,7 +45,7 @@ from vestis.train.sources import ValidationSet, build_sources
 BEST, LAST, STATE, LOG, RESOLVED = "best.pt", "last.pt", "state.pt", "log.csv", "config.yaml"
 # Recipe `model` keys that steer training rather than build the network.
 TRAINING_KEYS = ("architecture", "freeze_backbone", "finetune_from_stage", "category_loss_weight",
-                 "category_label_smoothing")
+                 "category_label_smoothing", "init_from")
 
 
 @dataclass
@@ -101,6 +102,8 @@ class Trainer:
         self.category_loss_weight = float(config["model"].get("category_loss_weight", 1.0))
         self.label_smoothing = float(config["model"].get("category_label_smoothing", 0.0))
         self.model = create_model(config["model"]["architecture"], **model_config).to(device)
+        if config["model"].get("init_from"):
+            init_from_checkpoint(self.model, config["model"]["init_from"])
         self.frozen = bool(config["model"]["freeze_backbone"])
         self.cut = config["model"].get("finetune_from_stage") if self.frozen else None
         _check_head_stage(self.model, self.frozen, self.cut)
@@ -367,6 +370,24 @@ class Trainer:
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             writer.writerows(history)
+
+
+def init_from_checkpoint(model: nn.Module, path: str | Path) -> list[str]:
+    """Start from a checkpoint's weights (a pretraining stage): every tensor whose name and
+    shape match is loaded; others (a classifier over other categories) keep their fresh
+    initialisation. Returns the names loaded; none at all is an error."""
+    from vestis.models.checkpoint import read_checkpoint
+    from vestis.models.quantize import unpack
+
+    payload = read_checkpoint(path)
+    own = model.state_dict()
+    loaded = {key: unpack(value).to(own[key].dtype) for key, value in payload["state_dict"].items()
+              if key in own and tuple(unpack(value).shape) == tuple(own[key].shape)}
+    if not loaded:
+        raise ValueError(f"{path}: no weights match this model; was it trained with the same "
+                         "backbone, levels and embedding size?")
+    model.load_state_dict(loaded, strict=False)
+    return sorted(loaded)
 
 
 def _check_head_stage(model, frozen: bool, cut: int | None) -> None:

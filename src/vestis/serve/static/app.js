@@ -130,16 +130,20 @@ function currentFilters() {
 function useFile(file) {
   if (!file) return;
   state.file = file;
+  $("#outfit").replaceChildren();
+  $("#complete").disabled = false;
   search();
 }
 
 async function search() {
-  if (!state.file) return;
+  if (!state.file) return searchWords();
   const seq = ++state.searchSeq;
   const form = new FormData();
   form.append("image", state.file, state.file.name || "pasted-photo");
   form.append("k", $("#k").value || "12");
   if ($("#whole").checked) form.append("whole", "true");
+  const words = $("#text").value.trim();
+  if (words) form.append("text", words);
   for (const [key, value] of currentFilters()) form.append("where", `${key}=${value}`);
   setStatus("Searching…");
   $("#garments").setAttribute("aria-busy", "true");
@@ -155,6 +159,33 @@ async function search() {
     setStatus(error.message, true);
   } finally {
     $("#garments").removeAttribute("aria-busy");
+  }
+}
+
+// Words without a photo: one result list.
+async function searchWords() {
+  const words = $("#text").value.trim();
+  if (!words) return;
+  const seq = ++state.searchSeq;
+  const form = new FormData();
+  form.append("text", words);
+  form.append("k", $("#k").value || "12");
+  for (const [key, value] of currentFilters()) form.append("where", `${key}=${value}`);
+  setStatus("Searching…");
+  try {
+    const result = await api("/search/text", { method: "POST", body: form });
+    if (seq !== state.searchSeq) return;
+    $("#preview").hidden = true;
+    const cards = result.matches.map(card);
+    $("#garments").replaceChildren(el("section", { class: "garment", "aria-label": "Words" },
+      el("h3", { text: `“${words}”` }),
+      cards.length ? el("ul", { class: "cards" }, ...cards)
+        : el("p", { class: "muted", text: "No matching items (check the filters)." })));
+    setStatus(`${cards.length} result${cards.length === 1 ? "" : "s"} in ` +
+      `${Math.round(result.took_ms)} ms`);
+  } catch (error) {
+    if (seq !== state.searchSeq) return;
+    setStatus(error.message, true);
   }
 }
 
@@ -200,7 +231,8 @@ function highlight(index, on) {
   if (box) box.classList.toggle("active", on);
 }
 
-const HIDDEN_FIELDS = new Set(["name"]);
+const HIDDEN_FIELDS = new Set(["name", "description"]);
+const PREDICTED = "predicted.";
 
 // Shop names may hold HTML entities ("LumaTech&trade;"): show them as text. Parsing into
 // an inert document runs nothing, and only the text is kept.
@@ -217,9 +249,19 @@ function breakable(value) {
 
 function metadataList(metadata, skip = []) {
   const rows = Object.entries(metadata)
-    .filter(([key]) => !HIDDEN_FIELDS.has(key) && !skip.includes(key))
+    .filter(([key]) => !HIDDEN_FIELDS.has(key) && !skip.includes(key)
+      && !key.startsWith(PREDICTED))
     .flatMap(([key, value]) => [el("dt", { text: key }), el("dd", { text: breakable(value) })]);
   return el("dl", { class: "meta" }, ...rows);
+}
+
+// Attributes the model predicted at index time (vestis index --attributes), as chips.
+function attributeChips(metadata) {
+  const chips = Object.entries(metadata)
+    .filter(([key]) => key.startsWith(PREDICTED) && key !== `${PREDICTED}category`)
+    .map(([key, value]) => el("span", { class: "chip", title: key,
+      text: plainText(value) }));
+  return el("span", { class: "chips", "aria-label": "Predicted attributes" }, ...chips);
 }
 
 function card(match) {
@@ -231,9 +273,35 @@ function card(match) {
     img,
     el("span", { class: "name", text: name }),
     el("span", { class: "score", text: `score ${match.score.toFixed(3)}` }),
+    attributeChips(match.metadata),
     metadataList(match.metadata));
   button.addEventListener("click", () => openItem(match.item_id, button));
   return el("li", {}, button);
+}
+
+// -- complete the look -------------------------------------------------------------------
+async function completeLook() {
+  if (!state.file) return;
+  const form = new FormData();
+  form.append("image", state.file, state.file.name || "pasted-photo");
+  form.append("k", $("#k").value || "12");
+  for (const [key, value] of currentFilters()) {
+    if (key !== "category") form.append("where", `${key}=${value}`);
+  }
+  setStatus("Finding what goes with it…");
+  try {
+    const result = await api("/complete", { method: "POST", body: form });
+    const cards = result.matches.map(card);
+    const kind = result.category ? breakable(result.category) : "this garment";
+    $("#outfit").replaceChildren(el("section", { class: "garment", "aria-label": "Goes with" },
+      el("h3", { text: `Goes with ${kind}` }),
+      cards.length ? el("ul", { class: "cards" }, ...cards)
+        : el("p", { class: "muted", text: "Nothing to suggest." })));
+    setStatus(`${result.matches.length} suggestions in ${Math.round(result.took_ms)} ms`);
+    $("#outfit").scrollIntoView({ block: "start" });
+  } catch (error) {
+    setStatus(error.message, true);
+  }
 }
 
 // -- one item ----------------------------------------------------------------------------
@@ -296,6 +364,8 @@ function wire() {
   $("#category").addEventListener("change", search);
   $("#k").addEventListener("change", search);
   $("#whole").addEventListener("change", search);
+  $("#complete").addEventListener("click", completeLook);
+  $("#text-form").addEventListener("submit", (event) => { event.preventDefault(); search(); });
   $("#add-filter").addEventListener("click", addFilterRow);
   $("#filters").addEventListener("submit", (event) => { event.preventDefault(); search(); });
   $("#close-item").addEventListener("click", () => $("#item-dialog").close());

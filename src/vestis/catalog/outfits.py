@@ -1,0 +1,136 @@
+"""Complete the look: catalog items that go with the garment in a photo (Comp-Net).
+
+Every catalog image is mapped into Comp-Net's compatibility space from its ``lite0``
+features and its item's semantic labels (``climate``, ``style_*`` metadata when the shop gave
+them, predicted ones otherwise). The features are cached next to the catalog
+(``outfit-features-<model>.npz``, keyed by image id and content hash), so only new images are
+computed. The query's own kind of garment (its nearest catalog item's category, last
+segment) is left out by default: a hoodie is completed with pants and tees, not with more
+hoodies. Each design (``product`` metadata, else item) appears once, in its best colour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vestis.catalog.annotate import PRODUCT_KEY
+from vestis.catalog.garments import CATEGORY_KEYS
+from vestis.evaluation.outfits import category_leaf
+from vestis.images import ImageSource, load_image
+
+if TYPE_CHECKING:
+    from vestis.catalog.catalog import Catalog, Match
+    from vestis.models.compnet import OutfitModel
+
+#: A nearest catalog image this close is the query's own item, which is never suggested.
+SAME_ITEM_SCORE = 0.95
+
+
+@dataclass
+class OutfitResult:
+    """The query's category (from its nearest catalog item) and the items that go with it."""
+
+    category: str | None
+    matches: list[Match]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"category": self.category, "results": [m.to_dict() for m in self.matches]}
+
+
+def _category(metadata: dict) -> str | None:
+    for key in CATEGORY_KEYS:
+        if metadata.get(key) not in (None, ""):
+            return str(metadata[key])
+    return None
+
+
+def _labels(metadata: dict, families) -> dict[str, list[str]]:
+    out = {}
+    for family in families:
+        value = metadata.get(family)
+        if value not in (None, ""):
+            out[family] = [v.strip() for v in str(value).split(";") if v.strip()]
+    return out
+
+
+def catalog_features(catalog: Catalog, feature_model: str, progress: bool = False):
+    """(image rows, item metadata by item, features) of every catalog image, with features
+    read from the cache where the image is unchanged."""
+    rows, metadata = [], {}
+    for item_id in catalog.item_ids():
+        item = catalog.get(item_id)
+        metadata[item_id] = item.metadata
+        rows.extend(item.images)
+    cache_path = catalog.path / f"outfit-features-{feature_model}.npz"
+    cached: dict[tuple[int, str], np.ndarray] = {}
+    if cache_path.is_file():
+        with np.load(cache_path, allow_pickle=False) as blob:
+            for image_id, digest, vector in zip(blob["image_ids"], blob["sha256"],
+                                                blob["features"], strict=True):
+                cached[(int(image_id), str(digest))] = vector
+    missing = [row for row in rows if (row.image_id, row.sha256) not in cached]
+    if missing:
+        vectors = _encoder(feature_model).embed(
+            [row.path for row in missing], progress=progress)
+        for row, vector in zip(missing, vectors, strict=True):
+            cached[(row.image_id, row.sha256)] = vector.astype(np.float16)
+    features = (np.stack([cached[(r.image_id, r.sha256)] for r in rows]).astype(np.float32)
+                if rows else np.zeros((0, 1), np.float32))
+    if missing or len(cached) != len(rows):
+        tmp = cache_path.with_suffix(".tmp.npz")
+        np.savez(tmp, image_ids=np.array([r.image_id for r in rows], dtype=np.int64),
+                 sha256=np.array([r.sha256 for r in rows]), features=features.astype(np.float16))
+        tmp.replace(cache_path)
+    return rows, metadata, features
+
+
+def complete_outfit(catalog: Catalog, image: ImageSource, k: int = 10, *,
+                    model: OutfitModel | None = None, exclude_category: bool = True,
+                    where: dict[str, Any] | None = None, progress: bool = False) -> OutfitResult:
+    """The ``k`` catalog items that best go with the garment in ``image``."""
+    from vestis.catalog.catalog import Match
+    from vestis.models.compnet import load_outfit_model
+
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    model = model or load_outfit_model()
+    photo = load_image(image)
+    nearest = catalog.search(photo, k=1)
+    category = _category(nearest[0].metadata) if nearest else None
+    rows, metadata, features = catalog_features(catalog, model.feature_model, progress)
+    if not rows:
+        return OutfitResult(category, [])
+    families = list(model.labels.families)
+    gallery = model.embed_features(
+        features, [_labels(metadata[r.item_id], families) for r in rows])
+    query = model.embed_features(_encoder(model.feature_model).embed([photo]))[0]
+    allowed = set(catalog.image_ids_where(where).tolist()) if where else None
+    itself = nearest[0].item_id if nearest and nearest[0].score >= SAME_ITEM_SCORE else None
+    scores = gallery @ query
+    best: dict[str, Match] = {}
+    leaf = category_leaf(category)
+    for i in np.argsort(-scores, kind="stable"):
+        row = rows[i]
+        item_meta = {**metadata[row.item_id], **row.metadata}
+        design = str(item_meta.get(PRODUCT_KEY) or row.item_id)
+        if design in best or row.item_id == itself or (
+                allowed is not None and row.image_id not in allowed):
+            continue
+        if exclude_category and leaf is not None and category_leaf(_category(item_meta)) == leaf:
+            continue
+        best[design] = Match(row.item_id, float(scores[i]), row.image_id, row.path,
+                             item_meta, row.box)
+        if len(best) == k:
+            break
+    return OutfitResult(category, list(best.values()))
+
+
+@lru_cache(maxsize=2)
+def _encoder(name: str):
+    from vestis.models.encoder import Encoder
+
+    return Encoder.from_name(name)
