@@ -215,10 +215,9 @@ def search(
         _print_matches(hit.matches)
 
 
-VIDEO_SUFFIXES = {".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".mpg", ".mpeg"}
-
-
 def is_video(path: Path) -> bool:
+    from vestis.video.crops import VIDEO_SUFFIXES
+
     return path.suffix.lower() in VIDEO_SUFFIXES
 
 
@@ -701,6 +700,28 @@ def eval_outfits(
     for name, row in rows.items():
         typer.echo(f"{name:<31}{row['R@1']:>7.3f}{row['R@5']:>7.3f}{row['R@10']:>7.3f}"
                    f"{row['mAP']:>7.3f}")
+
+
+@app.command(name="video-crops")
+@friendly_errors
+def video_crops(
+    videos: list[Path] = typer.Argument(..., help="Video files or folders of videos."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the crops and crops.csv."),
+    every: int = typer.Option(25, "--every", min=1, help="Sample every Nth frame."),
+    parser: str | None = typer.Option(None, "--parser", help="Garment parser name or file."),
+    model: str = typer.Option("lite0", "--model", help="Model that links garments across "
+                              "frames."),
+) -> None:
+    """Garment crops of unlabelled videos, one instance per tracked garment: the data of the
+    video-triplet recipe (configs/video_triplet.yaml)."""
+    from vestis.video.crops import make_crops
+
+    summary = make_crops(videos, out, every, parser, model)
+    if not summary["crops"]:
+        raise ValueError("no garment crop came out of these videos (skipped ones are named "
+                         "above)")
+    typer.echo(f"wrote {out / 'crops.csv'}: " + ", ".join(
+        f"{key} {value:g}" for key, value in summary.items()))
 
 
 @app.command(name="eval-parsing")
