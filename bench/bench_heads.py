@@ -14,7 +14,6 @@ within its noise: the per-seed spread is printed too.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import tempfile
@@ -26,7 +25,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from recipes import hardware, replace_section  # noqa: E402
 
-from vestis.data.products import product_split, products_of  # noqa: E402
+from vestis.data.products import product_split, products_of, write_catalog_rows  # noqa: E402
 from vestis.models.attributes import load_attribute_model  # noqa: E402
 from vestis.models.compnet import OutfitModel  # noqa: E402
 from vestis.train.heads import evaluate_outfit_csv, train_heads  # noqa: E402
@@ -62,17 +61,9 @@ def attribute_rows() -> tuple[list[str], float]:
 
 def held_out_catalog(folder: Path) -> Path:
     """A catalog CSV of the held-out products alone (absolute image paths)."""
-    catalog = DATA / "catalog.csv"
-    held = products_of(product_split(catalog)[1])
-    with open(catalog, newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if row["product"] in held]
-    out = folder / "held-out.csv"
-    with open(out, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "image": str(DATA / row["image"])})
-    return out
+    held = products_of(product_split(DATA / "catalog.csv")[1])
+    return write_catalog_rows(DATA / "catalog.csv", lambda row: row["product"] in held,
+                              folder / "held-out.csv")
 
 
 def outfit_runs(seeds: int) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:

@@ -24,7 +24,6 @@ part-way and after: streaming should keep it flat.
 from __future__ import annotations
 
 import argparse
-import csv
 import resource
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from vestis.catalog import Catalog
+from vestis.data.products import write_catalog_rows
 from vestis.detect.categories import compatible_groups
 from vestis.video.fusion import load_fusion
 from vestis.video.reader import probe, sample_frames
@@ -55,14 +55,8 @@ def peak_rss_mb() -> float:
 def held_out_catalog(work: Path, crop: str) -> Catalog:
     """A catalog of every image of the held-out products."""
     held_items = split_items(LUMA, "held-out")
-    with open(LUMA, newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if r["item_id"] in held_items]
-    source = work / "held-out.csv"
-    with open(source, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "image": str(LUMA.parent / row["image"])})
+    source = write_catalog_rows(LUMA, lambda row: row["item_id"] in held_items,
+                                work / "held-out.csv")
     catalog = Catalog(work / "catalog", model="vestis-lite0")
     report = catalog.add(source, crop=crop, progress=True)
     if report.failed:

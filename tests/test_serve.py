@@ -235,6 +235,24 @@ def test_search_by_words_and_by_photo_changed_by_words(client, photos):
         assert refused.status_code == 422 and refused.json()["detail"]
 
 
+def test_a_video_is_searched_track_by_track_over_http(client, photos, tmp_path):
+    from vestis.video.synth import make_clip
+
+    item_id, path = sorted(photos.items())[0]
+    clip = make_clip([path], tmp_path / "clip.mp4", seconds=4, size=(240, 320), motion="pan")
+    response = client.post("/search/video", files={"video": ("clip.mp4", clip.read_bytes())},
+                           data={"k": "3", "fusion": "mean"})
+    assert response.status_code == 200, response.text
+    tracks = response.json()["tracks"]
+    assert tracks and item_id in {t["matches"][0]["item_id"] for t in tracks}
+    assert all(t["thumbnail"].startswith("data:image/jpeg;base64,") for t in tracks)
+    bad = client.post("/search/video", files={"video": ("clip.mp4", b"\x00" * 100)})
+    assert bad.status_code == 422 and bad.json()["detail"]
+    unknown = client.post("/search/video", files={"video": ("clip.mp4", clip.read_bytes())},
+                          data={"fusion": "median"})
+    assert unknown.status_code == 422 and "fusion" in unknown.json()["detail"]
+
+
 def test_filters_keep_only_matching_items(client, photos):
     path = sorted(photos.values())[0]
     categories = client.get("/facets").json()["category"]["values"]

@@ -657,11 +657,7 @@ def complete(
         typer.echo(json.dumps({"query": str(image), **result.to_dict()}, indent=2))
         return
     typer.echo(f"goes with a {result.category or 'garment'}:")
-    if not result.matches:
-        typer.echo("  no results")
-    for rank, match in enumerate(result.matches, start=1):
-        label = match.metadata.get("name") or match.metadata.get("category") or ""
-        typer.echo(f"  {rank:>3}  {match.score:.4f}  {match.item_id}  {label}  {match.path}")
+    _print_matches(result.matches)
 
 
 @app.command(name="eval-outfits")

@@ -115,3 +115,19 @@ def product_split(
 
 def products_of(samples: Iterable[TrainSample]) -> set[str]:
     return {sample.group or sample.label for sample in samples}
+
+
+def write_catalog_rows(catalog_csv: str | Path, keep, out: str | Path) -> Path:
+    """The rows of a catalog CSV that ``keep(row)`` accepts, with absolute image paths, as a
+    new CSV at ``out`` (a catalog of some products, e.g. the held-out ones)."""
+    catalog_csv, out = Path(catalog_csv), Path(out)
+    with catalog_csv.open(newline="", encoding="utf-8") as handle:
+        rows = [row for row in csv.DictReader(handle) if keep(row)]
+    if not rows:
+        raise ValueError(f"{catalog_csv}: no row kept")
+    with out.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "image": str((catalog_csv.parent / row["image"]).resolve())})
+    return out

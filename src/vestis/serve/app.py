@@ -69,6 +69,24 @@ class SearchOut(BaseModel):
     took_ms: float
 
 
+class TrackOut(BaseModel):
+    track_id: int
+    group: str = Field(description="The garment group tracked (or 'whole image').")
+    frames: list[int] = Field(description="Decode indices of the sampled frames it is in.")
+    times: list[float] = Field(description="Their times in seconds.")
+    best_frame_index: int
+    box: list[int] = Field(description="Its box in the best frame.")
+    thumbnail: str | None = Field(None, description="The best frame's crop, a data: URL.")
+    matches: list[MatchOut] = Field(description="Items by fused score over the frames.")
+
+
+class VideoSearchOut(BaseModel):
+    k: int
+    fusion: str
+    tracks: list[TrackOut]
+    took_ms: float
+
+
 class TextSearchOut(BaseModel):
     text: str
     k: int
@@ -175,6 +193,7 @@ def create_app(
     read = token_checker(token, what="reads on this private server") if private else open_access
     _add_search_routes(app, service, read)
     _add_text_routes(app, service, read)
+    _add_video_routes(app, service, read)
     _add_outfit_routes(app, service, read)
     _add_item_routes(app, service, read, write)
     _add_info_routes(app, service, read)
@@ -279,6 +298,40 @@ def _add_text_routes(app: FastAPI, service: CatalogService, read: Callable) -> N
         matches = service.search_text(text, k, _parse_filters(where), mode=mode)
         return TextSearchOut(text=text, k=k, matches=[_match_out(m) for m in matches],
                              took_ms=round((time.perf_counter() - started) * 1000, 1))
+
+
+def _add_video_routes(app: FastAPI, service: CatalogService, read: Callable) -> None:
+    @app.post("/search/video", response_model=VideoSearchOut, dependencies=[Depends(read)],
+              tags=["search"])
+    def search_video(
+        video: UploadFile = File(..., description="The clip (MP4, MOV, WebM, MKV...)."),
+        k: int = Form(10, ge=1, le=MAX_K, description="Items to return per track."),
+        fusion: str = Form("learned", description="How a track's frames are fused: learned, "
+                           "max or mean."),
+        every: int = Form(25, ge=1, le=1000, description="Sample every Nth frame."),
+        where: list[str] | None = Form(None, description="Metadata filters key=value (AND)."),
+    ) -> VideoSearchOut:
+        """Track the garments of a video and match each track with the catalog."""
+        from vestis.video.fusion import FUSIONS
+        from vestis.video.reader import VideoError
+
+        started = time.perf_counter()
+        if fusion not in FUSIONS:
+            raise HTTPException(422, f"fusion: one of {', '.join(FUSIONS)}, got {fusion!r}")
+        suffix = Path(video.filename or "").suffix.lower()[:8] or ".mp4"
+        try:
+            tracks = service.search_video(video.file.read(), suffix, k, fusion=fusion,
+                                          every=every, where=_parse_filters(where))
+        except VideoError as exc:
+            raise HTTPException(422, str(exc)) from None
+        out = []
+        for track in tracks:
+            data = track.to_dict(thumbnail=True)
+            out.append(TrackOut(**{key: data.get(key) for key in TrackOut.model_fields
+                                   if key != "matches"},
+                                matches=[_match_out(m) for m in track.matches]))
+        return VideoSearchOut(k=k, fusion=fusion, tracks=out,
+                              took_ms=round((time.perf_counter() - started) * 1000, 1))
 
 
 def _add_outfit_routes(app: FastAPI, service: CatalogService, read: Callable) -> None:

@@ -157,6 +157,22 @@ class CatalogService:
                                            where=where or None)
         return SearchResult(image.width, image.height, hits)
 
+    def search_video(self, data: bytes, suffix: str, k: int, *, fusion: str = "learned",
+                     every: int = 25, where: dict[str, str] | None = None) -> list:
+        """Tracks of an uploaded video and their matches (see
+        :func:`vestis.video.search.search_video`); raises ``VideoError`` for a bad file. The
+        upload goes to a temporary file (containers such as MP4 need seeking), removed after."""
+        import tempfile
+
+        from vestis.video.search import search_video
+
+        catalog = self.catalog
+        with tempfile.NamedTemporaryFile(suffix=suffix) as handle:
+            handle.write(data)
+            handle.flush()
+            return search_video(catalog, handle.name, k, fusion=fusion, every=every,
+                                where=where or None)
+
     def describe(self, data: bytes) -> dict[str, Any]:
         """The attribute heads' reading of an uploaded photo (category and attributes)."""
         image = load_image(data)
