@@ -116,3 +116,25 @@ def test_validation_only_sources_are_scored_but_never_trained_on(tmp_path, data_
     with pytest.raises(ValueError, match="nothing to train"):
         load_config({"data": {"sources": [{"kind": "luma", "path": ".", "split_by": "product",
                                            "validation_only": True}]}})
+
+
+def test_test_size_embeds_validation_and_the_saved_model_larger_than_training_views(
+        tmp_path, data_dir):
+    from vestis.train.trainer import Trainer
+
+    smoke = {**SMOKE, "epochs": 1,
+             "model": {"finetune_from_stage": 6, "category_weight": 1.0, "test_size": 256}}
+    train(CONFIGS / "triplet.yaml", tmp_path / "run", overrides=smoke, progress=False)
+    assert create_model(tmp_path / "run" / "last.pt").preprocess.size == 256
+
+    trainer = Trainer(load_config(CONFIGS / "triplet.yaml", smoke), tmp_path / "t",
+                      torch.device("cpu"), progress=False)
+    # Stage 6 starts on stage 5's output, a stride-32 map: 7 cells at 224 px, 8 at 256 px.
+    assert trainer.features.cache["entry"].shape[-1] == 7
+    validation = trainer.validation[0]
+    vectors = trainer.features.validation_features(validation)
+    assert trainer.features._validation_cache[validation.name]["entry"].shape[-1] == 8
+    assert len(vectors) == len(validation.samples)
+
+    with pytest.raises(ValueError, match="test_size"):
+        load_config(CONFIGS / "triplet.yaml", {"model": {"test_size": 16}})

@@ -113,6 +113,9 @@ def validate(config: dict[str, Any]) -> None:
     cut = config["model"].get("finetune_from_stage")
     if cut is not None and (not isinstance(cut, int) or not 1 <= cut <= 7):
         raise ValueError("model.finetune_from_stage must be null or a stage index 1-7")
+    test_size = config["model"].get("test_size")
+    if test_size is not None and (not isinstance(test_size, int) or test_size < 32):
+        raise ValueError("model.test_size must be null or an input size of at least 32 pixels")
     if config["optimizer"]["name"] not in ("adamw", "sgd"):
         raise ValueError("optimizer.name must be adamw or sgd")
     if config["schedule"]["name"] not in ("cosine", "constant"):

@@ -14,7 +14,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from vestis.train.sources import ValidationSet, build_sources
 BEST, LAST, STATE, LOG, RESOLVED = "best.pt", "last.pt", "state.pt", "log.csv", "config.yaml"
 # Recipe `model` keys that steer training rather than build the network.
 TRAINING_KEYS = ("architecture", "freeze_backbone", "finetune_from_stage", "category_loss_weight",
-                 "category_label_smoothing", "init_from")
+                 "category_label_smoothing", "init_from", "test_size")
 
 
 @dataclass
@@ -115,6 +115,10 @@ class Trainer:
             embed_dim=self.model.embed_dim,
         ).to(device)
         self.features = self._make_feature_source()
+        # Training views keep the backbone's own input size; validation and the saved model
+        # embed at test_size (see serving_preprocess).
+        self.model.preprocess = serving_preprocess(self.model.preprocess,
+                                                   config["model"].get("test_size"))
         self.sampler = self._make_sampler()
         self.optimizer = self._make_optimizer()
         self.steps_per_epoch = len(self.sampler)
@@ -408,11 +412,27 @@ def split_metrics(vectors: np.ndarray, validation: ValidationSet) -> dict[str, f
             for key in ("R@1", "R@10", "mAP", "MAP@R")}
 
 
-def plain_features(model, samples: list[TrainSample], batch_size: int, device) -> torch.Tensor:
+def serving_preprocess(train: Preprocess, test_size: int | None) -> Preprocess:
+    """The preprocessing of validation and of the saved model: ``train``'s, at ``test_size``.
+
+    Random-resized-crop training shows garments larger than a whole photo does, so embedding
+    at a somewhat larger size than the training views can match their apparent size better
+    (Touvron et al., "Fixing the train-test resolution discrepancy", 2019).
+    """
+    if not test_size:
+        return train
+    if int(test_size) < 32:
+        raise ValueError(f"test size must be at least 32 pixels, got {test_size}")
+    return replace(train, size=int(test_size))
+
+
+def plain_features(model, samples: list[TrainSample], batch_size: int, device,
+                   preprocess: Preprocess | None = None) -> torch.Tensor:
     """Extracted features of un-augmented images, in batches, without gradients."""
+    preprocess = preprocess or model.preprocess
     chunks = []
     for start in range(0, len(samples), batch_size):
-        arrays = [model.preprocess.to_array(_open(s)) for s in samples[start:start + batch_size]]
+        arrays = [preprocess.to_array(_open(s)) for s in samples[start:start + batch_size]]
         with torch.inference_mode():
             batch = torch.from_numpy(np.stack(arrays)).to(device)
             chunks.append(model.extract(batch).float().cpu())
@@ -533,7 +553,7 @@ class CachedFeatures:
         parts: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(samples), self.batch_size):
             chunk = samples[start:start + self.batch_size]
-            arrays = np.stack([self.preprocess.to_array(_open(sample)) for sample in chunk])
+            arrays = np.stack([self.model.preprocess.to_array(_open(sample)) for sample in chunk])
             for name, value in self._extract(arrays).items():
                 parts.setdefault(name, []).append(value)
         return {name: torch.cat(values) for name, values in parts.items()}
@@ -552,15 +572,15 @@ class LiveImages:
         arrays = [self.augment(_open(self.dataset.samples[i])) for i in indices]
         return self.model.extract(torch.from_numpy(np.stack(arrays)).to(self.device))
 
-    def _plain(self, samples: list[TrainSample]) -> torch.Tensor:
+    def _plain(self, samples: list[TrainSample], preprocess: Preprocess) -> torch.Tensor:
         self.model.eval()
-        return plain_features(self.model, samples, 64, self.device).to(self.device)
+        return plain_features(self.model, samples, 64, self.device, preprocess).to(self.device)
 
     def plain_train_features(self) -> torch.Tensor:
-        return self._plain(self.dataset.samples)
+        return self._plain(self.dataset.samples, self.preprocess)
 
     def validation_features(self, validation: ValidationSet) -> torch.Tensor:
-        return self._plain(validation.samples)
+        return self._plain(validation.samples, self.model.preprocess)
 
 
 def _open(sample: TrainSample):
