@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from recipes import replace_section  # bench/, the script's own folder
 
 from vestis.evaluation import retrieval_metrics
 from vestis.images import load_image
@@ -167,9 +168,6 @@ def main() -> None:
     lines = section(rows, recipe, args.note)
     print("\n".join(lines))
     if args.update:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from recipes import replace_section
-
         replace_section(args.update, lines)
 
 
