@@ -31,11 +31,10 @@ import yaml
 from recipes import replace_section  # bench/, the script's own folder
 
 from vestis.evaluation import retrieval_metrics
-from vestis.images import load_image
 from vestis.models import create_model
 from vestis.train import load_config, train
 from vestis.train.sources import build_sources
-from vestis.train.trainer import serving_preprocess
+from vestis.train.trainer import plain_features, serving_preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Serving settings (`bench/serving_cv.py`)"
@@ -63,9 +62,9 @@ def score_run(checkpoint: Path, config: dict, sizes: list[int], weights: list[fl
     rows = []
     for split in validation:
         labels = [sample.label for sample in split.samples]
-        images = [load_image(sample.path) for sample in split.samples]
         for size in sizes:
-            features = extract(model, images, serving_preprocess(model.preprocess, size), device)
+            preprocess = serving_preprocess(model.preprocess, size)
+            features = plain_features(model, split.samples, 64, device, preprocess).to(device)
             for weight in weights:
                 model.category_weight = weight
                 with torch.inference_mode():
@@ -76,15 +75,6 @@ def score_run(checkpoint: Path, config: dict, sizes: list[int], weights: list[fl
                              f"{split.name}_R@1": float(result.metrics["R@1"]),
                              f"{split.name}_mAP": float(result.metrics["mAP"])})
     return merge_rows(rows)
-
-
-def extract(model, images, preprocess, device: str, batch: int = 64) -> torch.Tensor:
-    chunks = []
-    for start in range(0, len(images), batch):
-        arrays = np.stack([preprocess.to_array(image) for image in images[start:start + batch]])
-        with torch.inference_mode():
-            chunks.append(model.extract(torch.from_numpy(arrays).to(device)))
-    return torch.cat(chunks)
 
 
 def merge_rows(rows: list[dict]) -> list[dict]:

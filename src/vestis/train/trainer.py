@@ -115,8 +115,8 @@ class Trainer:
             embed_dim=self.model.embed_dim,
         ).to(device)
         self.features = self._make_feature_source()
-        # Training views keep the backbone's own input size; validation and the saved model
-        # embed at test_size (see serving_preprocess).
+        # The feature source has kept the backbone's own input size for training views; from
+        # here on, validation and the saved model embed at test_size (see serving_preprocess).
         self.model.preprocess = serving_preprocess(self.model.preprocess,
                                                    config["model"].get("test_size"))
         self.sampler = self._make_sampler()
