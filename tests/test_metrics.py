@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -27,8 +29,9 @@ def reference_metrics(queries, query_labels, gallery, gallery_labels, self_index
         precisions = [j / rank for j, rank in enumerate(ranks, 1)]
         ap = sum(precisions) / n_pos
         map_r = sum(p for p, rank in zip(precisions, ranks, strict=True) if rank <= n_pos) / n_pos
+        r_precision = sum(1 for rank in ranks if rank <= n_pos) / n_pos
         top = sorted(candidates, key=lambda j: -scores[i, j])
-        per_query.append((i, ranks[0], ap, map_r, top))
+        per_query.append((i, ranks[0], ap, map_r, top, r_precision))
     if not per_query:
         return None
     first = np.array([row[1] for row in per_query])
@@ -36,6 +39,7 @@ def reference_metrics(queries, query_labels, gallery, gallery_labels, self_index
     expected["P@1"] = np.mean(first == 1)
     expected["mAP"] = np.mean([row[2] for row in per_query])
     expected["MAP@R"] = np.mean([row[3] for row in per_query])
+    expected["R-precision"] = np.mean([row[5] for row in per_query])
     expected["n_queries"] = len(per_query)
     expected["n_queries_skipped"] = len(query_labels) - len(per_query)
     return expected, per_query
@@ -130,10 +134,85 @@ def test_neg_pos_neg_pos_ranking():
     np.testing.assert_array_equal(result.first_positive_rank, [2])
 
 
-def test_tied_negative_does_not_count_above_a_positive():
+def expected_over_tie_orders(scores, labels, ks=(1, 2, 3)):
+    """Exhaustive reference: each metric averaged over every order of the gallery that
+    sorts it by descending score (all orders of tied items, equally likely)."""
+    orders = [order for order in itertools.permutations(range(len(scores)))
+              if all(scores[a] >= scores[b] for a, b in itertools.pairwise(order))]
+    totals: dict[str, float] = {}
+    n_pos = sum(label == "q" for label in labels)
+    for order in orders:
+        relevant = [labels[j] == "q" for j in order]
+        ranks = [rank for rank, hit in enumerate(relevant, 1) if hit]
+        precisions = [j / rank for j, rank in enumerate(ranks, 1)]
+        values = {f"R@{k}": float(ranks[0] <= k) for k in ks}
+        values["mAP"] = sum(precisions) / n_pos
+        in_r = [p for p, r in zip(precisions, ranks, strict=True) if r <= n_pos]
+        values["MAP@R"] = sum(in_r) / n_pos
+        values["R-precision"] = sum(r <= n_pos for r in ranks) / n_pos
+        values["first rank"] = ranks[0]
+        for key, value in values.items():
+            totals[key] = totals.get(key, 0.0) + value / len(orders)
+    return totals
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_ties_count_at_their_expected_value_over_random_orders(seed):
+    rng = np.random.default_rng(seed)
+    size = int(rng.integers(3, 8))
+    scores = rng.integers(0, 3, size) / 2  # three levels: many ties
+    labels = ["q" if rng.random() < 0.4 else "x" for _ in range(size)]
+    labels[int(rng.integers(size))] = "q"
+    expected = expected_over_tie_orders(list(scores), labels)
+    result = retrieval_metrics(*scores_to_problem(scores, labels), ks=(1, 2, 3))
+    for key in ("R@1", "R@2", "R@3", "mAP", "MAP@R", "R-precision"):
+        assert result.metrics[key] == pytest.approx(expected[key]), key
+    assert result.metrics["P@1"] == pytest.approx(expected["R@1"])
+    assert result.first_positive_rank[0] == pytest.approx(expected["first rank"])
+
+
+def test_tied_negative_counts_half_above_a_positive():
     result = retrieval_metrics(*scores_to_problem([0.5, 0.5, 0.2], ["x", "q", "x"]))
-    assert result.metrics["P@1"] == 1.0
-    assert result.metrics["mAP"] == 1.0
+    assert result.metrics["P@1"] == pytest.approx(0.5)
+    assert result.metrics["mAP"] == pytest.approx((1 + 1 / 2) / 2)
+    assert result.first_positive_rank[0] == pytest.approx(1.5)
+
+
+def test_identical_vectors_score_at_chance():
+    """A collapsed model (every photo the same vector) must not look perfect: 20 photos of
+    10 items, leave-one-out, so each query's one positive is among 19 tied photos."""
+    vectors = np.ones((20, 8), np.float32) / np.sqrt(8)
+    labels = [f"item-{i // 2}" for i in range(20)]
+    result = retrieval_metrics(vectors, labels, vectors, labels, ks=(1, 10),
+                               query_gallery_index=np.arange(20))
+    chance_ap = sum(1 / rank for rank in range(1, 20)) / 19  # E[1/rank], rank uniform on 1..19
+    assert result.metrics["R@1"] == pytest.approx(1 / 19)
+    assert result.metrics["P@1"] == pytest.approx(1 / 19)
+    assert result.metrics["R@10"] == pytest.approx(10 / 19)
+    assert result.metrics["mAP"] == pytest.approx(chance_ap)
+    assert result.metrics["MAP@R"] == pytest.approx(1 / 19)
+    assert result.metrics["R-precision"] == pytest.approx(1 / 19)
+
+
+@pytest.mark.parametrize("sort_above", [0, 1000])  # both ways of counting negatives
+def test_identical_vectors_of_a_category_dataset_score_at_chance(monkeypatch, sort_above):
+    """Many positives per query (category retrieval) in one big tie: P@1 and R-precision are
+    the share of positives among the other photos; AP and MAP@R are those of a random
+    order (position i holds a positive with probability p/m, and then has on average
+    1 + (i-1)(p-1)/(m-1) positives up to it)."""
+    vectors = np.ones((60, 4), np.float32) / 2
+    labels = [i % 3 for i in range(60)]  # 3 classes of 20
+    monkeypatch.setattr(metrics_module, "_SORT_ABOVE_POSITIVES", sort_above)
+    result = retrieval_metrics(vectors, labels, vectors, labels, ks=(1,),
+                               query_gallery_index=np.arange(60))
+    p, m = 19, 59
+    share = p / m
+    position = np.arange(1, m + 1)
+    precision = share * (1 + (position - 1) * (p - 1) / (m - 1)) / position
+    assert result.metrics["P@1"] == pytest.approx(share)
+    assert result.metrics["R-precision"] == pytest.approx(share)
+    assert result.metrics["MAP@R"] == pytest.approx(precision[:p].sum() / p)
+    assert result.metrics["mAP"] == pytest.approx(precision.sum() / p)
 
 
 def test_leave_one_out_excludes_self_from_positives_and_negatives():

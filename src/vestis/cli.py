@@ -411,6 +411,9 @@ def eval_(
     dataset: Path = typer.Argument(..., help="CSV, DeepFashion folder or DeepFashion2 folder."),
     format: str | None = typer.Option(None, "--format", help="csv | inshop | c2s | df2."),
     model: str = typer.Option(DEFAULT_MODEL, help="Model name or checkpoint path."),
+    compare: str | None = typer.Option(
+        None, "--compare", help="A second model scored on the same queries: both models' "
+        "metrics, the difference with its 95% interval, and the queries only one gets right."),
     split: str = typer.Option("test", help="Split to evaluate (c2s)."),
     json_out: Path | None = typer.Option(None, "--json", help="Write metrics as JSON."),
     report: Path | None = typer.Option(None, "--report", help="Write a Markdown report."),
@@ -420,24 +423,22 @@ def eval_(
         "each image's category names, as vestis index --crop garment does) or largest (the "
         "largest garment found)."),
 ) -> None:
-    """Measure retrieval quality: Recall@K (hit rate), mAP, MAP@R, P@1."""
-    from vestis.evaluation import evaluate
-    from vestis.evaluation.report import format_table
+    """Measure retrieval quality: Recall@K (hit rate), P@1, mAP, MAP@R, R-precision, each with
+    a 95% bootstrap interval; ties count at their expected value."""
+    from vestis.evaluation.report import format_comparison, format_table
+    from vestis.evaluation.run import compare as compare_models
+    from vestis.evaluation.run import evaluate
 
     if format is not None and format not in ("csv", "inshop", "c2s", "df2"):
         raise ValueError(f"--format must be csv, inshop, c2s or df2, got {format!r}")
-    result = evaluate(
-        dataset,
-        model,
-        format=format,
-        split=split,
-        batch_size=batch_size,
-        progress=True,
-        report_dir=report,
-        json_path=json_out,
-        crop=crop,
-    )
-    typer.echo(format_table(result.metrics))
+    options = dict(format=format, split=split, batch_size=batch_size, progress=True,
+                   report_dir=report, json_path=json_out, crop=crop)
+    if compare is None:
+        result = evaluate(dataset, model, **options)
+        typer.echo(format_table(result.metrics, result.intervals))
+        return
+    result_a, result_b, comparison = compare_models(dataset, model, compare, **options)
+    typer.echo(format_comparison(comparison, (model, compare)))
 
 
 @app.command()

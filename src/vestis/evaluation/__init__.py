@@ -3,12 +3,17 @@
 from vestis.evaluation.datasets import EvalDataset, Sample, load_dataset
 from vestis.evaluation.metrics import RetrievalResult, retrieval_metrics
 from vestis.evaluation.report import format_table, write_report
-from vestis.evaluation.run import evaluate
+from vestis.evaluation.run import compare, evaluate
+from vestis.evaluation.uncertainty import Comparison, bootstrap_intervals, compare_results
 
 __all__ = [
+    "Comparison",
     "EvalDataset",
     "RetrievalResult",
     "Sample",
+    "bootstrap_intervals",
+    "compare",
+    "compare_results",
     "evaluate",
     "format_table",
     "load_dataset",

@@ -100,6 +100,9 @@ class EvalDataset:
     gallery: list[Sample]
     query_gallery_index: np.ndarray | None
     protocol: str  # "leave-one-out" | "query-gallery"
+    # "item": item_id names a product (instance retrieval; its views are resampled together
+    # by the bootstrap); "category": it names a class (the clothing format's label).
+    match: str = "item"
 
     def __post_init__(self) -> None:
         if not self.queries:
@@ -108,6 +111,8 @@ class EvalDataset:
             raise ValueError(f"dataset {self.name!r} has an empty gallery")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.match not in ("item", "category"):
+            raise ValueError(f"match must be 'item' or 'category', got {self.match!r}")
         if self.query_gallery_index is not None:
             index = np.asarray(self.query_gallery_index, dtype=np.int64)
             if index.shape != (len(self.queries),):
@@ -176,6 +181,20 @@ def detect_format(source: Path) -> str:
 
 
 def read_csv(source: Path, *, split: str = "test") -> EvalDataset:
+    dataset = _read_csv_protocol(source, split)
+    if _label_column(source) == "label":
+        dataset.match = "category"
+    return dataset
+
+
+def _label_column(source: Path) -> str:
+    path = source if source.is_file() else _folder_csv(source)
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        columns = csv.DictReader(handle).fieldnames or []
+    return next(column for column in LABEL_COLUMNS if column in columns)
+
+
+def _read_csv_protocol(source: Path, split: str) -> EvalDataset:
     path = source if source.is_file() else _folder_csv(source)
     if path is None:
         raise FileNotFoundError(f"no catalog.csv (or single .csv file) in {source}")

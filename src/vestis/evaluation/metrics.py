@@ -4,8 +4,13 @@ Similarity is the dot product of the embeddings (the caller L2-normalises them).
 processed in blocks: one ``(block, n_gallery)`` similarity matrix at a time, so memory stays
 bounded and nothing loops per query or per pair.
 
-Ranks follow one tie rule everywhere: the rank of the j-th positive (positives sorted by
-descending score) is ``j`` plus the number of negatives whose score is *strictly* greater.
+Ties never help. Every metric is its *expected value when gallery items with equal scores
+are ranked in a uniformly random order* (McSherry and Najork, "Computing information
+retrieval performance measures efficiently in the presence of tied scores", ECIR 2008):
+a positive tied with negatives is, on average, ranked among them, so a model that gives
+every image the same vector scores at chance level, never at 1.0. Without ties the values
+are the usual ones. The same rule holds for R@K, P@1, mAP, MAP@R and R-precision, and so for
+everything built on this module (``vestis eval``, the trainer's choice of ``best.pt``).
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ _SORT_ABOVE_POSITIVES = 48
 
 @dataclass
 class RetrievalResult:
-    """Metrics of one retrieval run, plus per-query details for reports.
+    """Metrics of one retrieval run, plus per-query details for reports and intervals.
 
     All per-query arrays are aligned with ``query_indices``: row ``i`` describes the original
     query ``query_indices[i]``. Queries without any positive in the gallery are not evaluated.
+    Ranks and per-query values are expectations over random orders of tied scores (see the
+    module docstring), so ``first_positive_rank`` can be fractional.
     """
 
     metrics: dict[str, float]
@@ -37,6 +44,20 @@ class RetrievalResult:
     top_indices: np.ndarray
     average_precision: np.ndarray
     n_positives: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    map_at_r: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    r_precision: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # The first positive's score group: its best possible rank, and the negatives and
+    # positives that share its score (0 tied negatives: no tie that matters).
+    first_best_rank: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    first_tied_negatives: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    first_tied_positives: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    #: 95 % bootstrap intervals of the headline metrics, when computed (``vestis eval``).
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def hit_probability(self, k: int) -> np.ndarray:
+        """Per query, the probability that a positive is among the top ``k``."""
+        return _hit_probability(k, self.first_best_rank, self.first_tied_negatives,
+                                self.first_tied_positives)
 
     def recall_curve(self, max_k: int = 50) -> np.ndarray:
         """Recall@K (hit rate) for K = 1..max_k; entry ``k - 1`` is R@k."""
@@ -44,9 +65,18 @@ class RetrievalResult:
             raise ValueError(f"max_k must be at least 1, got {max_k}")
         if len(self.first_positive_rank) == 0:
             return np.zeros(max_k)
-        ranks = np.minimum(self.first_positive_rank, max_k + 1)
-        hits = np.bincount(ranks, minlength=max_k + 2)[1 : max_k + 1]
-        return np.cumsum(hits) / len(self.first_positive_rank)
+        return np.array([self.hit_probability(k).mean() for k in range(1, max_k + 1)])
+
+    def per_query(self, ks: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+        """The headline metrics' per-query values; each metric is their mean."""
+        ks = [int(name[2:]) for name in self.metrics if name.startswith("R@")] if ks is None \
+            else list(ks)
+        values = {f"R@{k}": self.hit_probability(k) for k in ks}
+        values["P@1"] = self.hit_probability(1)
+        values["mAP"] = self.average_precision
+        values["MAP@R"] = self.map_at_r
+        values["R-precision"] = self.r_precision
+        return values
 
 
 def retrieval_metrics(
@@ -60,7 +90,8 @@ def retrieval_metrics(
     block_size: int = 1024,
     top_n: int = 10,
 ) -> RetrievalResult:
-    """Recall@K (hit rate), P@1, mAP and MAP@R of ranking the gallery for every query.
+    """Recall@K (hit rate), P@1, mAP, MAP@R and R-precision of ranking the gallery for every
+    query, with ties counted at their expected value (module docstring).
 
     Args:
         query_emb: ``(n_queries, dim)`` embeddings, compared by dot product.
@@ -104,17 +135,24 @@ def retrieval_metrics(
         _score_block(queries[rows], query_codes[rows], self_index[rows], gallery, positives, top_n)
         for rows in np.array_split(evaluated[by_count], -(-len(evaluated) // block_size))
     ]
-    first_rank, ap, map_at_r, top = (
-        _unpermute(np.concatenate(parts), by_count) for parts in zip(*blocks, strict=True)
-    )
-    return RetrievalResult(
-        metrics=_summarise(first_rank, ap, map_at_r, ks, len(queries), len(gallery)),
-        first_positive_rank=first_rank,
+    columns = [_unpermute(np.concatenate(parts), by_count) for parts in zip(*blocks, strict=True)]
+    expected_rank, best_rank, tied_negatives, tied_positives, ap, map_at_r, r_precision, top = \
+        columns
+    result = RetrievalResult(
+        metrics={},
+        first_positive_rank=expected_rank,
         query_indices=evaluated,
         top_indices=top,
         average_precision=ap,
         n_positives=n_positives[evaluated],
+        map_at_r=map_at_r,
+        r_precision=r_precision,
+        first_best_rank=best_rank,
+        first_tied_negatives=tied_negatives,
+        first_tied_positives=tied_positives,
     )
+    result.metrics = _summarise(result, ks, len(queries), len(gallery))
+    return result
 
 
 def _unpermute(values: np.ndarray, permutation: np.ndarray) -> np.ndarray:
@@ -216,7 +254,7 @@ class _PositiveIndex:
 
 
 def _score_block(queries, codes, self_index, gallery, positives: _PositiveIndex, top_n: int):
-    """Per-query first-positive rank, AP, MAP@R and top gallery indices for one block."""
+    """Per-query rank figures (see :func:`_rank_metrics`) and top gallery indices."""
     sims = queries @ gallery.T
     rows = np.arange(len(queries))
     has_self = self_index >= 0
@@ -230,8 +268,18 @@ def _score_block(queries, codes, self_index, gallery, positives: _PositiveIndex,
     pos_scores = -np.sort(-pos_scores, axis=1)
     sims[rows[:, None], pos_index] = -np.inf  # only negatives remain finite
 
-    negatives_above = _count_greater(sims, pos_scores)
-    return _rank_metrics(negatives_above, valid.sum(axis=1)) + (top,)
+    n_positives = valid.sum(axis=1)
+    real = np.arange(pos_scores.shape[1])[None, :] < n_positives[:, None]  # sorted columns
+    above = _count_greater(sims, pos_scores)
+    tied = np.where(real, _count_greater(sims, pos_scores, or_equal=True) - above, 0)
+    figures = _rank_metrics(above, n_positives)
+    for row in np.flatnonzero(tied.any(axis=1)):
+        count = n_positives[row]
+        tied_figures = _tied_rank_metrics(pos_scores[row, :count], above[row, :count],
+                                          tied[row, :count])
+        for column, value in zip(figures, tied_figures, strict=True):
+            column[row] = value
+    return (*figures, top)
 
 
 def _top_indices(sims: np.ndarray, top_n: int) -> np.ndarray:
@@ -240,36 +288,90 @@ def _top_indices(sims: np.ndarray, top_n: int) -> np.ndarray:
     return torch.topk(torch.from_numpy(sims), top_n, dim=1).indices.numpy()
 
 
-def _count_greater(sims: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """``out[i, j]``: how many entries of ``sims[i]`` are strictly above ``thresholds[i, j]``."""
+def _count_greater(sims: np.ndarray, thresholds: np.ndarray, *, or_equal: bool = False):
+    """``out[i, j]``: how many entries of ``sims[i]`` are above ``thresholds[i, j]`` (or equal
+    to it, with ``or_equal``)."""
+    greater = np.greater_equal if or_equal else np.greater
     if thresholds.shape[1] <= _SORT_ABOVE_POSITIVES:
         columns = [
-            np.count_nonzero(sims > thresholds[:, j : j + 1], axis=1)
+            np.count_nonzero(greater(sims, thresholds[:, j : j + 1]), axis=1)
             for j in range(thresholds.shape[1])
         ]
         return np.stack(columns, axis=1)
     ascending = torch.from_numpy(np.sort(sims, axis=1))
-    not_greater = torch.searchsorted(ascending, torch.from_numpy(thresholds), right=True)
+    not_greater = torch.searchsorted(ascending, torch.from_numpy(thresholds), right=not or_equal)
     return sims.shape[1] - not_greater.numpy()
 
 
-def _rank_metrics(negatives_above: np.ndarray, n_positives: np.ndarray):
-    """First-positive rank, AP and MAP@R from the negatives ranked above each positive."""
+def _rank_metrics(negatives_above: np.ndarray, n_positives: np.ndarray) -> list[np.ndarray]:
+    """Per query, without ties: expected first-positive rank, its best rank, the negatives
+    and positives tied with it, AP, MAP@R and R-precision."""
     position = np.arange(1, negatives_above.shape[1] + 1, dtype=np.float64)[None, :]
     valid = position <= n_positives[:, None]
     rank = position + negatives_above
     precision = np.where(valid, position / rank, 0.0)
+    in_first_r = valid & (rank <= n_positives[:, None])
     ap = precision.sum(axis=1) / n_positives
-    map_at_r = np.where(rank <= n_positives[:, None], precision, 0.0).sum(axis=1) / n_positives
-    return rank[:, 0].astype(np.int64), ap, map_at_r
+    map_at_r = np.where(in_first_r, precision, 0.0).sum(axis=1) / n_positives
+    r_precision = in_first_r.sum(axis=1) / n_positives
+    first = rank[:, 0].astype(np.int64)
+    return [first.astype(np.float64), first, np.zeros_like(first), np.ones_like(first),
+            ap, map_at_r, r_precision]
 
 
-def _summarise(first_rank, ap, map_at_r, ks, n_queries: int, n_gallery: int) -> dict:
-    metrics: dict[str, float] = {f"R@{k}": float(np.mean(first_rank <= k)) for k in ks}
-    metrics["P@1"] = float(np.mean(first_rank == 1))
-    metrics["mAP"] = float(np.mean(ap))
-    metrics["MAP@R"] = float(np.mean(map_at_r))
-    metrics["n_queries"] = len(first_rank)
+def _tied_rank_metrics(scores: np.ndarray, above: np.ndarray, tied: np.ndarray) -> list:
+    """One query's figures (as :func:`_rank_metrics`) in expectation over random orders of
+    tied items. ``scores``: its positives' scores, descending; ``above`` / ``tied``: the
+    negatives scoring more than / as much as each.
+
+    Positives of equal score form a group: ``p`` positives and ``n`` tied negatives at ranks
+    ``c + 1 .. c + m`` (``m = p + n``, ``c`` the items above). In a random order, position
+    ``x`` of the group holds a positive with probability ``p / m``, and then the expected
+    number of the group's positives up to it is ``1 + (x - 1)(p - 1)/(m - 1)``; summing
+    ``E[positives so far] / rank`` over positions gives the exact expected AP.
+    """
+    n_positives = len(scores)
+    ap = map_at_r = hits_in_r = 0.0
+    first = None
+    start = 0
+    while start < n_positives:
+        stop = start + int(np.count_nonzero(scores[start:] == scores[start]))
+        p, n = stop - start, int(tied[start])
+        c, m = start + int(above[start]), stop - start + int(tied[start])
+        if first is None:
+            first = (c + (m + 1) / (p + 1), c + 1, n, p)
+        x = np.arange(1, m + 1, dtype=np.float64)
+        so_far = start + 1 + ((x - 1) * (p - 1) / (m - 1) if m > 1 else 0.0)
+        precision = (p / m) * so_far / (c + x)
+        ap += precision.sum()
+        map_at_r += precision[c + x <= n_positives].sum()
+        hits_in_r += min(max(n_positives - c, 0), m) * p / m
+        start = stop
+    return [*first, ap / n_positives, map_at_r / n_positives, hits_in_r / n_positives]
+
+
+def _hit_probability(k: int, best_rank: np.ndarray, tied_negatives: np.ndarray,
+                     tied_positives: np.ndarray) -> np.ndarray:
+    """P(a positive is in the top ``k``): the first positive's group starts at ``best_rank``;
+    it misses when the group's first ``t = k - best_rank + 1`` places all hold tied negatives,
+    with probability ``C(n, t) / C(n + p, t)``."""
+    t = k - best_rank + 1
+    n, m = tied_negatives, tied_negatives + tied_positives
+    possible = (t >= 1) & (t <= n)
+    safe_t = np.where(possible, t, 0).astype(np.float64)
+    log_miss = (_log_factorial(n) - _log_factorial(np.maximum(n - safe_t, 0))
+                - _log_factorial(m) + _log_factorial(m - safe_t))
+    miss = np.where(possible, np.exp(log_miss), np.where(t < 1, 1.0, 0.0))
+    return 1.0 - miss
+
+
+def _log_factorial(values) -> np.ndarray:
+    return torch.lgamma(torch.as_tensor(values, dtype=torch.float64) + 1).numpy()
+
+
+def _summarise(result: RetrievalResult, ks, n_queries: int, n_gallery: int) -> dict:
+    metrics = {name: float(values.mean()) for name, values in result.per_query(ks).items()}
+    metrics["n_queries"] = len(result.query_indices)
     metrics["n_gallery"] = n_gallery
-    metrics["n_queries_skipped"] = n_queries - len(first_rank)
+    metrics["n_queries_skipped"] = n_queries - len(result.query_indices)
     return metrics

@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from vestis.evaluation.datasets import EvalDataset, Sample
 from vestis.evaluation.metrics import RetrievalResult
+from vestis.evaluation.uncertainty import Comparison
 from vestis.images import ImageError, crop_box, load_image
 
 RECALL_CURVE_MAX_K = 50
@@ -64,6 +65,8 @@ def metrics_payload(
             "n_query_images": len(dataset.queries),
             "n_gallery_images": len(dataset.gallery),
             "metrics": result.metrics,
+            "intervals": result.intervals,
+            "interval_method": INTERVAL_METHOD if result.intervals else None,
             "recall_at_k": result.recall_curve(RECALL_CURVE_MAX_K),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "extra": extra or {},
@@ -86,15 +89,112 @@ def write_metrics_json(
     return path
 
 
-def format_table(metrics: dict[str, float]) -> str:
-    """A two-column console table; rates get 4 decimals, counts none."""
-    rows = [(name, _format_value(value)) for name, value in metrics.items()]
-    name_width = max([len("metric")] + [len(name) for name, _ in rows])
-    value_width = max([len("value")] + [len(value) for _, value in rows])
-    lines = [f"{'metric':<{name_width}}  {'value':>{value_width}}"]
-    lines.append(f"{'-' * name_width}  {'-' * value_width}")
-    lines += [f"{name:<{name_width}}  {value:>{value_width}}" for name, value in rows]
-    return "\n".join(lines)
+def format_table(metrics: dict[str, float],
+                 intervals: dict[str, tuple[float, float]] | None = None) -> str:
+    """A console table; rates get 4 decimals, counts none; with ``intervals``, a 95 % CI
+    column."""
+    intervals = intervals or {}
+    header = ["metric", "value"] + (["95% CI"] if intervals else [])
+    rows = [[name, _format_value(value)] + ([_format_interval(intervals.get(name))]
+                                            if intervals else [])
+            for name, value in metrics.items()]
+    return _aligned([header, *rows])
+
+
+def _aligned(rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell: the first left-aligned, the others right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                         for i, (cell, w) in enumerate(zip(cells, widths, strict=True)))
+
+    return "\n".join([line(rows[0]), line(["-" * w for w in widths]),
+                      *(line(row) for row in rows[1:])])
+
+
+def _format_interval(interval: tuple[float, float] | None) -> str:
+    return "" if interval is None else f"[{interval[0]:.4f}, {interval[1]:.4f}]"
+
+
+def format_comparison(comparison: Comparison, names: tuple[str, str]) -> str:
+    """Each metric for both models, ``a - b`` with its interval, and the rank-1 wins."""
+    rows = [["metric", names[0], names[1], "difference", "95% CI", ""]]
+    for name, difference in comparison.difference.items():
+        rows.append([name, f"{comparison.metrics_a[name]:.4f}",
+                     f"{comparison.metrics_b[name]:.4f}", f"{difference:+.4f}",
+                     _format_interval(comparison.intervals[name]),
+                     "" if comparison.significant(name) else "(within noise)"])
+    return "\n".join([
+        _aligned(rows),
+        "",
+        f"{comparison.n_queries} queries; right at rank 1 only with {names[0]}: "
+        f"{len(comparison.only_a)}, only with {names[1]}: {len(comparison.only_b)}",
+    ])
+
+
+INTERVAL_METHOD = ("95 % percentile bootstrap over queries (whole items resampled together "
+                   "on instance benchmarks), 2000 resamples")
+
+
+def comparison_payload(comparison: Comparison, result: RetrievalResult, dataset: EvalDataset,
+                       names: tuple[str, str]) -> dict:
+    def queries(rows: np.ndarray) -> list[str]:
+        return [str(dataset.queries[result.query_indices[row]].path) for row in rows]
+
+    return _plain({
+        "dataset": dataset.name,
+        "protocol": dataset.protocol,
+        "models": list(names),
+        "n_queries": comparison.n_queries,
+        "metrics": {names[0]: comparison.metrics_a, names[1]: comparison.metrics_b},
+        "difference": comparison.difference,
+        "difference_intervals": comparison.intervals,
+        "significant": {name: comparison.significant(name) for name in comparison.difference},
+        "interval_method": INTERVAL_METHOD + ", paired (same resamples for both models)",
+        "right_at_rank_1_only_with": {names[0]: queries(comparison.only_a),
+                                      names[1]: queries(comparison.only_b)},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    })
+
+
+def write_comparison_json(path: str | Path, comparison: Comparison, result: RetrievalResult,
+                          dataset: EvalDataset, names: tuple[str, str]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = comparison_payload(comparison, result, dataset, names)
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def write_comparison_report(comparison: Comparison, result: RetrievalResult,
+                            dataset: EvalDataset, out_dir: Path, names: tuple[str, str]) -> Path:
+    """``comparison.md`` and ``comparison.json`` in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = write_comparison_json(out_dir / "comparison.json", comparison, result, dataset,
+                                    names)
+    only = json.loads(payload.read_text())["right_at_rank_1_only_with"]
+    lines = [
+        f"# {names[0]} against {names[1]} on {dataset.name}",
+        "",
+        f"{comparison.n_queries} queries ({dataset.protocol}), both models on the same "
+        f"queries. Difference: {names[0]} minus {names[1]}, with its {INTERVAL_METHOD}, "
+        "paired. A difference whose interval contains 0 is within the noise.",
+        "",
+        f"| metric | {names[0]} | {names[1]} | difference | 95% CI |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, difference in comparison.difference.items():
+        marker = "" if comparison.significant(name) else " (within noise)"
+        lines.append(f"| {name} | {comparison.metrics_a[name]:.4f} | "
+                     f"{comparison.metrics_b[name]:.4f} | {difference:+.4f} | "
+                     f"{_format_interval(comparison.intervals[name])}{marker} |")
+    for name in names:
+        lines += ["", f"## Right at rank 1 only with {name} ({len(only[name])})", ""]
+        lines += [f"- `{path}`" for path in only[name]]
+    report = out_dir / "comparison.md"
+    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return report
 
 
 def plot_recall_curve(
@@ -137,7 +237,7 @@ def plot_worst_queries(
         query = dataset.queries[result.query_indices[row]]
         y = row_number * tile_h
         ap, first_hit = result.average_precision[row], result.first_positive_rank[row]
-        sheet.paste(_tile(query, QUERY, f"AP {ap:.2f}, 1st hit #{first_hit}"), (0, y))
+        sheet.paste(_tile(query, QUERY, f"AP {ap:.2f}, 1st hit #{first_hit:g}"), (0, y))
         for rank, gallery_index in enumerate(result.top_indices[row][:top_k], start=1):
             match = dataset.gallery[gallery_index]
             colour = CORRECT if match.item_id == query.item_id else WRONG
@@ -186,12 +286,17 @@ def _markdown(result, dataset: EvalDataset, model_name: str, title: str, extra) 
         "",
         "## Metrics",
         "",
-        "Recall@K is a hit rate: a query counts when at least one correct item is in its top K.",
+        "Recall@K is a hit rate: a query counts when at least one correct item is in its top K. "
+        "Ties count at their expected value over random orders of the tied images.",
         "",
-        "| Metric | Value |",
-        "|---|---:|",
+        f"Intervals: {INTERVAL_METHOD}." if result.intervals else "",
+        "",
+        "| Metric | Value | 95% CI |",
+        "|---|---:|---|",
     ]
-    lines += [f"| {name} | {_format_value(value)} |" for name, value in metrics.items()]
+    lines += [f"| {name} | {_format_value(value)} | "
+              f"{_format_interval(result.intervals.get(name))} |"
+              for name, value in metrics.items()]
     lines += [
         "",
         "## Recall@K",

@@ -1,4 +1,5 @@
-"""``evaluate()``: load a benchmark, embed its images, compute metrics, write a report."""
+"""``evaluate()``: load a benchmark, embed its images, compute metrics with intervals, write
+a report; ``compare()``: two models on the same queries."""
 
 from __future__ import annotations
 
@@ -9,7 +10,18 @@ import numpy as np
 
 from vestis.evaluation.datasets import EvalDataset, Sample, load_dataset
 from vestis.evaluation.metrics import RetrievalResult, retrieval_metrics
-from vestis.evaluation.report import write_metrics_json, write_report
+from vestis.evaluation.report import (
+    write_comparison_json,
+    write_comparison_report,
+    write_metrics_json,
+    write_report,
+)
+from vestis.evaluation.uncertainty import (
+    N_BOOTSTRAP,
+    Comparison,
+    bootstrap_intervals,
+    compare_results,
+)
 from vestis.models import DEFAULT_MODEL, Encoder
 from vestis.models.encoder import in_context
 
@@ -28,6 +40,7 @@ def evaluate(
     report_dir: str | Path | None = None,
     json_path: str | Path | None = None,
     crop: str = "none",
+    n_boot: int = N_BOOTSTRAP,
 ) -> RetrievalResult:
     """Evaluate ``model`` (a registry name, a checkpoint path or an :class:`Encoder`) on
     ``dataset`` (a path read by :func:`load_dataset`, or an :class:`EvalDataset`).
@@ -35,17 +48,67 @@ def evaluate(
     ``crop`` (images without a box of their own): ``none`` embeds whole photos;
     ``garment`` the garment each image's category names, as a catalog indexed with
     ``crop="garment"`` does; ``largest`` the largest garment found, ignoring categories.
+    The result's ``intervals`` hold 95 % bootstrap intervals of the headline metrics
+    (``n_boot`` resamples; :mod:`vestis.evaluation.uncertainty`).
     Optionally writes a full report to ``report_dir`` and the metrics JSON to ``json_path``.
     """
+    dataset = prepare_dataset(dataset, format=format, split=split, crop=crop, progress=progress)
+    encoder = _encoder(model, batch_size)
+    result = score_dataset(encoder, dataset, progress=progress, n_boot=n_boot)
+    if report_dir is not None:
+        write_report(result, dataset, Path(report_dir), model_name=encoder.name)
+    if json_path is not None:
+        write_metrics_json(json_path, result, dataset, model_name=encoder.name)
+    return result
+
+
+def compare(
+    dataset: str | Path | EvalDataset,
+    model_a: str | Path | Encoder,
+    model_b: str | Path | Encoder,
+    *,
+    format: str | None = None,
+    split: str = "test",
+    batch_size: int = 32,
+    progress: bool = True,
+    report_dir: str | Path | None = None,
+    json_path: str | Path | None = None,
+    crop: str = "none",
+    n_boot: int = N_BOOTSTRAP,
+) -> tuple[RetrievalResult, RetrievalResult, Comparison]:
+    """Both models on the same queries (and the same garment boxes), and their paired
+    comparison: each metric's ``a - b`` with a bootstrap interval, and the queries that one
+    gets right at rank 1 and the other does not."""
+    dataset = prepare_dataset(dataset, format=format, split=split, crop=crop, progress=progress)
+    encoders = [_encoder(model, batch_size) for model in (model_a, model_b)]
+    result_a, result_b = (score_dataset(encoder, dataset, progress=progress, n_boot=n_boot)
+                          for encoder in encoders)
+    comparison = compare_results(result_a, result_b, bootstrap_groups(result_a, dataset),
+                                 n_boot=n_boot)
+    names = (encoders[0].name, encoders[1].name)
+    if report_dir is not None:
+        write_comparison_report(comparison, result_a, dataset, Path(report_dir), names)
+    if json_path is not None:
+        write_comparison_json(json_path, comparison, result_a, dataset, names)
+    return result_a, result_b, comparison
+
+
+def prepare_dataset(dataset: str | Path | EvalDataset, *, format: str | None = None,
+                    split: str = "test", crop: str = "none", progress: bool = False
+                    ) -> EvalDataset:
+    """The dataset read (if a path) and, with ``crop``, boxed to its garments."""
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
     if not isinstance(dataset, EvalDataset):
         dataset = load_dataset(dataset, format, split=split)
     if crop != "none":
         dataset = with_garment_boxes(dataset, use_category=crop == "garment", progress=progress)
-    encoder = (
-        model if isinstance(model, Encoder) else Encoder.from_name(model, batch_size=batch_size)
-    )
+    return dataset
+
+
+def score_dataset(encoder: Encoder, dataset: EvalDataset, *, progress: bool = False,
+                  n_boot: int = N_BOOTSTRAP) -> RetrievalResult:
+    """Embed ``dataset`` with ``encoder``; metrics with their bootstrap intervals."""
     query_emb, gallery_emb = embed_dataset(encoder, dataset, progress=progress)
     result = retrieval_metrics(
         query_emb,
@@ -54,11 +117,23 @@ def evaluate(
         dataset.gallery_ids,
         query_gallery_index=dataset.query_gallery_index,
     )
-    if report_dir is not None:
-        write_report(result, dataset, Path(report_dir), model_name=encoder.name)
-    if json_path is not None:
-        write_metrics_json(json_path, result, dataset, model_name=encoder.name)
+    if n_boot:
+        result.intervals = bootstrap_intervals(result.per_query(),
+                                               bootstrap_groups(result, dataset), n_boot=n_boot)
     return result
+
+
+def bootstrap_groups(result: RetrievalResult, dataset: EvalDataset) -> list[str] | None:
+    """Resampling units: the query's item for instance benchmarks, none (each query on its
+    own) for category benchmarks, where one class holds hundreds of queries."""
+    if dataset.match == "category":
+        return None
+    return [dataset.queries[i].item_id for i in result.query_indices]
+
+
+def _encoder(model: str | Path | Encoder, batch_size: int) -> Encoder:
+    return model if isinstance(model, Encoder) else Encoder.from_name(model,
+                                                                      batch_size=batch_size)
 
 
 def embed_dataset(
