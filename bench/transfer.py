@@ -1,0 +1,183 @@
+"""Transfer: every model scored on the shops it never trained on, with 95 % intervals.
+
+    python bench/transfer.py [--runs runs/bench] [--models lite0,lite2,vestis-lite0]
+                             [--shop NAME=CSV ...] [--update BENCHMARKS.md] [--json out.json]
+
+Users index *their* shop, so a model is only as good as it is on photos unlike its training
+data. Rows: the ImageNet baselines, the shipped default, and every trained recipe found in
+``--runs`` (``RUN/best.pt``, or ``last.pt`` where the recipe ships its last epoch). Columns:
+the two other shops of ``../shared/data`` (Bagisto, Solidus: no recipe trains on them), and
+Luma and the clothing photos for the models that did not train on them (a checkpoint's
+recipe says which sources it read). ``--shop NAME=CSV`` adds a catalog of your own (the
+Luma CSV format, leave-one-out by ``item_id``). Every cell is ``vestis eval CSV --model M``
+with no other flag: the metric and its bootstrap interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vestis.evaluation import EvalDataset, Sample, load_dataset
+from vestis.evaluation.datasets import leave_one_out
+from vestis.evaluation.run import score_dataset
+from vestis.models import Encoder
+from vestis.models.registry import _TRAINED
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recipes import RECIPES, SCORED_CHECKPOINT, replace_section  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+BASELINES = ("lite0", "lite2")
+SHIPPED = "vestis-lite0"
+TITLE = "## Transfer to other shops (`bench/transfer.py`)"
+
+
+@dataclass(frozen=True)
+class Shop:
+    """A benchmark column: a CSV, which metrics it reports, and the training source (a
+    recipe's ``kind``) that makes it in-shop rather than transfer."""
+
+    name: str
+    csv: Path
+    metrics: tuple[str, ...]
+    source_kind: str | None = None
+    by_category: bool = False  # match photos by their category column (P@1 of the kind)
+
+
+def default_shops() -> list[Shop]:
+    return [
+        Shop("Bagisto", DATA / "bagisto" / "catalog.csv", ("R@1", "R@10", "mAP")),
+        Shop("Solidus", DATA / "solidus" / "catalog.csv", ("R@1", "mAP")),
+        Shop("Solidus category", DATA / "solidus" / "catalog.csv", ("P@1",), by_category=True),
+        Shop("Luma", DATA / "luma" / "catalog.csv", ("R@1", "mAP"), source_kind="luma"),
+        Shop("clothing category", DATA / "clothing" / "labels.csv", ("P@1",),
+             source_kind="clothing"),
+    ]
+
+
+def custom_shop(spec: str) -> Shop:
+    name, _, path = spec.partition("=")
+    if not name or not Path(path).is_file():
+        raise SystemExit(f"--shop wants NAME=CSV with an existing CSV, got {spec!r}")
+    return Shop(name, Path(path), ("R@1", "R@10", "mAP"))
+
+
+def shop_dataset(shop: Shop) -> EvalDataset:
+    if not shop.by_category:
+        return load_dataset(shop.csv)
+    with shop.csv.open(newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["category"] not in ("", "Other")]
+    samples = [Sample(shop.csv.parent / row["image"], row["category"], category=row["category"])
+               for row in rows]
+    dataset = leave_one_out(f"{shop.csv.parent.name} categories", samples)
+    dataset.match = "category"
+    return dataset
+
+
+def trained_kinds(model: str) -> set[str]:
+    """The data source kinds a model's recipe trained on (none for ImageNet weights)."""
+    path = _TRAINED.get(model, Path(model))
+    if not path.is_file():
+        return set()
+    meta = torch.load(path, map_location="cpu", weights_only=True).get("meta", {})
+    sources = meta.get("recipe", {}).get("data", {}).get("sources", [])
+    return {source["kind"] for source in sources if not source.get("validation_only")}
+
+
+def recipe_runs(runs: Path) -> list[tuple[str, str]]:
+    """``(row name, checkpoint)`` of every finished recipe run under ``runs``."""
+    found = []
+    for name in RECIPES:
+        checkpoint = runs / name / SCORED_CHECKPOINT.get(name, "best.pt")
+        if checkpoint.is_file():
+            found.append((name, str(checkpoint)))
+    return found
+
+
+def score_models(models: list[tuple[str, str]], shops: list[Shop]) -> dict:
+    """``{row: {shop: {metric: [value, low, high]} or "trained"}}``."""
+    datasets = {shop.name: shop_dataset(shop) for shop in shops}
+    table: dict[str, dict] = {}
+    for row, model in models:
+        kinds = trained_kinds(model)
+        encoder = Encoder.from_name(model)
+        cells = {}
+        for shop in shops:
+            if shop.source_kind in kinds:
+                cells[shop.name] = "trained"
+                continue
+            result = score_dataset(encoder, datasets[shop.name])
+            cells[shop.name] = {name: [result.metrics[name], *result.intervals[name]]
+                                for name in shop.metrics}
+            cells[shop.name]["queries"] = result.metrics["n_queries"]
+        table[row] = cells
+        print(f"scored {row}", file=sys.stderr)
+    return table
+
+
+def section(table: dict, shops: list[Shop]) -> list[str]:
+    headers = [f"{shop.name} {metric}" for shop in shops for metric in shop.metrics]
+    queries = {shop.name: next((cells[shop.name]["queries"] for cells in table.values()
+                                if isinstance(cells[shop.name], dict)), 0) for shop in shops}
+    lines = [
+        TITLE,
+        "",
+        "Each model on shops whose photos it never trained on, exactly as `vestis eval CSV "
+        "--model M` scores them (whole photos, leave-one-out by item; category P@1 by the "
+        "shop's category column, `Other` left out). A cell is the metric and its 95 % "
+        "bootstrap interval (views of one item resampled together); `trained on` marks a shop "
+        "the model's recipe trained on. Queries: "
+        + ", ".join(f"{name} {count}" for name, count in queries.items()) + ". "
+        "Bagisto and Solidus are small: intervals that overlap are not a ranking.",
+        "",
+        "| model | " + " | ".join(headers) + " |",
+        "|---|" + "---:|" * len(headers),
+    ]
+    for row, cells in table.items():
+        values = []
+        for shop in shops:
+            cell = cells[shop.name]
+            for metric in shop.metrics:
+                values.append("trained on" if cell == "trained" else _cell(cell[metric]))
+        lines.append(f"| {row} | " + " | ".join(values) + " |")
+    return lines
+
+
+def _cell(value: list[float]) -> str:
+    mean, low, high = value
+    return f"{mean:.3f} ({low:.2f}-{high:.2f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=REPO / "runs" / "bench",
+                        help="Folder of recipe runs (bench/recipes.py writes runs/bench).")
+    parser.add_argument("--models", default=",".join((*BASELINES, SHIPPED)),
+                        help="Registered models or checkpoints scored before the recipe runs.")
+    parser.add_argument("--shop", action="append", default=[], metavar="NAME=CSV",
+                        help="Another shop's catalog CSV (image,item_id), leave-one-out.")
+    parser.add_argument("--update", type=Path, help="Replace this section in a BENCHMARKS.md.")
+    parser.add_argument("--json", type=Path, help="Also write the table as JSON.")
+    args = parser.parse_args()
+    shops = default_shops() + [custom_shop(spec) for spec in args.shop]
+    models = [(name, name) for name in args.models.split(",") if name]
+    models += recipe_runs(args.runs)
+    table = score_models(models, shops)
+    lines = section(table, shops)
+    print("\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps(table, indent=2) + "\n")
+    if args.update:
+        replace_section(args.update, lines)
+
+
+if __name__ == "__main__":
+    main()
