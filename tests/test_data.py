@@ -91,6 +91,22 @@ def test_split_keeps_groups_disjoint(luma, clothing):
     assert 0.2 < len(val) / len(clothing) < 0.35
 
 
+def test_k_fold_holds_out_every_group_once(luma):
+    folds = [split_by_group(luma, key=lambda s: s.group, seed=3, fold=k, folds=5)
+             for k in range(5)]
+    held_out = [s.path for _, val in folds for s in val]
+    assert sorted(held_out) == sorted(s.path for s in luma)  # each photo once
+    for train, val in folds:
+        assert not {s.group for s in train} & {s.group for s in val}
+        assert len(train) + len(val) == len(luma)
+        assert abs(len(val) - len(luma) / 5) < 0.05 * len(luma)
+    assert split_by_group(luma, key=lambda s: s.group, seed=3, fold=2, folds=5) == folds[2]
+    with pytest.raises(ValueError, match="fold must be"):
+        split_by_group(luma, key=lambda s: s.group, fold=5, folds=5)
+    with pytest.raises(ValueError, match="folds must be"):
+        split_by_group(luma, key=lambda s: s.group, fold=0, folds=1)
+
+
 def test_split_rejects_bad_fraction(luma):
     with pytest.raises(ValueError, match="val_fraction"):
         split_by_group(luma, key=lambda s: s.group, val_fraction=1.0)

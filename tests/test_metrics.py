@@ -192,6 +192,7 @@ def test_identical_vectors_score_at_chance():
     assert result.metrics["mAP"] == pytest.approx(chance_ap)
     assert result.metrics["MAP@R"] == pytest.approx(1 / 19)
     assert result.metrics["R-precision"] == pytest.approx(1 / 19)
+    assert result.metrics["n_queries_tied"] == 20
 
 
 @pytest.mark.parametrize("sort_above", [0, 1000])  # both ways of counting negatives

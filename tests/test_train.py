@@ -13,6 +13,7 @@ import yaml
 from tests.smoke import CONFIGS, SMOKE
 from vestis.models import Encoder, create_model
 from vestis.train import load_config, train
+from vestis.train.sources import build_sources
 
 
 def read_log(run: Path) -> list[dict[str, str]]:
@@ -61,6 +62,24 @@ def test_bad_recipes_are_refused_before_training(tmp_path):
         load_config({"data": {"sources": [{"kind": "imagenet", "path": "."}]}})
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match="data.folds"):
+        load_config(CONFIGS / "triplet.yaml", {"data": {"folds": 1}})
+    with pytest.raises(ValueError, match="data.fold must"):
+        load_config(CONFIGS / "triplet.yaml", {"data": {"folds": 5, "fold": 5}})
+
+
+def test_k_fold_recipes_hold_out_every_luma_product_once(data_dir):
+    held_out = []
+    for fold in range(3):
+        config = load_config(CONFIGS / "triplet.yaml", {"data": {"folds": 3, "fold": fold}})
+        train_samples, validation = build_sources(config)
+        luma = next(split for split in validation if split.name == "luma")
+        products = {sample.group for sample in luma.samples}
+        trained = {s.group.split(":", 1)[1] for s in train_samples
+                   if s.group and s.group.startswith("luma:")}
+        assert trained and not products & trained
+        held_out += [sample.path for sample in luma.samples]
+    assert len(held_out) == len(set(held_out)) == 413
 
 
 def test_fine_tuning_upper_stages_trains_and_ships_only_them(tmp_path, data_dir):

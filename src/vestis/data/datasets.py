@@ -150,14 +150,18 @@ def split_by_group(
     key: Callable[[TrainSample], str],
     val_fraction: float = 0.2,
     seed: int = 0,
+    *,
+    fold: int | None = None,
+    folds: int | None = None,
 ) -> tuple[list[TrainSample], list[TrainSample]]:
     """Split into (train, val) so that all samples with the same ``key`` are on one side.
 
     Keys are shuffled with ``seed`` and moved to val until it holds about ``val_fraction``
-    of the samples. The result depends only on the samples, the keys and the seed.
+    of the samples. With ``folds`` (k-fold), the shuffled keys are dealt into ``folds``
+    parts of about equal sample counts, and part ``fold`` is val: the ``folds`` splits of one
+    seed hold out every key exactly once. The result depends only on the samples, the keys,
+    the seed (and the fold).
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     by_key: dict[str, list[int]] = {}
     for index, sample in enumerate(samples):
         by_key.setdefault(str(key(sample)), []).append(index)
@@ -165,7 +169,18 @@ def split_by_group(
         raise ValueError(f"need at least two distinct keys to split, got {len(by_key)}")
     keys = sorted(by_key)
     random.Random(seed).shuffle(keys)
-    target = val_fraction * len(samples)
+    if folds is not None:
+        val_keys = _fold_keys(keys, by_key, fold, folds)
+    else:
+        val_keys = _fraction_keys(keys, by_key, val_fraction * len(samples), val_fraction)
+    train = [s for s in samples if str(key(s)) not in val_keys]
+    val = [s for s in samples if str(key(s)) in val_keys]
+    return train, val
+
+
+def _fraction_keys(keys: list[str], by_key: dict, target: float, fraction: float) -> set[str]:
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {fraction}")
     val_keys: set[str] = set()
     size = 0
     for name in keys[:-1]:  # the last key always stays in train, so train is never empty
@@ -173,9 +188,23 @@ def split_by_group(
             break
         val_keys.add(name)
         size += len(by_key[name])
-    train = [s for s in samples if str(key(s)) not in val_keys]
-    val = [s for s in samples if str(key(s)) in val_keys]
-    return train, val
+    return val_keys
+
+
+def _fold_keys(keys: list[str], by_key: dict, fold: int | None, folds: int) -> set[str]:
+    """Keys of part ``fold``: each key goes to the part with the fewest samples so far."""
+    if not isinstance(folds, int) or folds < 2 or folds > len(keys):
+        raise ValueError(f"folds must be an integer from 2 to {len(keys)} keys, got {folds}")
+    if not isinstance(fold, int) or not 0 <= fold < folds:
+        raise ValueError(f"fold must be an integer from 0 to {folds - 1}, got {fold}")
+    sizes = [0] * folds
+    val_keys: set[str] = set()
+    for name in keys:
+        part = sizes.index(min(sizes))
+        sizes[part] += len(by_key[name])
+        if part == fold:
+            val_keys.add(name)
+    return val_keys
 
 
 def _codes(values: Sequence[str | None]) -> tuple[list[int], list[str]]:

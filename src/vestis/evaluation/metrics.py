@@ -374,4 +374,7 @@ def _summarise(result: RetrievalResult, ks, n_queries: int, n_gallery: int) -> d
     metrics["n_queries"] = len(result.query_indices)
     metrics["n_gallery"] = n_gallery
     metrics["n_queries_skipped"] = n_queries - len(result.query_indices)
+    # Queries whose first correct image shares its score with a wrong one: where the tie
+    # rule changes a figure (duplicate photos, collapsed or heavily quantised vectors).
+    metrics["n_queries_tied"] = int(np.count_nonzero(result.first_tied_negatives))
     return metrics

@@ -17,6 +17,11 @@ DEFAULTS: dict[str, Any] = {
         # validation_only: true scores the source's held-out part without training on it.
         "sources": [],
         "max_images": None,  # cap on every source (with any per-source cap), for smoke runs
+        # k-fold: with folds: K, every split source holds out part `fold` (0..K-1) of its
+        # split groups instead of val_fraction; the K runs of one seed hold out every product
+        # (every contributor) once (bench/kfold.py).
+        "folds": None,
+        "fold": 0,
     },
     "model": {
         "architecture": "retrieval_net",
@@ -104,6 +109,11 @@ def validate(config: dict[str, Any]) -> None:
             raise ValueError(f"instances must be 'labels' or 'self': {source}")
         if source.get("validation_only") and not source.get("split_by"):
             raise ValueError(f"a validation_only source needs split_by: {source}")
+    folds, fold = config["data"]["folds"], config["data"]["fold"]
+    if folds is not None and (not isinstance(folds, int) or folds < 2):
+        raise ValueError(f"data.folds must be null or an integer of at least 2, got {folds!r}")
+    if folds is not None and (not isinstance(fold, int) or not 0 <= fold < folds):
+        raise ValueError(f"data.fold must be an integer from 0 to {folds - 1}, got {fold!r}")
     if all(source.get("validation_only") for source in sources):
         raise ValueError("every data source is validation_only: nothing to train on")
     if config["epochs"] < 1:

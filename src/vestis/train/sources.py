@@ -75,7 +75,8 @@ def build_sources(
         samples = subsample(read_source_samples(source), limit, seed, key)
         if split_by:
             train_part, val_part = split_by_group(
-                samples, key, source.get("val_fraction", 0.2), seed
+                samples, key, source.get("val_fraction", 0.2), seed,
+                fold=config["data"]["fold"], folds=config["data"]["folds"],
             )
             validation.append(ValidationSet(name, val_part))
         else:
