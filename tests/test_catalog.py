@@ -134,3 +134,47 @@ def test_bad_files_are_reported_and_good_ones_indexed(tmp_path, data_dir, encode
         assert "not an image" in failed[str(folder / "readme.jpg")]
         assert report.added == 2
         assert sorted(catalog.item_ids()) == ["back", "mh06-blue"]
+
+
+def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
+    vectors = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_a_catalog_sees_other_writers_and_never_stamps_their_epoch(tmp_path, encoder):
+    """One catalog object open (a server) while another (the CLI) removes and adds: the first
+    searches and writes in step with the store, and what it saves stays consistent."""
+    path, model = tmp_path / "cat", encoder.model_id
+    vectors = unit_vectors(8, encoder.dim, seed=0)
+    with Catalog(path, encoder=encoder) as server:
+        server.add_vectors(list("abcdef"), vectors[:6], model_id=model)
+        assert server.search(vectors[0], k=1)[0].item_id == "a"
+        with Catalog(path, encoder=encoder) as cli:
+            cli.remove("a")
+            cli.add_vectors(["g"], vectors[6:7], model_id=model)
+        assert server.search(vectors[6], k=1)[0].item_id == "g"
+        assert "a" not in [m.item_id for m in server.search(vectors[0], k=10)]
+        info = server.info()
+        assert info["images"] == info["indexed_vectors"] == 6 and info["index_in_sync"]
+        server.add_vectors(["h"], vectors[7:8], model_id=model)
+    with Catalog(path, encoder=encoder) as reopened:
+        assert reopened.info()["index_in_sync"]
+        for n, item in [(6, "g"), (7, "h")]:
+            assert reopened.search(vectors[n], k=1)[0].item_id == item
+
+
+def test_a_saved_index_with_the_right_count_but_other_ids_is_rebuilt(tmp_path, encoder):
+    from vestis.catalog.index import FaissIndex
+
+    path = tmp_path / "cat"
+    vectors = unit_vectors(3, encoder.dim, seed=1)
+    with Catalog(path, encoder=encoder) as catalog:
+        catalog.add_vectors(list("abc"), vectors, model_id=encoder.model_id)
+    stamp = json.loads((path / INDEX_STAMP_NAME).read_text())
+    wrong = FaissIndex(encoder.dim, "Flat")
+    wrong.add(np.array([1, 2, 99]), vectors)  # same count; image 3 is missing, 99 is not stored
+    wrong.save(path / INDEX_NAME)
+    (path / INDEX_STAMP_NAME).write_text(json.dumps(stamp))
+    with Catalog(path, encoder=encoder) as reopened:
+        assert reopened.search(vectors[2], k=1)[0].item_id == "c"
+        assert reopened.info()["index_in_sync"]

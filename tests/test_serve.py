@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import shutil
 import socket
@@ -564,3 +565,36 @@ def test_vestis_serve_refuses_a_missing_catalog_or_a_weak_token(tmp_path):
         app, ["serve", "--catalog", str(tmp_path), "--token-file", str(weak)]
     )
     assert result.exit_code == 2 and "at least" in result.output
+
+
+def vestis_cli(*args) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "vestis.cli", *map(str, args)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_the_server_sees_cli_writes_and_its_own_writes_keep_them(
+        tmp_path_factory, luma_rows, data_dir, photos, tmp_path):
+    """vestis serve running; vestis remove and vestis index from another process; then a
+    write through the server: searches, /stats and the saved index all keep every change."""
+    catalog = small_catalog(tmp_path_factory, luma_rows, data_dir)
+    gone, kept = sorted(photos)[0], sorted(photos)[1]
+    new = tmp_path / "cli-new.png"
+    Image.effect_mandelbrot((160, 200), (-2.0, -1.2, 0.8, 1.2), 40).convert("RGB").save(new)
+    with serving(create_app(catalog, token=TOKEN)) as client:
+        before = client.get("/stats").json()
+        vestis_cli("remove", gone, "--catalog", catalog)
+        vestis_cli("index", new, "--catalog", catalog)
+        stats = client.get("/stats").json()
+        assert stats["items"] == before["items"] and stats["images"] == stats["indexed_vectors"]
+        assert matches_of(search(client, new.read_bytes(), k=1))[0]["item_id"] == "cli-new"
+        assert gone not in [m["item_id"] for m in matches_of(search(client, photos[gone], k=50))]
+        files = {"images": ("p.jpg", photos[kept].read_bytes())}
+        added = client.post("/items", files=files, data={"item_id": "via-http"}, headers=AUTH)
+        assert added.status_code == 201, added.text
+    info = json.loads(vestis_cli("info", "--catalog", catalog, "--json").stdout)
+    assert info["index_in_sync"] and info["images"] == info["indexed_vectors"]
+    with Catalog(catalog) as reopened:
+        assert reopened.search(new, k=1)[0].item_id == "cli-new"
+        assert reopened.search(photos[kept], k=1)[0].item_id in (kept, "via-http")

@@ -342,10 +342,13 @@ def info(
         details = cat.info(recall_queries=recall)
     if as_json:
         typer.echo(json.dumps(details, indent=2))
-        return
-    for key, value in details.items():
-        shown = ", ".join(value) if isinstance(value, list) else value
-        typer.echo(f"{key:>22}: {shown}")
+    else:
+        for key, value in details.items():
+            shown = ", ".join(value) if isinstance(value, list) else value
+            typer.echo(f"{key:>22}: {shown}")
+    if not details["index_in_sync"]:
+        fail(f"the index of {catalog} does not hold exactly the stored images; "
+             f"run vestis reindex --catalog {catalog}", code=1)
 
 
 @app.command()

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,12 +134,14 @@ class Catalog:
         self.cropper = cropper or GarmentCropper()
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._write_depth = 0
+        self._index: VectorIndex | None = None
+        self._index_epoch: int | None = None  # the store epoch self._index reflects
+        self._index_dirty = False
         self._store = Store(self.path / DB_NAME)
         self._encoder = encoder
         self._init_model(model or (encoder.name if encoder else None))
         self._init_factory(factory)
-        self._index: VectorIndex | None = None
-        self._index_dirty = False
 
     # -- identity ----------------------------------------------------------------------
     def _init_model(self, model: str | None) -> None:
@@ -244,7 +246,8 @@ class Catalog:
     def close(self) -> None:
         with self._lock:
             if self._index_dirty:
-                self._save_index()
+                with self._write_lock():
+                    self._save_index()
             self._store.close()
 
     def __len__(self) -> int:
@@ -256,8 +259,11 @@ class Catalog:
 
     def info(self, *, recall_queries: int = 0) -> dict[str, Any]:
         """Counts, model and index; with ``recall_queries`` > 0 also the index's recall@10
-        against exact search over that many stored vectors (see :meth:`measure_recall`)."""
-        index = self._vector_index()
+        against exact search over that many stored vectors (see :meth:`measure_recall`).
+        ``index_in_sync`` compares the ids the index holds with the store's, not counts."""
+        with self._lock, self._store.snapshot():
+            index = self._vector_index()
+            in_sync = bool(np.array_equal(index.ids(), self._store.image_ids()))
         index_file = self.path / INDEX_NAME
         size = index_file.stat().st_size if index_file.exists() else 0
         details = {
@@ -271,6 +277,7 @@ class Catalog:
             "index": self.factory,
             "search_params": self.search_params,
             "indexed_vectors": len(index),
+            "index_in_sync": in_sync,
             "index_bytes_per_vector": round(size / len(index), 1) if len(index) else 0,
             "metadata_fields": self._store.metadata_keys(),
         }
@@ -294,24 +301,54 @@ class Catalog:
 
     # -- the vector index ------------------------------------------------------------
     def _vector_index(self) -> VectorIndex:
+        """The index, in step with the store: when another process (or catalog object) has
+        changed the vectors since (a new ``vector_epoch``), it is brought up to date first."""
         with self._lock:
-            if self._index is None:
-                self._index = self._load_or_rebuild_index()
+            if self._index is None or self._index_epoch != self._store.vector_epoch:
+                self._sync_index()
             return self._index
 
-    def _load_or_rebuild_index(self) -> VectorIndex:
-        stamp = self._read_stamp()
-        epoch = self._store.vector_epoch
-        index_file = self.path / INDEX_NAME
-        if stamp.get("epoch") == epoch and stamp.get("factory") == self.factory \
-                and index_file.exists():
-            with contextlib.suppress(RuntimeError, ValueError):
-                index = FaissIndex.load(index_file, self.factory, self.search_params)
-                if len(index) == self._store.count_images() and index.dim == self.dim:
-                    return index
-        return self._rebuild_index()
+    def _sync_index(self) -> None:
+        """Bring the index to the store's vectors, read in one snapshot: the saved index
+        when its stamp and ids match the store, else the index in memory with the missing
+        vectors added and the removed ones taken out, else a rebuild. The index is labelled
+        with the epoch of that snapshot, never a later one."""
+        with self._store.snapshot():
+            epoch = self._store.vector_epoch
+            ids = self._store.image_ids()
+            index = self._load_saved(epoch, ids)
+            if index is None and self._index is not None and self._index.factory == self.factory:
+                index = self._catch_up(self._index, ids)
+            changed = index is None or index is self._index
+            self._index = index or self._build_index()
+            self._index_epoch = epoch
+        if changed:
+            self._save_if_free()
 
-    def _rebuild_index(self) -> VectorIndex:
+    def _load_saved(self, epoch: int, ids: np.ndarray) -> VectorIndex | None:
+        """The saved index, if its stamp is this epoch and it holds exactly ``ids``."""
+        stamp = self._read_stamp()
+        index_file = self.path / INDEX_NAME
+        if stamp.get("epoch") != epoch or stamp.get("factory") != self.factory \
+                or not index_file.exists():
+            return None
+        with contextlib.suppress(RuntimeError, ValueError):
+            index = FaissIndex.load(index_file, self.factory, self.search_params)
+            if index.dim == self.dim and np.array_equal(index.ids(), ids):
+                return index
+        return None
+
+    def _catch_up(self, index: VectorIndex, ids: np.ndarray) -> VectorIndex:
+        """Add the stored vectors ``index`` lacks and remove the ids the store no longer has
+        (image ids are never reused and their vectors never change)."""
+        held = index.ids()
+        index.remove(held[~np.isin(held, ids)])
+        missing = ids[~np.isin(ids, held)]
+        if len(missing):
+            index.add(missing, self._store.vectors_by_id(missing))
+        return index
+
+    def _build_index(self) -> VectorIndex:
         """Build the index from the stored vectors: train on a sample, then add them all."""
         index = create_index(self.dim, self.factory, self.search_params)
         need = index.training_size() if isinstance(index, FaissIndex) else 0
@@ -320,9 +357,23 @@ class Catalog:
             index.train(self._store.vectors_by_id(sample))
         for ids, vectors in self._store.iter_vectors(batch=16384):
             index.add(ids, vectors)
-        self._index = index
-        self._save_index()
         return index
+
+    def _rebuild_index(self) -> VectorIndex:
+        """Rebuild from the store and save (the caller holds the write lock)."""
+        with self._store.snapshot():
+            epoch = self._store.vector_epoch
+            self._index = self._build_index()
+            self._index_epoch = epoch
+        self._save_index()
+        return self._index
+
+    def _wrote(self) -> None:
+        """After this catalog's own change to the store, under the write lock: the index
+        was in step before it (see :meth:`_vector_index`) and took the same change, and no
+        other process writes while the lock is held, so it reflects the epoch now."""
+        self._index_epoch = self._store.vector_epoch
+        self._index_dirty = True
 
     def rebuild_index(self, index: str | None = None, search_params: str | None = None) -> None:
         """Rebuild the vector index from the stored vectors (no re-embedding).
@@ -366,30 +417,51 @@ class Catalog:
             return {}
 
     def _save_index(self) -> None:
-        # Order matters: the index file first, then the stamp that vouches for it.
-        epoch = self._store.vector_epoch
+        """Write the index, then the stamp that vouches for it: the epoch the index was
+        brought to (never the store's epoch read now). The caller holds the write lock, so
+        two processes never interleave the two files."""
         self._index.save(self.path / INDEX_NAME)
-        stamp = {"epoch": epoch, "count": len(self._index), "factory": self.factory}
+        stamp = {"epoch": self._index_epoch, "count": len(self._index), "factory": self.factory}
         tmp = self.path / f".{INDEX_STAMP_NAME}.tmp"
         tmp.write_text(json.dumps(stamp))
         os.replace(tmp, self.path / INDEX_STAMP_NAME)
         self._index_dirty = False
 
+    def _save_if_free(self) -> None:
+        """Save an index a read brought up to date, if no other process is writing (the
+        writer saves its own) and the store has not moved on meanwhile."""
+        with self._write_lock(blocking=False) as locked:
+            if locked and self._index_epoch == self._store.vector_epoch:
+                self._save_index()
+
     def save(self) -> None:
         """Persist the vector index now (it is also saved after each write operation)."""
-        with self._lock:
+        with self._lock, self._write_lock():
             if self._index is not None:
+                self._vector_index()
                 self._save_index()
 
     @contextlib.contextmanager
-    def _write_lock(self):
-        """One writing process at a time per catalog directory."""
-        with open(self.path / LOCK_NAME, "a") as handle:
-            if fcntl is not None:
-                fcntl.flock(handle, fcntl.LOCK_EX)
+    def _write_lock(self, blocking: bool = True) -> Iterator[bool]:
+        """One writing process at a time per catalog directory; yields whether it is held
+        (always, when ``blocking``). Re-entrant within this catalog; taken under
+        ``self._lock``."""
+        if self._write_depth:
+            self._write_depth += 1
             try:
-                yield
+                yield True
             finally:
+                self._write_depth -= 1
+            return
+        with open(self.path / LOCK_NAME, "a") as handle:
+            if not _flock(handle, blocking):
+                yield False
+                return
+            self._write_depth = 1
+            try:
+                yield True
+            finally:
+                self._write_depth = 0
                 if fcntl is not None:
                     fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -513,10 +585,10 @@ class Catalog:
                 )
                 item_metadata.setdefault(record.item_id, {}).update(record.metadata)
             ids = self._store.add_images(new_images, item_metadata)
-            self._index_dirty = True
             added = [(i, v) for i, v in zip(ids, batch.vectors, strict=False) if i != -1]
             if added:
                 index.add(np.array([i for i, _ in added]), np.stack([v for _, v in added]))
+            self._wrote()
             report.added += len(added)
             report.skipped += len(ids) - len(added)
 
@@ -565,6 +637,7 @@ class Catalog:
             keep = [n for n, i in enumerate(ids) if i != -1]
             if keep:
                 index.add(np.array([ids[n] for n in keep]), vectors[keep])
+                self._wrote()
                 self._save_index()
                 self._follow_size()
         return len(keep)
@@ -578,6 +651,7 @@ class Catalog:
             except KeyError:
                 raise KeyError(f"no item {item_id!r} in catalog {self.path}") from None
             index.remove(np.array(ids, dtype=np.int64))
+            self._wrote()
             self._save_index()
             if getattr(index, "needs_compaction", False):
                 self._rebuild_index()
@@ -686,6 +760,16 @@ class Catalog:
     def _match(self, row: ImageRow, score: float) -> Match:
         metadata = {**(self._store.item_metadata(row.item_id) or {}), **row.metadata}
         return Match(row.item_id, score, row.image_id, row.path, metadata, row.box)
+
+
+def _flock(handle, blocking: bool) -> bool:
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _model_reference(model: str) -> str:

@@ -119,6 +119,10 @@ class VectorIndex(Protocol):
 
     def remove(self, ids: np.ndarray) -> int: ...
 
+    def ids(self) -> np.ndarray:
+        """The ids it holds (removed ones excluded), ascending."""
+        ...
+
     def search(
         self, vectors: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -209,6 +213,20 @@ class FaissIndex:
     def needs_compaction(self) -> bool:
         """Tombstones are over a fifth of the graph: time to rebuild it."""
         return len(self._deleted) > 0.2 * max(1, int(self._index.ntotal))
+
+    def ids(self) -> np.ndarray:
+        """The ids it holds (tombstones excluded, staged vectors included), ascending."""
+        if isinstance(self._index, faiss.IndexIDMap2):
+            held = faiss.vector_to_array(self._index.id_map)
+        else:
+            lists = faiss.extract_index_ivf(self._index).invlists
+            held = np.concatenate([np.zeros(0, dtype=np.int64)] + [
+                faiss.rev_swig_ptr(lists.get_ids(n), lists.list_size(n)).copy()
+                for n in range(lists.nlist) if lists.list_size(n)])
+        held = np.concatenate([held.astype(np.int64), *self._staged_ids])
+        if self._deleted:
+            held = held[~np.isin(held, np.fromiter(self._deleted, dtype=np.int64))]
+        return np.sort(held)
 
     def train(self, vectors: np.ndarray) -> None:
         """Train the quantisers on ``vectors`` (a sample of what the index will hold)."""

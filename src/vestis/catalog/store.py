@@ -103,6 +103,20 @@ class Store:
                 raise
             self._db.execute("COMMIT")
 
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads inside see one consistent state of the store (one read transaction), so a
+        ``vector_epoch`` read there describes the vectors read there. Nests in a transaction."""
+        with self._lock:
+            if self._db.in_transaction:
+                yield
+                return
+            self._db.execute("BEGIN")
+            try:
+                yield
+            finally:
+                self._db.execute("COMMIT")
+
     def _query(self, sql: str, params: Sequence = ()) -> list[tuple]:
         with self._lock:
             return self._db.execute(sql, params).fetchall()
@@ -163,6 +177,11 @@ class Store:
             )
             for r in rows
         ]
+
+    def image_ids(self) -> np.ndarray:
+        """Every stored image id, ascending."""
+        rows = self._query("SELECT image_id FROM images ORDER BY image_id")
+        return np.array([row[0] for row in rows], dtype=np.int64)
 
     def item_ids(self) -> list[str]:
         return [row[0] for row in self._query("SELECT item_id FROM items ORDER BY item_id")]
