@@ -178,3 +178,56 @@ def test_a_saved_index_with_the_right_count_but_other_ids_is_rebuilt(tmp_path, e
     with Catalog(path, encoder=encoder) as reopened:
         assert reopened.search(vectors[2], k=1)[0].item_id == "c"
         assert reopened.info()["index_in_sync"]
+
+
+def test_two_creators_with_different_models_exactly_one_wins(tmp_path):
+    """Two processes create one new catalog at once, with different models and indexes:
+    one creates it, the other fails with a clear message, and the catalog stays usable."""
+    import threading
+
+    path = tmp_path / "new"
+    start = threading.Barrier(2)
+    results: dict[str, object] = {}
+
+    def create(model: str, factory: str | None) -> None:
+        start.wait()
+        try:
+            results[model] = Catalog(path, model=model, factory=factory)
+        except ValueError as exc:  # ModelMismatchError is one
+            results[model] = exc
+
+    threads = [threading.Thread(target=create, args=args)
+               for args in [("vestis-lite0", None), ("lite0", "hnsw")]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [c for c in results.values() if isinstance(c, Catalog)]
+    losers = [e for e in results.values() if isinstance(e, Exception)]
+    assert len(winners) == 1 and len(losers) == 1, results
+    assert isinstance(losers[0], ModelMismatchError) and "cannot use" in str(losers[0])
+    with winners[0] as catalog:
+        assert catalog.dim == catalog.encoder.dim
+        vectors = unit_vectors(2, catalog.dim, seed=2)
+        assert catalog.add_vectors(["a", "b"], vectors, model_id=catalog.model_id) == 2
+        assert catalog.search(vectors[1], k=1)[0].item_id == "b"
+        assert catalog.info()["index_in_sync"]
+
+
+def test_every_batch_is_checked_against_the_stored_model_in_its_transaction(tmp_path, encoder):
+    from vestis.catalog.catalog import DB_NAME
+    from vestis.catalog.store import NewImage, Store
+
+    with Catalog(tmp_path / "cat", encoder=encoder):
+        pass
+    store = Store(tmp_path / "cat" / DB_NAME)
+    vector = unit_vectors(1, encoder.dim, seed=3)[0]
+    with pytest.raises(ModelMismatchError, match="built with"):
+        store.add_images([NewImage("a", "", "x", vector, {})], {"a": {}}, model_id="lite2")
+    with pytest.raises(ModelMismatchError, match="-d"):
+        store.add_images([NewImage("a", "", "x", vector[:10], {})], {"a": {}},
+                         model_id=encoder.model_id)
+    assert store.count_images() == store.count_items() == 0
+    assert store.add_images([NewImage("a", "", "x", vector, {})], {"a": {}},
+                            model_id=encoder.model_id) != [-1]
+    store.close()

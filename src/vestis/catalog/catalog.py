@@ -42,7 +42,7 @@ from vestis.catalog.index import (
     resolve_factory,
 )
 from vestis.catalog.sources import IngestRecord, read_source, unique_records
-from vestis.catalog.store import ImageRow, NewImage, Store
+from vestis.catalog.store import ImageRow, ModelMismatchError, NewImage, Store
 from vestis.images import Box, ImageSource
 from vestis.models import DEFAULT_MODEL, Encoder
 from vestis.models.encoder import in_context
@@ -56,10 +56,6 @@ DB_NAME = "catalog.db"
 INDEX_NAME = "index.faiss"
 INDEX_STAMP_NAME = "index.json"
 LOCK_NAME = "write.lock"
-
-
-class ModelMismatchError(ValueError):
-    """Vectors from one model were offered to a catalog built with another."""
 
 
 @dataclass(frozen=True)
@@ -140,39 +136,55 @@ class Catalog:
         self._index_dirty = False
         self._store = Store(self.path / DB_NAME)
         self._encoder = encoder
-        self._init_model(model or (encoder.name if encoder else None))
-        self._init_factory(factory)
+        self._init_model(model or (encoder.name if encoder else None), factory)
 
     # -- identity ----------------------------------------------------------------------
-    def _init_model(self, model: str | None) -> None:
-        stored = self._store.get_meta("model_name")
-        if stored is None:
+    def _init_model(self, model: str | None, choice: str | None) -> None:
+        """A new catalog's model, dimension and index are created together, in one
+        transaction under the write lock: of several processes creating one catalog, exactly
+        one sets them, and any other with another model or index fails here."""
+        if self._store.get_meta("model_name") is None:
             name = _model_reference(model or DEFAULT_MODEL)
             encoder = self._encoder or Encoder.from_name(name, backend=self._backend)
-            self._encoder = encoder
-            self._store.set_meta(
-                {"model_name": name, "model_id": encoder.model_id, "dim": str(encoder.dim)}
+            factory = resolve_factory(choice or AUTO, 0, encoder.dim)
+            wanted = {"model_name": name, "model_id": encoder.model_id, "dim": str(encoder.dim),
+                      "index_choice": choice or AUTO, "factory": factory,
+                      "search_params": default_search_params(factory)}
+            with self._lock, self._write_lock():
+                stored = self._store.create_meta(wanted, key="model_name")
+            if stored == wanted:
+                self._encoder = encoder
+                return
+            self._encoder = self._encoder or encoder
+            model = name
+        self._check_stored_model(model)
+        self._init_factory(choice)
+
+    def _check_stored_model(self, model: str | None) -> None:
+        stored = self._store.get_meta("model_name")
+        if model is None or _model_reference(model) == stored:
+            return
+        candidate = self._encoder or Encoder.from_name(model, backend=self._backend)
+        if candidate.model_id != self._store.get_meta("model_id"):
+            raise ModelMismatchError(
+                f"catalog {self.path} was built with model {stored!r} "
+                f"({self._store.get_meta('model_id')}); it cannot use {model!r} "
+                f"({candidate.model_id}). Use a new catalog directory for another model."
             )
-        elif model is not None and _model_reference(model) != stored:
-            candidate = self._encoder or Encoder.from_name(model, backend=self._backend)
-            if candidate.model_id != self._store.get_meta("model_id"):
-                raise ModelMismatchError(
-                    f"catalog {self.path} was built with model {stored!r} "
-                    f"({self._store.get_meta('model_id')}); it cannot use {model!r} "
-                    f"({candidate.model_id}). Use a new catalog directory for another model."
-                )
-            self._encoder = candidate
+        self._encoder = candidate
 
     def _init_factory(self, choice: str | None) -> None:
-        """A new catalog stores ``choice`` (default ``auto``) and the factory it resolves to;
-        an existing one refuses another index (``rebuild_index`` changes it)."""
-        stored = self._store.get_meta("factory")
-        if stored is None:
+        """An existing catalog refuses another index (``rebuild_index`` changes it); one
+        made before the index was stored gets ``choice`` (default ``auto``)."""
+        if self._store.get_meta("factory") is None:
             choice = choice or AUTO
             factory = resolve_factory(choice, 0, self.dim)
-            self._store.set_meta({"index_choice": choice, "factory": factory,
-                                  "search_params": default_search_params(factory)})
-        elif choice is not None and choice not in (stored, self.index_choice):
+            with self._lock, self._write_lock():
+                self._store.create_meta({"index_choice": choice, "factory": factory,
+                                         "search_params": default_search_params(factory)},
+                                        key="factory")
+        stored = self.factory
+        if choice is not None and choice not in (stored, self.index_choice):
             raise ValueError(
                 f"catalog {self.path} uses index {self.index_choice!r} ({stored}); rebuild it "
                 f"to change to {choice!r}: vestis reindex --catalog {self.path} --index {choice}"
@@ -584,7 +596,8 @@ class Catalog:
                     )
                 )
                 item_metadata.setdefault(record.item_id, {}).update(record.metadata)
-            ids = self._store.add_images(new_images, item_metadata)
+            ids = self._store.add_images(new_images, item_metadata,
+                                         model_id=self.encoder.model_id)
             added = [(i, v) for i, v in zip(ids, batch.vectors, strict=False) if i != -1]
             if added:
                 index.add(np.array([i for i, _ in added]), np.stack([v for _, v in added]))
@@ -631,7 +644,7 @@ class Catalog:
             item_metadata.setdefault(str(item_id), {}).update(meta)
         with self._lock, self._write_lock():
             index = self._vector_index()
-            ids = self._store.add_images(new_images, item_metadata)
+            ids = self._store.add_images(new_images, item_metadata, model_id=model_id)
             if any(GARMENT_KEY in meta for meta in metadata) and not self.has_garment_groups:
                 self._store.set_meta({"garment_groups": "1"})
             keep = [n for n, i in enumerate(ids) if i != -1]

@@ -43,6 +43,10 @@ CREATE INDEX IF NOT EXISTS images_by_item ON images(item_id);
 """
 
 
+class ModelMismatchError(ValueError):
+    """Vectors from one model were offered to a catalog built with another."""
+
+
 @dataclass(frozen=True)
 class ImageRow:
     image_id: int
@@ -129,6 +133,17 @@ class Store:
     def set_meta(self, values: dict[str, str]) -> None:
         with self.transaction() as db:
             db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(values.items()))
+
+    def create_meta(self, values: dict[str, str], key: str) -> dict[str, str]:
+        """Store ``values`` unless ``key`` is already set, in one transaction; returns what
+        is stored for those keys then (``values`` when this call created them)."""
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM meta WHERE key = ?", (key,)).fetchone() is None:
+                db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(values.items()))
+            marks = ",".join("?" * len(values))
+            rows = db.execute(f"SELECT key, value FROM meta WHERE key IN ({marks})",
+                              list(values)).fetchall()
+        return dict(rows)
 
     @property
     def vector_epoch(self) -> int:
@@ -258,14 +273,20 @@ class Store:
         return sorted(row[0] for row in rows)
 
     # -- writes ----------------------------------------------------------------------
-    def add_images(self, images: Sequence[NewImage], item_metadata: dict[str, dict]) -> list[int]:
+    def add_images(self, images: Sequence[NewImage], item_metadata: dict[str, dict], *,
+                   model_id: str | None = None) -> list[int]:
         """Insert images (creating or updating their items) in one transaction.
 
-        Returns the new image ids; an image already stored for its item gets id -1.
+        ``model_id``: the model the vectors come from, checked inside the transaction
+        against the stored model id, and every vector against the stored dimension
+        (ModelMismatchError, nothing written). Returns the new image ids; an image already
+        stored for its item gets id -1.
         """
         now = time.time()
         ids = []
         with self.transaction() as db:
+            if model_id is not None:
+                self._check_vectors(db, model_id, images)
             for item_id, metadata in item_metadata.items():
                 self._upsert_item(db, item_id, metadata, now)
             for image in images:
@@ -286,6 +307,20 @@ class Store:
             if any(i != -1 for i in ids):
                 self._bump_epoch(db)
         return ids
+
+    @staticmethod
+    def _check_vectors(db: sqlite3.Connection, model_id: str, images: Sequence[NewImage]) -> None:
+        meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('model_id', 'dim')"))
+        if meta.get("model_id") != model_id:
+            raise ModelMismatchError(
+                f"vectors from model {model_id!r} cannot go into catalog {_catalog_dir(db)}, "
+                f"built with {meta.get('model_id')!r}")
+        dim = int(meta["dim"])
+        for image in images:
+            if np.asarray(image.vector).size != dim:
+                raise ModelMismatchError(
+                    f"a {np.asarray(image.vector).size}-d vector cannot go into catalog "
+                    f"{_catalog_dir(db)}, whose vectors are {dim}-d")
 
     @staticmethod
     def _upsert_item(db: sqlite3.Connection, item_id: str, metadata: dict, now: float) -> None:
@@ -342,6 +377,12 @@ class Store:
                     (json_path(key), item_id),
                 )
         return merged
+
+
+def _catalog_dir(db: sqlite3.Connection) -> str:
+    """The file of the database behind a connection (for messages)."""
+    rows = db.execute("PRAGMA database_list").fetchall()
+    return str(Path(rows[0][2]).parent) if rows and rows[0][2] else "(memory)"
 
 
 def _as_text(value: Any) -> str:
