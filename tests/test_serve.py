@@ -598,3 +598,22 @@ def test_the_server_sees_cli_writes_and_its_own_writes_keep_them(
     with Catalog(catalog) as reopened:
         assert reopened.search(new, k=1)[0].item_id == "cli-new"
         assert reopened.search(photos[kept], k=1)[0].item_id in (kept, "via-http")
+
+
+def image_url(client, item_id: str) -> str:
+    return client.get(f"/items/{item_id}").json()["images"][0]["url"]
+
+
+def test_uploads_are_stored_relative_to_the_catalog(
+        tmp_path_factory, luma_rows, data_dir, photos, tmp_path, monkeypatch):
+    catalog = small_catalog(tmp_path_factory, luma_rows, data_dir)
+    monkeypatch.chdir(catalog.parent)
+    files = {"images": ("up.jpg", sorted(photos.values())[0].read_bytes())}
+    with serving(create_app(Path(catalog.name), token=TOKEN)) as client:
+        added = client.post("/items", files=files, data={"item_id": "moved"}, headers=AUTH)
+        assert added.status_code == 201, added.text
+    monkeypatch.chdir(tmp_path)  # the server restarts from another directory
+    with serving(create_app(catalog, token=TOKEN)) as client:
+        assert client.get(image_url(client, "moved")).status_code == 200
+        assert client.delete("/items/moved", headers=AUTH).status_code == 200
+    assert not list((catalog / "uploads").iterdir())

@@ -626,7 +626,8 @@ class Catalog:
     ) -> int:
         """Add precomputed embeddings; ``model_id`` must be the catalog's model id.
 
-        ``boxes``: the box of each image the vector was embedded from, if any."""
+        ``boxes``: the box of each image the vector was embedded from, if any. ``paths`` may
+        be relative to the catalog."""
         self._check_model(model_id)
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
@@ -694,6 +695,11 @@ class Catalog:
     def image_ids_where(self, where: dict[str, Any]) -> np.ndarray:
         """Ids of the images a ``where`` filter keeps (see :meth:`search`)."""
         return self._store.filtered_image_ids(where)
+
+    def file_of(self, row: ImageRow) -> Path:
+        """The file of an image row: stored paths are absolute, or relative to the catalog
+        directory (server uploads), so a catalog can move and a server start anywhere."""
+        return self.path / row.path
 
     def image(self, image_id: int) -> ImageRow:
         rows = self._store.images_by_id([image_id])

@@ -24,6 +24,7 @@ from PIL import Image
 from vestis.catalog import Catalog, GarmentHits, Item
 from vestis.catalog.catalog import DB_NAME
 from vestis.catalog.garments import GARMENT_KEY, WHOLE_IMAGE
+from vestis.catalog.store import ImageRow
 from vestis.images import Box, ImageError, load_image
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ class CatalogService:
     """One catalog, its model loaded once, shared by every request thread."""
 
     def __init__(self, catalog_dir: str | Path):
-        self.path = Path(catalog_dir).expanduser()
+        self.path = Path(catalog_dir).expanduser().absolute()
         if not (self.path / DB_NAME).exists():
             raise FileNotFoundError(
                 f"{self.path}: not a vestis catalog (no {DB_NAME}); create it with vestis index"
@@ -208,9 +209,19 @@ class CatalogService:
     def image_file(self, image_id: int) -> Path:
         """The file of a catalog image, looked up by id; KeyError when unknown or gone."""
         row = self.catalog.image(image_id)
-        path = Path(row.path)
+        path = self._file_of(row)
         if not row.path or not path.is_file():
             raise KeyError(f"the file of image {image_id} is missing")
+        return path
+
+    def _file_of(self, row: ImageRow) -> Path:
+        """An image's file; uploads stored relative to an old server's working directory
+        (``some/dir/uploads/NAME``) are found in this catalog's uploads folder."""
+        path = self.catalog.file_of(row)
+        legacy = self.uploads / Path(row.path).name
+        if not Path(row.path).is_absolute() and Path(row.path).parent.name == UPLOADS_DIR \
+                and not path.exists() and legacy.exists():
+            return legacy
         return path
 
     def stats(self) -> dict[str, Any]:
@@ -272,7 +283,7 @@ class CatalogService:
                     [item_id] * len(paths),
                     vectors,
                     model_id=catalog.encoder.model_id,
-                    paths=[str(p) for p in paths],
+                    paths=[_relative(p, self.path) for p in paths],
                     metadata=image_metadata,
                     boxes=boxes,
                 )
@@ -285,7 +296,7 @@ class CatalogService:
         # Two files with the same pixels give one image: drop the file that was not kept.
         kept = {image.path for image in item.images}
         for path in paths:
-            if str(path) not in kept:
+            if _relative(path, self.path) not in kept:
                 path.unlink(missing_ok=True)
         return item
 
@@ -316,9 +327,10 @@ class CatalogService:
             item = self.catalog.get(item_id)
             removed = self.catalog.remove(item_id)
             self._generation += 1
+        uploads = self.uploads.resolve()
         for image in item.images:
-            path = Path(image.path)
-            if path.parent == self.uploads:
+            path = self._file_of(image)
+            if path.parent.resolve() == uploads:
                 path.unlink(missing_ok=True)
         return removed
 
@@ -372,6 +384,11 @@ def _suffix(data: bytes) -> str:
             return _SUFFIXES.get(image.format or "", ".img")
     except Exception:
         return ".img"
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` (under ``root``) as stored: relative to the catalog directory."""
+    return path.relative_to(root).as_posix()
 
 
 def _filter_text(value: Any) -> str:
