@@ -600,8 +600,64 @@ def test_the_server_sees_cli_writes_and_its_own_writes_keep_them(
         assert reopened.search(photos[kept], k=1)[0].item_id in (kept, "via-http")
 
 
+def png_with_script(path: Path, colour: tuple[int, int, int]) -> Path:
+    """A valid PNG, whatever its name says, with a script in a text chunk."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Comment", "<html><script>alert(document.cookie)</script></html>")
+    image = Image.new("RGB", (96, 128), colour)
+    image.paste((255 - colour[0], 40, 90), (20, 30, 70, 100))
+    image.save(path, format="PNG", pnginfo=info)
+    return path
+
+
 def image_url(client, item_id: str) -> str:
     return client.get(f"/items/{item_id}").json()["images"][0]["url"]
+
+
+def test_catalog_images_are_served_as_the_image_type_they_decode_to(
+        tmp_path_factory, luma_rows, data_dir, tmp_path):
+    catalog = small_catalog(tmp_path_factory, luma_rows, data_dir)
+    evil = png_with_script(tmp_path / "evil.html", (200, 30, 30))
+    vector = png_with_script(tmp_path / "logo.svg", (30, 200, 30))
+    with Catalog(catalog) as cat:
+        assert cat.add([evil, vector]).added == 2
+    with serving(create_app(catalog)) as client:
+        for item in ("evil", "logo"):
+            response = client.get(image_url(client, item))
+            assert response.status_code == 200
+            assert response.headers["content-type"] == "image/png"
+            assert response.headers["x-content-type-options"] == "nosniff"
+            assert "sandbox" in response.headers["content-security-policy"]
+            assert response.content == (tmp_path / ("evil.html" if item == "evil"
+                                                    else "logo.svg")).read_bytes()
+        assert client.get("/images/99999999999999999999999").status_code == 404
+
+
+def test_a_catalog_file_swapped_after_indexing_is_not_served(
+        tmp_path_factory, luma_rows, data_dir, photos, tmp_path):
+    catalog = small_catalog(tmp_path_factory, luma_rows, data_dir)
+    indexed = tmp_path / "shirt.jpg"
+    indexed.write_bytes(sorted(photos.values())[0].read_bytes())
+    with Catalog(catalog) as cat:
+        assert cat.add([indexed]).added == 1
+    with serving(create_app(catalog, token=TOKEN)) as client:
+        files = {"images": ("up.jpg", sorted(photos.values())[1].read_bytes())}
+        added = client.post("/items", files=files, data={"item_id": "uploaded"}, headers=AUTH)
+        assert added.status_code == 201, added.text
+        uploaded = next((catalog / "uploads").iterdir())
+        urls = {"shirt": image_url(client, "shirt"), "uploaded": image_url(client, "uploaded")}
+        assert all(client.get(url).status_code == 200 for url in urls.values())
+        for path in (indexed, uploaded):
+            path.unlink()
+            path.symlink_to("/etc/passwd")
+        for url in urls.values():
+            response = client.get(url)
+            assert response.status_code == 404 and "root:" not in response.text
+        indexed.unlink()
+        indexed.write_bytes(sorted(photos.values())[2].read_bytes())  # another valid photo
+        assert client.get(urls["shirt"]).status_code == 404
 
 
 def test_uploads_are_stored_relative_to_the_catalog(

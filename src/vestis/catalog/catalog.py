@@ -549,7 +549,7 @@ class Catalog:
                 return record, None, f"cannot be read ({exc.strerror or exc})"
             if not data:
                 return record, None, "empty file (0 bytes)"
-            return record, _content_hash(data, record.box), None
+            return record, content_hash(data, record.box), None
 
         hashed, seen = [], set()
         with ThreadPoolExecutor(4) as pool:
@@ -623,11 +623,13 @@ class Catalog:
         paths: Sequence[str] | None = None,
         metadata: Sequence[dict[str, Any]] | None = None,
         boxes: Sequence[Box | None] | None = None,
+        hashes: Sequence[str] | None = None,
     ) -> int:
         """Add precomputed embeddings; ``model_id`` must be the catalog's model id.
 
-        ``boxes``: the box of each image the vector was embedded from, if any. ``paths`` may
-        be relative to the catalog."""
+        ``boxes``: the box of each image the vector was embedded from, if any. ``hashes``:
+        each file's :func:`content_hash` (lets a server check a file before serving it;
+        default: the vector's own hash). ``paths`` may be relative to the catalog."""
         self._check_model(model_id)
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
@@ -637,10 +639,10 @@ class Catalog:
         paths = paths or [""] * len(vectors)
         metadata = metadata or [{} for _ in vectors]
         boxes = boxes or [None] * len(vectors)
+        hashes = hashes or [vector_hash(vector) for vector in vectors]
         new_images, item_metadata = [], {}
-        rows = zip(item_ids, vectors, paths, metadata, boxes, strict=False)
-        for item_id, vector, path, meta, box in rows:
-            sha = hashlib.sha256(vector.tobytes()).hexdigest()
+        rows = zip(item_ids, vectors, paths, metadata, boxes, hashes, strict=False)
+        for item_id, vector, path, meta, box, sha in rows:
             new_images.append(NewImage(str(item_id), str(path), sha, vector, dict(meta), box))
             item_metadata.setdefault(str(item_id), {}).update(meta)
         with self._lock, self._write_lock():
@@ -701,7 +703,13 @@ class Catalog:
         directory (server uploads), so a catalog can move and a server start anywhere."""
         return self.path / row.path
 
+    def stored_vector_hash(self, image_id: int) -> str:
+        """:func:`vector_hash` of an image's stored vector (rows added as vectors keep it)."""
+        return vector_hash(self._store.vectors_by_id([image_id])[0])
+
     def image(self, image_id: int) -> ImageRow:
+        if not 0 <= image_id < 2**63:
+            raise KeyError(f"no image {image_id} in catalog {self.path}")
         rows = self._store.images_by_id([image_id])
         if image_id not in rows:
             raise KeyError(f"no image {image_id} in catalog {self.path}")
@@ -797,7 +805,12 @@ def _model_reference(model: str) -> str:
     return str(path.resolve()) if path.is_file() else model
 
 
-def _content_hash(data: bytes, box: Box | None) -> str:
+def vector_hash(vector: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(vector, dtype=np.float32).tobytes()).hexdigest()
+
+
+def content_hash(data: bytes, box: Box | None = None) -> str:
+    """The hash an image row keeps of its file's bytes (and its box, when it has one)."""
     digest = hashlib.sha256(data)
     if box is not None:
         digest.update(repr(tuple(box)).encode())

@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import re
+import stat
 import threading
 import uuid
 from collections import defaultdict
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from vestis.catalog import Catalog, GarmentHits, Item
-from vestis.catalog.catalog import DB_NAME
+from vestis.catalog.catalog import DB_NAME, content_hash
 from vestis.catalog.garments import GARMENT_KEY, WHOLE_IMAGE
 from vestis.catalog.store import ImageRow
 from vestis.images import Box, ImageError, load_image
@@ -40,6 +41,8 @@ MAX_FACET_VALUES = 200
 
 _SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}
 _SUFFIXES.update({"TIFF": ".tif", "MPO": ".jpg"})
+_IMAGE_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png",
+                "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff"}
 
 
 class ItemExistsError(ValueError):
@@ -55,6 +58,14 @@ class SearchResult:
     width: int
     height: int
     garments: list[GarmentHits]
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """A catalog image as served: its bytes and its decoded format's media type."""
+
+    data: bytes
+    media_type: str
 
 
 @dataclass(frozen=True)
@@ -206,13 +217,24 @@ class CatalogService:
     def get(self, item_id: str) -> Item:
         return self.catalog.get(item_id)
 
-    def image_file(self, image_id: int) -> Path:
-        """The file of a catalog image, looked up by id; KeyError when unknown or gone."""
-        row = self.catalog.image(image_id)
+    def image_file(self, image_id: int) -> ImageFile:
+        """The bytes and ``image/*`` type of a catalog image, looked up by id.
+
+        Served only when the file is still what was indexed: its content hash matches the
+        stored one, or (rows that keep their vector's hash) it is a regular file, not a
+        symlink. The type is the decoded format's, never the file name's. KeyError (a 404)
+        when unknown, gone, changed or not an image."""
+        catalog = self.catalog
+        row = catalog.image(image_id)
         path = self._file_of(row)
-        if not row.path or not path.is_file():
-            raise KeyError(f"the file of image {image_id} is missing")
-        return path
+        data = _read_file(path, image_id)
+        if row.sha256 != content_hash(data, row.box):
+            if row.sha256 != catalog.stored_vector_hash(image_id) or path.is_symlink():
+                raise KeyError(f"the file of image {image_id} changed since it was indexed")
+        media_type = _IMAGE_TYPES.get(_format(data) or "")
+        if media_type is None:
+            raise KeyError(f"the file of image {image_id} is not an image")
+        return ImageFile(data, media_type)
 
     def _file_of(self, row: ImageRow) -> Path:
         """An image's file; uploads stored relative to an old server's working directory
@@ -286,6 +308,8 @@ class CatalogService:
                     paths=[_relative(p, self.path) for p in paths],
                     metadata=image_metadata,
                     boxes=boxes,
+                    hashes=[content_hash(u.data, box) for u, box in zip(unique, boxes,
+                                                                         strict=True)],
                 )
             except BaseException:
                 for path in paths:
@@ -378,17 +402,32 @@ def _decode(upload: Upload) -> Image.Image:
         raise ImageError(upload.filename or "upload", exc.reason) from None
 
 
-def _suffix(data: bytes) -> str:
+def _format(data: bytes) -> str | None:
+    """The image format Pillow reads in ``data`` (JPEG, PNG...), or None."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return _SUFFIXES.get(image.format or "", ".img")
+            return image.format
     except Exception:
-        return ".img"
+        return None
+
+
+def _suffix(data: bytes) -> str:
+    return _SUFFIXES.get(_format(data) or "", ".img")
 
 
 def _relative(path: Path, root: Path) -> str:
     """``path`` (under ``root``) as stored: relative to the catalog directory."""
     return path.relative_to(root).as_posix()
+
+
+def _read_file(path: Path, image_id: int) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise KeyError(f"the file of image {image_id} is not a regular file")
+            return handle.read()
+    except OSError:
+        raise KeyError(f"the file of image {image_id} is missing") from None
 
 
 def _filter_text(value: Any) -> str:
