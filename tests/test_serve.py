@@ -673,3 +673,26 @@ def test_uploads_are_stored_relative_to_the_catalog(
         assert client.get(image_url(client, "moved")).status_code == 200
         assert client.delete("/items/moved", headers=AUTH).status_code == 200
     assert not list((catalog / "uploads").iterdir())
+
+
+def serve_banner(catalog: Path, *args: str) -> str:
+    """What vestis serve prints before it starts loading the model."""
+    command = [sys.executable, "-m", "vestis.cli", "serve", "--catalog", str(catalog),
+               "--port", str(free_port()), *args]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in process.stderr:
+            lines.append(line)
+            if "loading the model" in line:
+                break
+    finally:
+        process.terminate()
+        process.wait(30)
+    return "".join(lines)
+
+
+def test_vestis_serve_warns_when_open_reads_listen_beyond_loopback(catalog_dir):
+    assert "warning: 0.0.0.0 is not a loopback address" in serve_banner(
+        catalog_dir, "--host", "0.0.0.0")
+    assert "warning" not in serve_banner(catalog_dir, "--host", "127.0.0.1")

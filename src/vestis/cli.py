@@ -528,6 +528,13 @@ def serve(
         typer.echo(f"vestis serve: {state}", err=True)
 
     threading.Thread(target=announce_ready, daemon=True).start()
+    if not private and not is_loopback(host):
+        typer.echo(
+            f"vestis serve: warning: {host} is not a loopback address and reads are open: "
+            "anyone who can reach it can search the catalog and fetch its images (use "
+            "--private with --token-file, or --host 127.0.0.1)",
+            err=True,
+        )
     writes = "writes need the token" if token else "writes disabled (no --token-file)"
     typer.echo(
         f"vestis serve: {catalog} on http://{host}:{port}/ (API docs at /docs); {writes}; "
@@ -535,6 +542,18 @@ def serve(
         err=True,
     )
     uvicorn.run(application, host=host, port=port, log_level="info")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only listens on this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 # -- garment parser (vestis.detect) ----------------------------------------------------------
