@@ -696,3 +696,23 @@ def test_vestis_serve_warns_when_open_reads_listen_beyond_loopback(catalog_dir):
     assert "warning: 0.0.0.0 is not a loopback address" in serve_banner(
         catalog_dir, "--host", "0.0.0.0")
     assert "warning" not in serve_banner(catalog_dir, "--host", "127.0.0.1")
+
+
+def test_a_missing_catalog_image_does_not_break_complete_the_look(
+        tmp_path_factory, luma_rows, data_dir, photos, tmp_path):
+    """One indexed file deleted: /complete still answers (the image is skipped), and the
+    client's valid upload is never blamed."""
+    catalog = small_catalog(tmp_path_factory, luma_rows, data_dir)
+    gone = tmp_path / "gone.jpg"
+    gone.write_bytes(sorted(photos.values())[3].read_bytes())
+    with Catalog(catalog) as cat:
+        assert cat.add([gone]).added == 1
+    gone.unlink()
+    query = sorted(photos.values())[0].read_bytes()
+    with serving(create_app(catalog)) as client:
+        for _ in range(2):  # and again, with the features of the others cached
+            response = client.post("/complete", files={"image": ("q.jpg", query)},
+                                   data={"k": "50", "same_category": "true"})
+            assert response.status_code == 200, response.text
+            found = {m["item_id"] for m in response.json()["matches"]}
+            assert found and "gone" not in found

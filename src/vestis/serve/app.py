@@ -23,7 +23,13 @@ from vestis.detect.groups import GARMENT_GROUPS
 from vestis.images import ImageError
 from vestis.serve.auth import open_access, token_checker
 from vestis.serve.limits import BodySizeLimit
-from vestis.serve.service import CatalogService, ItemExistsError, NotReadyError, Upload
+from vestis.serve.service import (
+    CatalogService,
+    ItemExistsError,
+    NotReadyError,
+    ServerFileError,
+    Upload,
+)
 from vestis.text.search import MODES as TEXT_MODES
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -211,6 +217,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def one_line_validation_error(request: Request, exc: RequestValidationError):
         return JSONResponse({"detail": _describe_validation(exc)}, status_code=422)
+
+    @app.exception_handler(ServerFileError)
+    async def server_side(request: Request, exc: ServerFileError):
+        return JSONResponse({"detail": " ".join(str(exc).split())}, status_code=500)
 
     @app.exception_handler(NotReadyError)
     async def not_ready(request: Request, exc: NotReadyError):

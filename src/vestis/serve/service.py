@@ -49,6 +49,10 @@ class ItemExistsError(ValueError):
     """``POST /items`` named an item that is already in the catalog."""
 
 
+class ServerFileError(RuntimeError):
+    """A file on the server side (never the client's upload) could not be used."""
+
+
 class NotReadyError(RuntimeError):
     """The model is still loading, or failed to load."""
 
@@ -196,9 +200,12 @@ class CatalogService:
         from vestis.catalog.outfits import complete_outfit
 
         catalog = self.catalog
-        image = load_image(data)
-        return complete_outfit(catalog, image, k, model=self._outfits(),
-                               exclude_category=exclude_category, where=where or None)
+        image = load_image(data)  # only the upload's ImageError is the client's
+        try:
+            return complete_outfit(catalog, image, k, model=self._outfits(),
+                                   exclude_category=exclude_category, where=where or None)
+        except ImageError as exc:
+            raise ServerFileError(f"a catalog image could not be read: {exc.reason}") from None
 
     def _attributes(self):
         from vestis.models.attributes import load_attribute_model
