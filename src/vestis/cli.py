@@ -38,8 +38,9 @@ def friendly_errors(command: Callable) -> Callable:
 
         try:
             return command(*args, **kwargs)
-        except (ImageError, ModelMismatchError, FileNotFoundError, ValueError) as exc:
-            fail(str(exc))  # VideoError is a ValueError
+        except (ImageError, ModelMismatchError, FileNotFoundError, PermissionError,
+                ValueError) as exc:
+            fail(str(exc))  # VideoError is a ValueError; ReadOnlyCatalogError a PermissionError
         except ImportError as exc:  # an optional model package missing (TextEncoderMissing)
             fail(str(exc))
         except KeyError as exc:

@@ -58,6 +58,10 @@ INDEX_STAMP_NAME = "index.json"
 LOCK_NAME = "write.lock"
 
 
+class ReadOnlyCatalogError(PermissionError):
+    """A write to a catalog that can only be read (a read-only mount or files)."""
+
+
 @dataclass(frozen=True)
 class Match:
     """One catalog item found by a search: the best-matching image of the item."""
@@ -189,6 +193,11 @@ class Catalog:
                 f"catalog {self.path} uses index {self.index_choice!r} ({stored}); rebuild it "
                 f"to change to {choice!r}: vestis reindex --catalog {self.path} --index {choice}"
             )
+
+    @property
+    def read_only(self) -> bool:
+        """The catalog's files cannot be written: it was opened for reads only."""
+        return self._store.read_only
 
     @property
     def model_name(self) -> str:
@@ -458,6 +467,12 @@ class Catalog:
         """One writing process at a time per catalog directory; yields whether it is held
         (always, when ``blocking``). Re-entrant within this catalog; taken under
         ``self._lock``."""
+        if self.read_only:
+            if blocking:
+                raise ReadOnlyCatalogError(f"catalog {self.path} is read-only: it can be "
+                                           "searched but not changed")
+            yield False
+            return
         if self._write_depth:
             self._write_depth += 1
             try:

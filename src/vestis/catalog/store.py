@@ -76,21 +76,53 @@ class Store:
     """All SQL lives here. Methods that change data run in one transaction each."""
 
     def __init__(self, path: Path):
+        """Open (or create) the store; one that cannot be written (a read-only mount or
+        files) opens read-only instead, with ``read_only`` set: reads work, writes fail."""
         self.path = Path(path)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=30000")
-        with self.transaction():
+        self.read_only = False
+        try:
+            self._db = self._open_for_writes()
+        except sqlite3.OperationalError as exc:
+            if not self.path.is_file() or not _cannot_write(exc):
+                raise
+            self._db = self._open_read_only(exc)
+            self.read_only = True
+
+    def _open_for_writes(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA busy_timeout=30000")
+            db.execute("BEGIN IMMEDIATE")
             for statement in SCHEMA.split(";"):
                 if statement.strip():
-                    self._db.execute(statement)
-            self._db.execute(
+                    db.execute(statement)
+            db.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('vector_epoch', '0')")
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('vector_epoch', '0')")
+            db.execute("COMMIT")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _open_read_only(self, cause: Exception) -> sqlite3.Connection:
+        """Read-only, sharing the WAL with writers where it can; on a read-only mount
+        without the WAL's files, as an immutable file (nobody can change it there)."""
+        for flags in ("mode=ro", "mode=ro&immutable=1"):
+            db = sqlite3.connect(f"{self.path.absolute().as_uri()}?{flags}", uri=True,
+                                 check_same_thread=False, isolation_level=None)
+            try:
+                db.execute("PRAGMA busy_timeout=30000")
+                db.execute("SELECT value FROM meta WHERE key = 'vector_epoch'").fetchall()
+                return db
+            except sqlite3.OperationalError:
+                db.close()
+        raise cause
 
     def close(self) -> None:
         with self._lock:
@@ -377,6 +409,11 @@ class Store:
                     (json_path(key), item_id),
                 )
         return merged
+
+
+def _cannot_write(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return any(words in text for words in ("readonly", "read-only", "unable to open"))
 
 
 def _catalog_dir(db: sqlite3.Connection) -> str:

@@ -18,7 +18,7 @@ from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 
 from vestis import __version__
-from vestis.catalog import Item, Match
+from vestis.catalog import Item, Match, ReadOnlyCatalogError
 from vestis.detect.groups import GARMENT_GROUPS
 from vestis.images import ImageError
 from vestis.serve.auth import open_access, token_checker
@@ -221,6 +221,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServerFileError)
     async def server_side(request: Request, exc: ServerFileError):
         return JSONResponse({"detail": " ".join(str(exc).split())}, status_code=500)
+
+    @app.exception_handler(ReadOnlyCatalogError)
+    async def read_only(request: Request, exc: ReadOnlyCatalogError):
+        return JSONResponse({"detail": str(exc)}, status_code=403)
 
     @app.exception_handler(NotReadyError)
     async def not_ready(request: Request, exc: NotReadyError):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from vestis.catalog import Catalog, GarmentHits, Item
+from vestis.catalog import Catalog, GarmentHits, Item, ReadOnlyCatalogError
 from vestis.catalog.catalog import DB_NAME, content_hash
 from vestis.catalog.garments import GARMENT_KEY, WHOLE_IMAGE
 from vestis.catalog.store import ImageRow
@@ -293,7 +293,7 @@ class CatalogService:
         Raises ImageError (naming the bad file), ValueError (bad id or metadata) or
         ItemExistsError, each before anything is written.
         """
-        catalog = self.catalog
+        catalog = self._writable()
         item_id = item_id or f"item-{uuid.uuid4().hex[:12]}"
         check_item_id(item_id)
         check_metadata(metadata, allow_none=False)
@@ -347,6 +347,7 @@ class CatalogService:
 
     def update_item(self, item_id: str, metadata: dict[str, Any]) -> Item:
         check_metadata(metadata, allow_none=True)
+        self._writable()
         with self._write_lock:
             self.catalog.update(item_id, metadata)
             self._generation += 1
@@ -354,6 +355,7 @@ class CatalogService:
 
     def remove_item(self, item_id: str) -> int:
         """Remove an item; its uploaded files go too. Returns the number of images removed."""
+        self._writable()
         with self._write_lock:
             item = self.catalog.get(item_id)
             removed = self.catalog.remove(item_id)
@@ -364,6 +366,13 @@ class CatalogService:
             if path.parent.resolve() == uploads:
                 path.unlink(missing_ok=True)
         return removed
+
+    def _writable(self) -> Catalog:
+        """The catalog, for a write; ReadOnlyCatalogError when it is opened read-only."""
+        catalog = self.catalog
+        if catalog.read_only:
+            raise ReadOnlyCatalogError("the catalog is read-only; writes are refused")
+        return catalog
 
     def _save_upload(self, data: bytes) -> Path:
         """Keep an uploaded photo under the catalog, atomically, under a fresh name."""
