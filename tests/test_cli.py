@@ -205,3 +205,22 @@ def test_a_read_only_catalog_is_searched_and_refuses_writes_in_one_line(
     refused = run("remove", "mh06-blue_main", "--catalog", mounted)
     assert refused.returncode == 2 and refused.stderr.startswith("error:")
     assert "read-only" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_update_refuses_item_id_and_names_set_in_its_errors(tmp_path, encoder):
+    from typer.testing import CliRunner
+
+    from vestis.catalog import Catalog
+    from vestis.cli import app
+
+    with Catalog(tmp_path / "catalog", encoder=encoder) as catalog:
+        catalog.add_vectors(["a"], np.eye(1, encoder.dim, dtype=np.float32),
+                            model_id=encoder.model_id)
+    base = ["update", "a", "--catalog", str(tmp_path / "catalog")]
+    result = CliRunner().invoke(app, [*base, "--set", "item_id=b"])
+    assert result.exit_code == 2 and "reserved" in result.output
+    result = CliRunner().invoke(app, [*base, "--set", "colour"])
+    assert result.exit_code == 2 and "--set expects key=value" in result.output
+    assert "--where" not in result.output
+    with Catalog(tmp_path / "catalog", encoder=encoder) as catalog:
+        assert catalog.get("a").metadata == {}

@@ -49,12 +49,13 @@ def friendly_errors(command: Callable) -> Callable:
     return run
 
 
-def parse_where(pairs: list[str] | None) -> dict[str, str]:
+def parse_where(pairs: list[str] | None, option: str = "--where") -> dict[str, str]:
+    """``key=value`` pairs of a repeatable ``option`` (named in errors)."""
     where = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--where expects key=value, got {pair!r}")
+            raise ValueError(f"{option} expects key=value, got {pair!r}")
         where[key.strip()] = value
     return where
 
@@ -302,7 +303,7 @@ def update(
 ) -> None:
     """Set metadata fields of an item."""
     with open_catalog(catalog) as cat:
-        metadata = cat.update(item_id, parse_where(set_))
+        metadata = cat.update(item_id, parse_where(set_, "--set"))
     typer.echo(json.dumps({"item_id": item_id, "metadata": metadata}))
 
 

@@ -56,6 +56,8 @@ DB_NAME = "catalog.db"
 INDEX_NAME = "index.faiss"
 INDEX_STAMP_NAME = "index.json"
 LOCK_NAME = "write.lock"
+#: Keys that are not metadata: filters use ``item_id`` for the item itself.
+RESERVED_KEYS = frozenset({"item_id"})
 
 
 class ReadOnlyCatalogError(PermissionError):
@@ -689,7 +691,11 @@ class Catalog:
         return len(ids)
 
     def update(self, item_id: str, metadata: dict[str, Any]) -> dict[str, Any]:
-        """Set metadata on an item (a ``None`` value deletes the key)."""
+        """Set metadata on an item (a ``None`` value deletes the key); ``item_id`` is not
+        metadata (it names the item) and is refused, as the server refuses it."""
+        reserved = RESERVED_KEYS.intersection(metadata)
+        if reserved:
+            raise ValueError(f"metadata key {sorted(reserved)[0]!r} is reserved")
         with self._lock, self._write_lock():
             try:
                 return self._store.update_item(item_id, metadata)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from vestis.catalog import Catalog, GarmentHits, Item, ReadOnlyCatalogError
-from vestis.catalog.catalog import DB_NAME, content_hash
+from vestis.catalog.catalog import DB_NAME, RESERVED_KEYS, content_hash
 from vestis.catalog.garments import GARMENT_KEY, WHOLE_IMAGE
 from vestis.catalog.store import ImageRow
 from vestis.images import Box, ImageError, load_image
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 UPLOADS_DIR = "uploads"
 ITEM_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-RESERVED_KEYS = frozenset({"item_id"})
 MAX_METADATA_KEYS = 100
 MAX_KEY_LENGTH = 100
 MAX_VALUE_LENGTH = 2000
