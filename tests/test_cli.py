@@ -224,3 +224,12 @@ def test_update_refuses_item_id_and_names_set_in_its_errors(tmp_path, encoder):
     assert "--where" not in result.output
     with Catalog(tmp_path / "catalog", encoder=encoder) as catalog:
         assert catalog.get("a").metadata == {}
+
+
+def test_a_bad_model_or_index_leaves_no_half_created_catalog(tmp_path, data_dir):
+    photo = data_dir / "luma" / "images" / "mh06-blue_main.jpg"
+    for option in (["--model", "nosuchmodel"], ["--model", "lite0", "--index", "NoSuchIndex"]):
+        catalog = tmp_path / option[-1]
+        result = vestis("index", photo, "--catalog", catalog, *option, check=False)
+        assert result.returncode == 2 and result.stderr.startswith("error:")
+        assert not catalog.exists()

@@ -134,6 +134,8 @@ class Catalog:
         self.path = Path(path).expanduser()
         self._backend = backend
         self.cropper = cropper or GarmentCropper()
+        if not (self.path / DB_NAME).exists():
+            encoder = self._check_new(model, factory, encoder)
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._write_depth = 0
@@ -143,6 +145,15 @@ class Catalog:
         self._store = Store(self.path / DB_NAME)
         self._encoder = encoder
         self._init_model(model or (encoder.name if encoder else None), factory)
+
+    def _check_new(self, model: str | None, choice: str | None,
+                   encoder: Encoder | None) -> Encoder:
+        """Before a new catalog's files exist: its model loads and its index choice is a
+        valid one, so a bad ``--model`` or ``--index`` leaves nothing behind."""
+        encoder = encoder or Encoder.from_name(_model_reference(model or DEFAULT_MODEL),
+                                               backend=self._backend)
+        create_index(encoder.dim, resolve_factory(choice or AUTO, 0, encoder.dim))
+        return encoder
 
     # -- identity ----------------------------------------------------------------------
     def _init_model(self, model: str | None, choice: str | None) -> None:
