@@ -231,3 +231,19 @@ def test_every_batch_is_checked_against_the_stored_model_in_its_transaction(tmp_
     assert store.add_images([NewImage("a", "", "x", vector, {})], {"a": {}},
                             model_id=encoder.model_id) != [-1]
     store.close()
+
+
+def test_an_index_too_small_to_train_is_saved_with_its_vectors(tmp_path, encoder):
+    from vestis.catalog.index import FaissIndex
+
+    path = tmp_path / "cat"
+    vectors = unit_vectors(20, encoder.dim, seed=4)
+    with Catalog(path, encoder=encoder) as catalog:
+        catalog.add_vectors([f"i{n}" for n in range(20)], vectors, model_id=encoder.model_id)
+        catalog.rebuild_index("ivfpq")
+        factory = catalog.factory
+    saved = FaissIndex.load(path / INDEX_NAME, factory)
+    assert len(saved) == 20 and not saved.is_trained
+    assert json.loads((path / INDEX_STAMP_NAME).read_text())["count"] == 20
+    with Catalog(path, encoder=encoder) as reopened:
+        assert reopened.search(vectors[7], k=1)[0].item_id == "i7"
