@@ -247,3 +247,24 @@ def test_an_index_too_small_to_train_is_saved_with_its_vectors(tmp_path, encoder
     assert json.loads((path / INDEX_STAMP_NAME).read_text())["count"] == 20
     with Catalog(path, encoder=encoder) as reopened:
         assert reopened.search(vectors[7], k=1)[0].item_id == "i7"
+
+
+def test_temporary_files_left_by_a_killed_process_are_removed(tmp_path, encoder):
+    import os
+    import time
+
+    path = tmp_path / "cat"
+    vectors = unit_vectors(2, encoder.dim, seed=5)
+    with Catalog(path, encoder=encoder) as catalog:
+        catalog.add_vectors(["a"], vectors[:1], model_id=encoder.model_id)
+    (path / "uploads").mkdir()
+    stale = [path / ".index.faiss.k9x2.tmp", path / ".index.faiss.deleted.npy.k9x3.tmp",
+             path / ".index.json.tmp", path / "uploads" / ".0123abcd.jpg.tmp"]
+    fresh = path / "uploads" / ".4567ef.jpg.tmp"  # maybe another server writing it now
+    for tmp in [*stale, fresh]:
+        tmp.write_bytes(b"partial")
+    hour_ago = time.time() - 3700
+    os.utime(stale[-1], (hour_ago, hour_ago))
+    with Catalog(path, encoder=encoder) as catalog:
+        catalog.add_vectors(["b"], vectors[1:], model_id=encoder.model_id)
+    assert not any(tmp.exists() for tmp in stale) and fresh.exists()

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -454,12 +455,25 @@ class Catalog:
         """Write the index, then the stamp that vouches for it: the epoch the index was
         brought to (never the store's epoch read now). The caller holds the write lock, so
         two processes never interleave the two files."""
+        self._remove_stale_tmp()
         self._index.save(self.path / INDEX_NAME)
         stamp = {"epoch": self._index_epoch, "count": len(self._index), "factory": self.factory}
         tmp = self.path / f".{INDEX_STAMP_NAME}.tmp"
         tmp.write_text(json.dumps(stamp))
         os.replace(tmp, self.path / INDEX_STAMP_NAME)
         self._index_dirty = False
+
+    def _remove_stale_tmp(self) -> None:
+        """Temporary files left by a killed process: the index's (written only under the
+        write lock, which this process holds) at once; others (server uploads, feature
+        caches, written outside it) once they are an hour old."""
+        now = time.time()
+        for pattern, max_age in [(f".{INDEX_NAME}*.tmp", 0.0), (f".{INDEX_STAMP_NAME}.tmp", 0.0),
+                                 ("uploads/.*.tmp", 3600.0), ("*.tmp.npz", 3600.0)]:
+            for tmp in self.path.glob(pattern):
+                with contextlib.suppress(OSError):
+                    if now - tmp.stat().st_mtime >= max_age:
+                        tmp.unlink()
 
     def _save_if_free(self) -> None:
         """Save an index a read brought up to date, if no other process is writing (the
@@ -525,7 +539,6 @@ class Catalog:
         :mod:`vestis.catalog.garments`), ``none`` by the whole photo; the choice is kept
         for later adds (default: the catalog's, at first ``none``).
         """
-        import time
 
         started = time.perf_counter()
         crop = check_crop_mode(crop) if crop is not None else self.crop_mode
