@@ -716,3 +716,12 @@ def test_a_missing_catalog_image_does_not_break_complete_the_look(
             assert response.status_code == 200, response.text
             found = {m["item_id"] for m in response.json()["matches"]}
             assert found and "gone" not in found
+
+
+def test_facets_follow_metadata_changed_by_another_process(tmp_path_factory, luma_rows,
+                                                           data_dir, photos):
+    catalog = small_catalog(tmp_path_factory, luma_rows, data_dir)
+    with serving(create_app(catalog)) as client:
+        assert "season" not in client.get("/facets").json()
+        vestis_cli("update", sorted(photos)[0], "--catalog", catalog, "--set", "season=winter")
+        assert client.get("/facets").json()["season"]["values"] == ["winter"]

@@ -214,6 +214,12 @@ class Catalog:
         return self._store.read_only
 
     @property
+    def outside_changes(self) -> int:
+        """A number that changes whenever another process commits to the store (metadata
+        included); caches of this catalog's contents key on it."""
+        return self._store.data_version
+
+    @property
     def model_name(self) -> str:
         return self._store.get_meta("model_name")
 

@@ -178,6 +178,11 @@ class Store:
         return dict(rows)
 
     @property
+    def data_version(self) -> int:
+        """Changes whenever another connection (another process) commits a change."""
+        return self._query("PRAGMA data_version")[0][0]
+
+    @property
     def vector_epoch(self) -> int:
         return int(self.get_meta("vector_epoch", "0"))
 

@@ -95,7 +95,7 @@ class CatalogService:
         self._loaded = threading.Event()
         self._write_lock = threading.Lock()
         self._generation = 0
-        self._facets: tuple[int, dict[str, dict[str, Any]]] | None = None
+        self._facets: tuple[tuple[int, int], dict[str, dict[str, Any]]] | None = None
         self._heads: dict[str, Any] = {}  # attribute and outfit heads, loaded on first use
 
     # -- life cycle --------------------------------------------------------------------
@@ -259,7 +259,7 @@ class CatalogService:
 
     def facets(self) -> dict[str, dict[str, Any]]:
         """Each metadata field with its distinct values (at most MAX_FACET_VALUES)."""
-        generation = self._generation
+        generation = (self._generation, self.catalog.outside_changes)
         cached = self._facets
         if cached is not None and cached[0] == generation:
             return cached[1]
