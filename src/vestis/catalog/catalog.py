@@ -2,8 +2,12 @@
 
 Crash safety: each ingest batch is one SQLite transaction, and images are unique per
 (item, content hash), so re-running an interrupted ingest adds exactly what is missing.
-The index file is written atomically and stamped with the store's ``vector_epoch``; when
-the stamp is stale (a crash between commit and save) the index is rebuilt from the store.
+The index file is written atomically, under the directory's write lock, and stamped with
+the ``vector_epoch`` it was built from (never a later one). It is used only when its stamp
+is the store's epoch and it holds exactly the stored image ids; otherwise (a crash between
+commit and save, another process's writes) it is caught up or rebuilt from the store.
+Every search and write first checks the epoch, so a long-running process (the server) sees
+what other processes (the CLI) changed.
 """
 
 from __future__ import annotations
