@@ -134,3 +134,137 @@ def test_bad_files_are_reported_and_good_ones_indexed(tmp_path, data_dir, encode
         assert "not an image" in failed[str(folder / "readme.jpg")]
         assert report.added == 2
         assert sorted(catalog.item_ids()) == ["back", "mh06-blue"]
+
+
+def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
+    vectors = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_a_catalog_sees_other_writers_and_never_stamps_their_epoch(tmp_path, encoder):
+    """One catalog object open (a server) while another (the CLI) removes and adds: the first
+    searches and writes in step with the store, and what it saves stays consistent."""
+    path, model = tmp_path / "cat", encoder.model_id
+    vectors = unit_vectors(8, encoder.dim, seed=0)
+    with Catalog(path, encoder=encoder) as server:
+        server.add_vectors(list("abcdef"), vectors[:6], model_id=model)
+        assert server.search(vectors[0], k=1)[0].item_id == "a"
+        with Catalog(path, encoder=encoder) as cli:
+            cli.remove("a")
+            cli.add_vectors(["g"], vectors[6:7], model_id=model)
+        assert server.search(vectors[6], k=1)[0].item_id == "g"
+        assert "a" not in [m.item_id for m in server.search(vectors[0], k=10)]
+        info = server.info()
+        assert info["images"] == info["indexed_vectors"] == 6 and info["index_in_sync"]
+        server.add_vectors(["h"], vectors[7:8], model_id=model)
+    with Catalog(path, encoder=encoder) as reopened:
+        assert reopened.info()["index_in_sync"]
+        for n, item in [(6, "g"), (7, "h")]:
+            assert reopened.search(vectors[n], k=1)[0].item_id == item
+
+
+def test_a_saved_index_with_the_right_count_but_other_ids_is_rebuilt(tmp_path, encoder):
+    from vestis.catalog.index import FaissIndex
+
+    path = tmp_path / "cat"
+    vectors = unit_vectors(3, encoder.dim, seed=1)
+    with Catalog(path, encoder=encoder) as catalog:
+        catalog.add_vectors(list("abc"), vectors, model_id=encoder.model_id)
+    stamp = json.loads((path / INDEX_STAMP_NAME).read_text())
+    wrong = FaissIndex(encoder.dim, "Flat")
+    wrong.add(np.array([1, 2, 99]), vectors)  # same count; image 3 is missing, 99 is not stored
+    wrong.save(path / INDEX_NAME)
+    (path / INDEX_STAMP_NAME).write_text(json.dumps(stamp))
+    with Catalog(path, encoder=encoder) as reopened:
+        assert reopened.search(vectors[2], k=1)[0].item_id == "c"
+        assert reopened.info()["index_in_sync"]
+
+
+def test_two_creators_with_different_models_exactly_one_wins(tmp_path):
+    """Two processes create one new catalog at once, with different models and indexes:
+    one creates it, the other fails with a clear message, and the catalog stays usable."""
+    import threading
+
+    path = tmp_path / "new"
+    start = threading.Barrier(2)
+    results: dict[str, object] = {}
+
+    def create(model: str, factory: str | None) -> None:
+        start.wait()
+        try:
+            results[model] = Catalog(path, model=model, factory=factory)
+        except ValueError as exc:  # ModelMismatchError is one
+            results[model] = exc
+
+    threads = [threading.Thread(target=create, args=args)
+               for args in [("vestis-lite0", None), ("lite0", "hnsw")]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [c for c in results.values() if isinstance(c, Catalog)]
+    losers = [e for e in results.values() if isinstance(e, Exception)]
+    assert len(winners) == 1 and len(losers) == 1, results
+    assert isinstance(losers[0], ModelMismatchError) and "cannot use" in str(losers[0])
+    with winners[0] as catalog:
+        assert catalog.dim == catalog.encoder.dim
+        vectors = unit_vectors(2, catalog.dim, seed=2)
+        assert catalog.add_vectors(["a", "b"], vectors, model_id=catalog.model_id) == 2
+        assert catalog.search(vectors[1], k=1)[0].item_id == "b"
+        assert catalog.info()["index_in_sync"]
+
+
+def test_every_batch_is_checked_against_the_stored_model_in_its_transaction(tmp_path, encoder):
+    from vestis.catalog.catalog import DB_NAME
+    from vestis.catalog.store import NewImage, Store
+
+    with Catalog(tmp_path / "cat", encoder=encoder):
+        pass
+    store = Store(tmp_path / "cat" / DB_NAME)
+    vector = unit_vectors(1, encoder.dim, seed=3)[0]
+    with pytest.raises(ModelMismatchError, match="built with"):
+        store.add_images([NewImage("a", "", "x", vector, {})], {"a": {}}, model_id="lite2")
+    with pytest.raises(ModelMismatchError, match="-d"):
+        store.add_images([NewImage("a", "", "x", vector[:10], {})], {"a": {}},
+                         model_id=encoder.model_id)
+    assert store.count_images() == store.count_items() == 0
+    assert store.add_images([NewImage("a", "", "x", vector, {})], {"a": {}},
+                            model_id=encoder.model_id) != [-1]
+    store.close()
+
+
+def test_an_index_too_small_to_train_is_saved_with_its_vectors(tmp_path, encoder):
+    from vestis.catalog.index import FaissIndex
+
+    path = tmp_path / "cat"
+    vectors = unit_vectors(20, encoder.dim, seed=4)
+    with Catalog(path, encoder=encoder) as catalog:
+        catalog.add_vectors([f"i{n}" for n in range(20)], vectors, model_id=encoder.model_id)
+        catalog.rebuild_index("ivfpq")
+        factory = catalog.factory
+    saved = FaissIndex.load(path / INDEX_NAME, factory)
+    assert len(saved) == 20 and not saved.is_trained
+    assert json.loads((path / INDEX_STAMP_NAME).read_text())["count"] == 20
+    with Catalog(path, encoder=encoder) as reopened:
+        assert reopened.search(vectors[7], k=1)[0].item_id == "i7"
+
+
+def test_temporary_files_left_by_a_killed_process_are_removed(tmp_path, encoder):
+    import os
+    import time
+
+    path = tmp_path / "cat"
+    vectors = unit_vectors(2, encoder.dim, seed=5)
+    with Catalog(path, encoder=encoder) as catalog:
+        catalog.add_vectors(["a"], vectors[:1], model_id=encoder.model_id)
+    (path / "uploads").mkdir()
+    stale = [path / ".index.faiss.k9x2.tmp", path / ".index.faiss.deleted.npy.k9x3.tmp",
+             path / ".index.json.tmp", path / "uploads" / ".0123abcd.jpg.tmp"]
+    fresh = path / "uploads" / ".4567ef.jpg.tmp"  # maybe another server writing it now
+    for tmp in [*stale, fresh]:
+        tmp.write_bytes(b"partial")
+    hour_ago = time.time() - 3700
+    os.utime(stale[-1], (hour_ago, hour_ago))
+    with Catalog(path, encoder=encoder) as catalog:
+        catalog.add_vectors(["b"], vectors[1:], model_id=encoder.model_id)
+    assert not any(tmp.exists() for tmp in stale) and fresh.exists()

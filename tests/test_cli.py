@@ -163,3 +163,73 @@ def test_unknown_model_and_missing_source_are_one_line_errors(tmp_path):
     result = vestis("search", __file__, "--catalog", tmp_path / "none", check=False)
     assert result.returncode == 2 and "not a vestis catalog" in result.stderr
     assert not (tmp_path / "none").exists()
+
+
+def read_only_mount(source: Path, target: Path) -> list[str]:
+    """A shell prefix that runs a command in a private mount namespace where ``target`` is
+    ``source`` mounted read-only (skips when this machine does not allow it)."""
+    import shutil
+
+    target.mkdir()
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare here")
+    mount = (f"mount --bind '{source}' '{target}' && "
+             f"mount -o remount,ro,bind '{target}' && ")
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", mount + f"! touch '{target}/x'"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("read-only bind mounts need privileges this machine does not give")
+    return ["unshare", "-m", "sh", "-c", mount + 'exec "$@"', "sh"]
+
+
+def test_a_read_only_catalog_is_searched_and_refuses_writes_in_one_line(
+        tmp_path, data_dir, encoder):
+    from vestis.catalog import Catalog
+
+    photos = [data_dir / "luma" / "images" / f"mh06-blue_{view}.jpg" for view in ("main", "back")]
+    with Catalog(tmp_path / "catalog", encoder=encoder) as catalog:
+        assert catalog.add(photos).added == 2
+    mounted = tmp_path / "mounted"
+    prefix = read_only_mount(tmp_path / "catalog", mounted)
+
+    def run(*args) -> subprocess.CompletedProcess:
+        return subprocess.run([*prefix, VESTIS, *map(str, args)], capture_output=True,
+                              text=True, timeout=300)
+
+    info = run("info", "--catalog", mounted, "--json")
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["images"] == 2
+    found = run("search", photos[0], "--whole", "-k", "1", "--catalog", mounted)
+    assert found.returncode == 0, found.stderr
+    assert "mh06-blue_main" in found.stdout
+    refused = run("remove", "mh06-blue_main", "--catalog", mounted)
+    assert refused.returncode == 2 and refused.stderr.startswith("error:")
+    assert "read-only" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_update_refuses_item_id_and_names_set_in_its_errors(tmp_path, encoder):
+    from typer.testing import CliRunner
+
+    from vestis.catalog import Catalog
+    from vestis.cli import app
+
+    with Catalog(tmp_path / "catalog", encoder=encoder) as catalog:
+        catalog.add_vectors(["a"], np.eye(1, encoder.dim, dtype=np.float32),
+                            model_id=encoder.model_id)
+    base = ["update", "a", "--catalog", str(tmp_path / "catalog")]
+    result = CliRunner().invoke(app, [*base, "--set", "item_id=b"])
+    assert result.exit_code == 2 and "reserved" in result.output
+    result = CliRunner().invoke(app, [*base, "--set", "colour"])
+    assert result.exit_code == 2 and "--set expects key=value" in result.output
+    assert "--where" not in result.output
+    with Catalog(tmp_path / "catalog", encoder=encoder) as catalog:
+        assert catalog.get("a").metadata == {}
+
+
+def test_a_bad_model_or_index_leaves_no_half_created_catalog(tmp_path, data_dir):
+    photo = data_dir / "luma" / "images" / "mh06-blue_main.jpg"
+    for option in (["--model", "nosuchmodel"], ["--model", "lite0", "--index", "NoSuchIndex"]):
+        catalog = tmp_path / option[-1]
+        result = vestis("index", photo, "--catalog", catalog, *option, check=False)
+        assert result.returncode == 2 and result.stderr.startswith("error:")
+        assert not catalog.exists()

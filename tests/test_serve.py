@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import shutil
 import socket
@@ -564,3 +565,163 @@ def test_vestis_serve_refuses_a_missing_catalog_or_a_weak_token(tmp_path):
         app, ["serve", "--catalog", str(tmp_path), "--token-file", str(weak)]
     )
     assert result.exit_code == 2 and "at least" in result.output
+
+
+def vestis_cli(*args) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "vestis.cli", *map(str, args)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_the_server_sees_cli_writes_and_its_own_writes_keep_them(
+        tmp_path_factory, luma_rows, data_dir, photos, tmp_path):
+    """vestis serve running; vestis remove and vestis index from another process; then a
+    write through the server: searches, /stats and the saved index all keep every change."""
+    catalog = small_catalog(tmp_path_factory, luma_rows, data_dir)
+    gone, kept = sorted(photos)[0], sorted(photos)[1]
+    new = tmp_path / "cli-new.png"
+    Image.effect_mandelbrot((160, 200), (-2.0, -1.2, 0.8, 1.2), 40).convert("RGB").save(new)
+    with serving(create_app(catalog, token=TOKEN)) as client:
+        before = client.get("/stats").json()
+        vestis_cli("remove", gone, "--catalog", catalog)
+        vestis_cli("index", new, "--catalog", catalog)
+        stats = client.get("/stats").json()
+        assert stats["items"] == before["items"] and stats["images"] == stats["indexed_vectors"]
+        assert matches_of(search(client, new.read_bytes(), k=1))[0]["item_id"] == "cli-new"
+        assert gone not in [m["item_id"] for m in matches_of(search(client, photos[gone], k=50))]
+        files = {"images": ("p.jpg", photos[kept].read_bytes())}
+        added = client.post("/items", files=files, data={"item_id": "via-http"}, headers=AUTH)
+        assert added.status_code == 201, added.text
+    info = json.loads(vestis_cli("info", "--catalog", catalog, "--json").stdout)
+    assert info["index_in_sync"] and info["images"] == info["indexed_vectors"]
+    with Catalog(catalog) as reopened:
+        assert reopened.search(new, k=1)[0].item_id == "cli-new"
+        assert reopened.search(photos[kept], k=1)[0].item_id in (kept, "via-http")
+
+
+def png_with_script(path: Path, colour: tuple[int, int, int]) -> Path:
+    """A valid PNG, whatever its name says, with a script in a text chunk."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Comment", "<html><script>alert(document.cookie)</script></html>")
+    image = Image.new("RGB", (96, 128), colour)
+    image.paste((255 - colour[0], 40, 90), (20, 30, 70, 100))
+    image.save(path, format="PNG", pnginfo=info)
+    return path
+
+
+def image_url(client, item_id: str) -> str:
+    return client.get(f"/items/{item_id}").json()["images"][0]["url"]
+
+
+def test_catalog_images_are_served_as_the_image_type_they_decode_to(
+        tmp_path_factory, luma_rows, data_dir, tmp_path):
+    catalog = small_catalog(tmp_path_factory, luma_rows, data_dir)
+    evil = png_with_script(tmp_path / "evil.html", (200, 30, 30))
+    vector = png_with_script(tmp_path / "logo.svg", (30, 200, 30))
+    with Catalog(catalog) as cat:
+        assert cat.add([evil, vector]).added == 2
+    with serving(create_app(catalog)) as client:
+        for item in ("evil", "logo"):
+            response = client.get(image_url(client, item))
+            assert response.status_code == 200
+            assert response.headers["content-type"] == "image/png"
+            assert response.headers["x-content-type-options"] == "nosniff"
+            assert "sandbox" in response.headers["content-security-policy"]
+            assert response.content == (tmp_path / ("evil.html" if item == "evil"
+                                                    else "logo.svg")).read_bytes()
+        assert client.get("/images/99999999999999999999999").status_code == 404
+
+
+def test_a_catalog_file_swapped_after_indexing_is_not_served(
+        tmp_path_factory, luma_rows, data_dir, photos, tmp_path):
+    catalog = small_catalog(tmp_path_factory, luma_rows, data_dir)
+    indexed = tmp_path / "shirt.jpg"
+    indexed.write_bytes(sorted(photos.values())[0].read_bytes())
+    with Catalog(catalog) as cat:
+        assert cat.add([indexed]).added == 1
+    with serving(create_app(catalog, token=TOKEN)) as client:
+        files = {"images": ("up.jpg", sorted(photos.values())[1].read_bytes())}
+        added = client.post("/items", files=files, data={"item_id": "uploaded"}, headers=AUTH)
+        assert added.status_code == 201, added.text
+        uploaded = next((catalog / "uploads").iterdir())
+        urls = {"shirt": image_url(client, "shirt"), "uploaded": image_url(client, "uploaded")}
+        assert all(client.get(url).status_code == 200 for url in urls.values())
+        for path in (indexed, uploaded):
+            path.unlink()
+            path.symlink_to("/etc/passwd")
+        for url in urls.values():
+            response = client.get(url)
+            assert response.status_code == 404 and "root:" not in response.text
+        indexed.unlink()
+        indexed.write_bytes(sorted(photos.values())[2].read_bytes())  # another valid photo
+        assert client.get(urls["shirt"]).status_code == 404
+
+
+def test_uploads_are_stored_relative_to_the_catalog(
+        tmp_path_factory, luma_rows, data_dir, photos, tmp_path, monkeypatch):
+    catalog = small_catalog(tmp_path_factory, luma_rows, data_dir)
+    monkeypatch.chdir(catalog.parent)
+    files = {"images": ("up.jpg", sorted(photos.values())[0].read_bytes())}
+    with serving(create_app(Path(catalog.name), token=TOKEN)) as client:
+        added = client.post("/items", files=files, data={"item_id": "moved"}, headers=AUTH)
+        assert added.status_code == 201, added.text
+    monkeypatch.chdir(tmp_path)  # the server restarts from another directory
+    with serving(create_app(catalog, token=TOKEN)) as client:
+        assert client.get(image_url(client, "moved")).status_code == 200
+        assert client.delete("/items/moved", headers=AUTH).status_code == 200
+    assert not list((catalog / "uploads").iterdir())
+
+
+def serve_banner(catalog: Path, *args: str) -> str:
+    """What vestis serve prints before it starts loading the model."""
+    command = [sys.executable, "-m", "vestis.cli", "serve", "--catalog", str(catalog),
+               "--port", str(free_port()), *args]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in process.stderr:
+            lines.append(line)
+            if "loading the model" in line:
+                break
+    finally:
+        process.terminate()
+        process.wait(30)
+    return "".join(lines)
+
+
+def test_vestis_serve_warns_when_open_reads_listen_beyond_loopback(catalog_dir):
+    assert "warning: 0.0.0.0 is not a loopback address" in serve_banner(
+        catalog_dir, "--host", "0.0.0.0")
+    assert "warning" not in serve_banner(catalog_dir, "--host", "127.0.0.1")
+
+
+def test_a_missing_catalog_image_does_not_break_complete_the_look(
+        tmp_path_factory, luma_rows, data_dir, photos, tmp_path):
+    """One indexed file deleted: /complete still answers (the image is skipped), and the
+    client's valid upload is never blamed."""
+    catalog = small_catalog(tmp_path_factory, luma_rows, data_dir)
+    gone = tmp_path / "gone.jpg"
+    gone.write_bytes(sorted(photos.values())[3].read_bytes())
+    with Catalog(catalog) as cat:
+        assert cat.add([gone]).added == 1
+    gone.unlink()
+    query = sorted(photos.values())[0].read_bytes()
+    with serving(create_app(catalog)) as client:
+        for _ in range(2):  # and again, with the features of the others cached
+            response = client.post("/complete", files={"image": ("q.jpg", query)},
+                                   data={"k": "50", "same_category": "true"})
+            assert response.status_code == 200, response.text
+            found = {m["item_id"] for m in response.json()["matches"]}
+            assert found and "gone" not in found
+
+
+def test_facets_follow_metadata_changed_by_another_process(tmp_path_factory, luma_rows,
+                                                           data_dir, photos):
+    catalog = small_catalog(tmp_path_factory, luma_rows, data_dir)
+    with serving(create_app(catalog)) as client:
+        assert "season" not in client.get("/facets").json()
+        vestis_cli("update", sorted(photos)[0], "--catalog", catalog, "--set", "season=winter")
+        assert client.get("/facets").json()["season"]["values"] == ["winter"]

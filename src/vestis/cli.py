@@ -38,8 +38,9 @@ def friendly_errors(command: Callable) -> Callable:
 
         try:
             return command(*args, **kwargs)
-        except (ImageError, ModelMismatchError, FileNotFoundError, ValueError) as exc:
-            fail(str(exc))  # VideoError is a ValueError
+        except (ImageError, ModelMismatchError, FileNotFoundError, PermissionError,
+                ValueError) as exc:
+            fail(str(exc))  # VideoError is a ValueError; ReadOnlyCatalogError a PermissionError
         except ImportError as exc:  # an optional model package missing (TextEncoderMissing)
             fail(str(exc))
         except KeyError as exc:
@@ -48,12 +49,13 @@ def friendly_errors(command: Callable) -> Callable:
     return run
 
 
-def parse_where(pairs: list[str] | None) -> dict[str, str]:
+def parse_where(pairs: list[str] | None, option: str = "--where") -> dict[str, str]:
+    """``key=value`` pairs of a repeatable ``option`` (named in errors)."""
     where = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--where expects key=value, got {pair!r}")
+            raise ValueError(f"{option} expects key=value, got {pair!r}")
         where[key.strip()] = value
     return where
 
@@ -301,7 +303,7 @@ def update(
 ) -> None:
     """Set metadata fields of an item."""
     with open_catalog(catalog) as cat:
-        metadata = cat.update(item_id, parse_where(set_))
+        metadata = cat.update(item_id, parse_where(set_, "--set"))
     typer.echo(json.dumps({"item_id": item_id, "metadata": metadata}))
 
 
@@ -342,10 +344,13 @@ def info(
         details = cat.info(recall_queries=recall)
     if as_json:
         typer.echo(json.dumps(details, indent=2))
-        return
-    for key, value in details.items():
-        shown = ", ".join(value) if isinstance(value, list) else value
-        typer.echo(f"{key:>22}: {shown}")
+    else:
+        for key, value in details.items():
+            shown = ", ".join(value) if isinstance(value, list) else value
+            typer.echo(f"{key:>22}: {shown}")
+    if not details["index_in_sync"]:
+        fail(f"the index of {catalog} does not hold exactly the stored images; "
+             f"run vestis reindex --catalog {catalog}", code=1)
 
 
 @app.command()
@@ -526,6 +531,13 @@ def serve(
         typer.echo(f"vestis serve: {state}", err=True)
 
     threading.Thread(target=announce_ready, daemon=True).start()
+    if not private and not is_loopback(host):
+        typer.echo(
+            f"vestis serve: warning: {host} is not a loopback address and reads are open: "
+            "anyone who can reach it can search the catalog and fetch its images (use "
+            "--private with --token-file, or --host 127.0.0.1)",
+            err=True,
+        )
     writes = "writes need the token" if token else "writes disabled (no --token-file)"
     typer.echo(
         f"vestis serve: {catalog} on http://{host}:{port}/ (API docs at /docs); {writes}; "
@@ -533,6 +545,18 @@ def serve(
         err=True,
     )
     uvicorn.run(application, host=host, port=port, log_level="info")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only listens on this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 # -- garment parser (vestis.detect) ----------------------------------------------------------

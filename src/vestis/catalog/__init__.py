@@ -1,6 +1,13 @@
 """The catalog: a directory holding an SQLite store and a vector index."""
 
-from vestis.catalog.catalog import Catalog, IngestReport, Item, Match, ModelMismatchError
+from vestis.catalog.catalog import (
+    Catalog,
+    IngestReport,
+    Item,
+    Match,
+    ModelMismatchError,
+    ReadOnlyCatalogError,
+)
 from vestis.catalog.garments import GarmentCropper, GarmentHits
 from vestis.catalog.index import DEFAULT_FACTORY, FaissIndex, VectorIndex, create_index
 from vestis.catalog.sources import IngestRecord, read_source
@@ -16,6 +23,7 @@ __all__ = [
     "Item",
     "Match",
     "ModelMismatchError",
+    "ReadOnlyCatalogError",
     "VectorIndex",
     "create_index",
     "read_source",

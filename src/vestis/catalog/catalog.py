@@ -2,8 +2,12 @@
 
 Crash safety: each ingest batch is one SQLite transaction, and images are unique per
 (item, content hash), so re-running an interrupted ingest adds exactly what is missing.
-The index file is written atomically and stamped with the store's ``vector_epoch``; when
-the stamp is stale (a crash between commit and save) the index is rebuilt from the store.
+The index file is written atomically, under the directory's write lock, and stamped with
+the ``vector_epoch`` it was built from (never a later one). It is used only when its stamp
+is the store's epoch and it holds exactly the stored image ids; otherwise (a crash between
+commit and save, another process's writes) it is caught up or rebuilt from the store.
+Every search and write first checks the epoch, so a long-running process (the server) sees
+what other processes (the CLI) changed.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +47,7 @@ from vestis.catalog.index import (
     resolve_factory,
 )
 from vestis.catalog.sources import IngestRecord, read_source, unique_records
-from vestis.catalog.store import ImageRow, NewImage, Store
+from vestis.catalog.store import ImageRow, ModelMismatchError, NewImage, Store
 from vestis.images import Box, ImageSource
 from vestis.models import DEFAULT_MODEL, Encoder
 from vestis.models.encoder import in_context
@@ -56,10 +61,12 @@ DB_NAME = "catalog.db"
 INDEX_NAME = "index.faiss"
 INDEX_STAMP_NAME = "index.json"
 LOCK_NAME = "write.lock"
+#: Keys that are not metadata: filters use ``item_id`` for the item itself.
+RESERVED_KEYS = frozenset({"item_id"})
 
 
-class ModelMismatchError(ValueError):
-    """Vectors from one model were offered to a catalog built with another."""
+class ReadOnlyCatalogError(PermissionError):
+    """A write to a catalog that can only be read (a read-only mount or files)."""
 
 
 @dataclass(frozen=True)
@@ -132,49 +139,89 @@ class Catalog:
         self.path = Path(path).expanduser()
         self._backend = backend
         self.cropper = cropper or GarmentCropper()
+        if not (self.path / DB_NAME).exists():
+            encoder = self._check_new(model, factory, encoder)
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._write_depth = 0
+        self._index: VectorIndex | None = None
+        self._index_epoch: int | None = None  # the store epoch self._index reflects
+        self._index_dirty = False
         self._store = Store(self.path / DB_NAME)
         self._encoder = encoder
-        self._init_model(model or (encoder.name if encoder else None))
-        self._init_factory(factory)
-        self._index: VectorIndex | None = None
-        self._index_dirty = False
+        self._init_model(model or (encoder.name if encoder else None), factory)
+
+    def _check_new(self, model: str | None, choice: str | None,
+                   encoder: Encoder | None) -> Encoder:
+        """Before a new catalog's files exist: its model loads and its index choice is a
+        valid one, so a bad ``--model`` or ``--index`` leaves nothing behind."""
+        encoder = encoder or Encoder.from_name(_model_reference(model or DEFAULT_MODEL),
+                                               backend=self._backend)
+        create_index(encoder.dim, resolve_factory(choice or AUTO, 0, encoder.dim))
+        return encoder
 
     # -- identity ----------------------------------------------------------------------
-    def _init_model(self, model: str | None) -> None:
-        stored = self._store.get_meta("model_name")
-        if stored is None:
+    def _init_model(self, model: str | None, choice: str | None) -> None:
+        """A new catalog's model, dimension and index are created together, in one
+        transaction under the write lock: of several processes creating one catalog, exactly
+        one sets them, and any other with another model or index fails here."""
+        if self._store.get_meta("model_name") is None:
             name = _model_reference(model or DEFAULT_MODEL)
             encoder = self._encoder or Encoder.from_name(name, backend=self._backend)
-            self._encoder = encoder
-            self._store.set_meta(
-                {"model_name": name, "model_id": encoder.model_id, "dim": str(encoder.dim)}
+            factory = resolve_factory(choice or AUTO, 0, encoder.dim)
+            wanted = {"model_name": name, "model_id": encoder.model_id, "dim": str(encoder.dim),
+                      "index_choice": choice or AUTO, "factory": factory,
+                      "search_params": default_search_params(factory)}
+            with self._lock, self._write_lock():
+                stored = self._store.create_meta(wanted, key="model_name")
+            if stored == wanted:
+                self._encoder = encoder
+                return
+            self._encoder = self._encoder or encoder
+            model = name
+        self._check_stored_model(model)
+        self._init_factory(choice)
+
+    def _check_stored_model(self, model: str | None) -> None:
+        stored = self._store.get_meta("model_name")
+        if model is None or _model_reference(model) == stored:
+            return
+        candidate = self._encoder or Encoder.from_name(model, backend=self._backend)
+        if candidate.model_id != self._store.get_meta("model_id"):
+            raise ModelMismatchError(
+                f"catalog {self.path} was built with model {stored!r} "
+                f"({self._store.get_meta('model_id')}); it cannot use {model!r} "
+                f"({candidate.model_id}). Use a new catalog directory for another model."
             )
-        elif model is not None and _model_reference(model) != stored:
-            candidate = self._encoder or Encoder.from_name(model, backend=self._backend)
-            if candidate.model_id != self._store.get_meta("model_id"):
-                raise ModelMismatchError(
-                    f"catalog {self.path} was built with model {stored!r} "
-                    f"({self._store.get_meta('model_id')}); it cannot use {model!r} "
-                    f"({candidate.model_id}). Use a new catalog directory for another model."
-                )
-            self._encoder = candidate
+        self._encoder = candidate
 
     def _init_factory(self, choice: str | None) -> None:
-        """A new catalog stores ``choice`` (default ``auto``) and the factory it resolves to;
-        an existing one refuses another index (``rebuild_index`` changes it)."""
-        stored = self._store.get_meta("factory")
-        if stored is None:
+        """An existing catalog refuses another index (``rebuild_index`` changes it); one
+        made before the index was stored gets ``choice`` (default ``auto``)."""
+        if self._store.get_meta("factory") is None:
             choice = choice or AUTO
             factory = resolve_factory(choice, 0, self.dim)
-            self._store.set_meta({"index_choice": choice, "factory": factory,
-                                  "search_params": default_search_params(factory)})
-        elif choice is not None and choice not in (stored, self.index_choice):
+            with self._lock, self._write_lock():
+                self._store.create_meta({"index_choice": choice, "factory": factory,
+                                         "search_params": default_search_params(factory)},
+                                        key="factory")
+        stored = self.factory
+        if choice is not None and choice not in (stored, self.index_choice):
             raise ValueError(
                 f"catalog {self.path} uses index {self.index_choice!r} ({stored}); rebuild it "
                 f"to change to {choice!r}: vestis reindex --catalog {self.path} --index {choice}"
             )
+
+    @property
+    def read_only(self) -> bool:
+        """The catalog's files cannot be written: it was opened for reads only."""
+        return self._store.read_only
+
+    @property
+    def outside_changes(self) -> int:
+        """A number that changes whenever another process commits to the store (metadata
+        included); caches of this catalog's contents key on it."""
+        return self._store.data_version
 
     @property
     def model_name(self) -> str:
@@ -244,7 +291,8 @@ class Catalog:
     def close(self) -> None:
         with self._lock:
             if self._index_dirty:
-                self._save_index()
+                with self._write_lock():
+                    self._save_index()
             self._store.close()
 
     def __len__(self) -> int:
@@ -256,8 +304,11 @@ class Catalog:
 
     def info(self, *, recall_queries: int = 0) -> dict[str, Any]:
         """Counts, model and index; with ``recall_queries`` > 0 also the index's recall@10
-        against exact search over that many stored vectors (see :meth:`measure_recall`)."""
-        index = self._vector_index()
+        against exact search over that many stored vectors (see :meth:`measure_recall`).
+        ``index_in_sync`` compares the ids the index holds with the store's, not counts."""
+        with self._lock, self._store.snapshot():
+            index = self._vector_index()
+            in_sync = bool(np.array_equal(index.ids(), self._store.image_ids()))
         index_file = self.path / INDEX_NAME
         size = index_file.stat().st_size if index_file.exists() else 0
         details = {
@@ -271,6 +322,7 @@ class Catalog:
             "index": self.factory,
             "search_params": self.search_params,
             "indexed_vectors": len(index),
+            "index_in_sync": in_sync,
             "index_bytes_per_vector": round(size / len(index), 1) if len(index) else 0,
             "metadata_fields": self._store.metadata_keys(),
         }
@@ -294,24 +346,54 @@ class Catalog:
 
     # -- the vector index ------------------------------------------------------------
     def _vector_index(self) -> VectorIndex:
+        """The index, in step with the store: when another process (or catalog object) has
+        changed the vectors since (a new ``vector_epoch``), it is brought up to date first."""
         with self._lock:
-            if self._index is None:
-                self._index = self._load_or_rebuild_index()
+            if self._index is None or self._index_epoch != self._store.vector_epoch:
+                self._sync_index()
             return self._index
 
-    def _load_or_rebuild_index(self) -> VectorIndex:
-        stamp = self._read_stamp()
-        epoch = self._store.vector_epoch
-        index_file = self.path / INDEX_NAME
-        if stamp.get("epoch") == epoch and stamp.get("factory") == self.factory \
-                and index_file.exists():
-            with contextlib.suppress(RuntimeError, ValueError):
-                index = FaissIndex.load(index_file, self.factory, self.search_params)
-                if len(index) == self._store.count_images() and index.dim == self.dim:
-                    return index
-        return self._rebuild_index()
+    def _sync_index(self) -> None:
+        """Bring the index to the store's vectors, read in one snapshot: the saved index
+        when its stamp and ids match the store, else the index in memory with the missing
+        vectors added and the removed ones taken out, else a rebuild. The index is labelled
+        with the epoch of that snapshot, never a later one."""
+        with self._store.snapshot():
+            epoch = self._store.vector_epoch
+            ids = self._store.image_ids()
+            index = self._load_saved(epoch, ids)
+            if index is None and self._index is not None and self._index.factory == self.factory:
+                index = self._catch_up(self._index, ids)
+            changed = index is None or index is self._index
+            self._index = index or self._build_index()
+            self._index_epoch = epoch
+        if changed:
+            self._save_if_free()
 
-    def _rebuild_index(self) -> VectorIndex:
+    def _load_saved(self, epoch: int, ids: np.ndarray) -> VectorIndex | None:
+        """The saved index, if its stamp is this epoch and it holds exactly ``ids``."""
+        stamp = self._read_stamp()
+        index_file = self.path / INDEX_NAME
+        if stamp.get("epoch") != epoch or stamp.get("factory") != self.factory \
+                or not index_file.exists():
+            return None
+        with contextlib.suppress(RuntimeError, ValueError):
+            index = FaissIndex.load(index_file, self.factory, self.search_params)
+            if index.dim == self.dim and np.array_equal(index.ids(), ids):
+                return index
+        return None
+
+    def _catch_up(self, index: VectorIndex, ids: np.ndarray) -> VectorIndex:
+        """Add the stored vectors ``index`` lacks and remove the ids the store no longer has
+        (image ids are never reused and their vectors never change)."""
+        held = index.ids()
+        index.remove(held[~np.isin(held, ids)])
+        missing = ids[~np.isin(ids, held)]
+        if len(missing):
+            index.add(missing, self._store.vectors_by_id(missing))
+        return index
+
+    def _build_index(self) -> VectorIndex:
         """Build the index from the stored vectors: train on a sample, then add them all."""
         index = create_index(self.dim, self.factory, self.search_params)
         need = index.training_size() if isinstance(index, FaissIndex) else 0
@@ -320,9 +402,23 @@ class Catalog:
             index.train(self._store.vectors_by_id(sample))
         for ids, vectors in self._store.iter_vectors(batch=16384):
             index.add(ids, vectors)
-        self._index = index
-        self._save_index()
         return index
+
+    def _rebuild_index(self) -> VectorIndex:
+        """Rebuild from the store and save (the caller holds the write lock)."""
+        with self._store.snapshot():
+            epoch = self._store.vector_epoch
+            self._index = self._build_index()
+            self._index_epoch = epoch
+        self._save_index()
+        return self._index
+
+    def _wrote(self) -> None:
+        """After this catalog's own change to the store, under the write lock: the index
+        was in step before it (see :meth:`_vector_index`) and took the same change, and no
+        other process writes while the lock is held, so it reflects the epoch now."""
+        self._index_epoch = self._store.vector_epoch
+        self._index_dirty = True
 
     def rebuild_index(self, index: str | None = None, search_params: str | None = None) -> None:
         """Rebuild the vector index from the stored vectors (no re-embedding).
@@ -366,30 +462,70 @@ class Catalog:
             return {}
 
     def _save_index(self) -> None:
-        # Order matters: the index file first, then the stamp that vouches for it.
-        epoch = self._store.vector_epoch
+        """Write the index, then the stamp that vouches for it: the epoch the index was
+        brought to (never the store's epoch read now). The caller holds the write lock, so
+        two processes never interleave the two files."""
+        self._remove_stale_tmp()
         self._index.save(self.path / INDEX_NAME)
-        stamp = {"epoch": epoch, "count": len(self._index), "factory": self.factory}
+        stamp = {"epoch": self._index_epoch, "count": len(self._index), "factory": self.factory}
         tmp = self.path / f".{INDEX_STAMP_NAME}.tmp"
         tmp.write_text(json.dumps(stamp))
         os.replace(tmp, self.path / INDEX_STAMP_NAME)
         self._index_dirty = False
 
+    def _remove_stale_tmp(self) -> None:
+        """Temporary files left by a killed process: the index's (written only under the
+        write lock, which this process holds) at once; others (server uploads, feature
+        caches, written outside it) once they are an hour old."""
+        now = time.time()
+        for pattern, max_age in [(f".{INDEX_NAME}*.tmp", 0.0), (f".{INDEX_STAMP_NAME}.tmp", 0.0),
+                                 ("uploads/.*.tmp", 3600.0), ("*.tmp.npz", 3600.0)]:
+            for tmp in self.path.glob(pattern):
+                with contextlib.suppress(OSError):
+                    if now - tmp.stat().st_mtime >= max_age:
+                        tmp.unlink()
+
+    def _save_if_free(self) -> None:
+        """Save an index a read brought up to date, if no other process is writing (the
+        writer saves its own) and the store has not moved on meanwhile."""
+        with self._write_lock(blocking=False) as locked:
+            if locked and self._index_epoch == self._store.vector_epoch:
+                self._save_index()
+
     def save(self) -> None:
         """Persist the vector index now (it is also saved after each write operation)."""
-        with self._lock:
+        with self._lock, self._write_lock():
             if self._index is not None:
+                self._vector_index()
                 self._save_index()
 
     @contextlib.contextmanager
-    def _write_lock(self):
-        """One writing process at a time per catalog directory."""
-        with open(self.path / LOCK_NAME, "a") as handle:
-            if fcntl is not None:
-                fcntl.flock(handle, fcntl.LOCK_EX)
+    def _write_lock(self, blocking: bool = True) -> Iterator[bool]:
+        """One writing process at a time per catalog directory; yields whether it is held
+        (always, when ``blocking``). Re-entrant within this catalog; taken under
+        ``self._lock``."""
+        if self.read_only:
+            if blocking:
+                raise ReadOnlyCatalogError(f"catalog {self.path} is read-only: it can be "
+                                           "searched but not changed")
+            yield False
+            return
+        if self._write_depth:
+            self._write_depth += 1
             try:
-                yield
+                yield True
             finally:
+                self._write_depth -= 1
+            return
+        with open(self.path / LOCK_NAME, "a") as handle:
+            if not _flock(handle, blocking):
+                yield False
+                return
+            self._write_depth = 1
+            try:
+                yield True
+            finally:
+                self._write_depth = 0
                 if fcntl is not None:
                     fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -413,7 +549,6 @@ class Catalog:
         :mod:`vestis.catalog.garments`), ``none`` by the whole photo; the choice is kept
         for later adds (default: the catalog's, at first ``none``).
         """
-        import time
 
         started = time.perf_counter()
         crop = check_crop_mode(crop) if crop is not None else self.crop_mode
@@ -465,7 +600,7 @@ class Catalog:
                 return record, None, f"cannot be read ({exc.strerror or exc})"
             if not data:
                 return record, None, "empty file (0 bytes)"
-            return record, _content_hash(data, record.box), None
+            return record, content_hash(data, record.box), None
 
         hashed, seen = [], set()
         with ThreadPoolExecutor(4) as pool:
@@ -512,11 +647,12 @@ class Catalog:
                     )
                 )
                 item_metadata.setdefault(record.item_id, {}).update(record.metadata)
-            ids = self._store.add_images(new_images, item_metadata)
-            self._index_dirty = True
+            ids = self._store.add_images(new_images, item_metadata,
+                                         model_id=self.encoder.model_id)
             added = [(i, v) for i, v in zip(ids, batch.vectors, strict=False) if i != -1]
             if added:
                 index.add(np.array([i for i, _ in added]), np.stack([v for _, v in added]))
+            self._wrote()
             report.added += len(added)
             report.skipped += len(ids) - len(added)
 
@@ -538,10 +674,13 @@ class Catalog:
         paths: Sequence[str] | None = None,
         metadata: Sequence[dict[str, Any]] | None = None,
         boxes: Sequence[Box | None] | None = None,
+        hashes: Sequence[str] | None = None,
     ) -> int:
         """Add precomputed embeddings; ``model_id`` must be the catalog's model id.
 
-        ``boxes``: the box of each image the vector was embedded from, if any."""
+        ``boxes``: the box of each image the vector was embedded from, if any. ``hashes``:
+        each file's :func:`content_hash` (lets a server check a file before serving it;
+        default: the vector's own hash). ``paths`` may be relative to the catalog."""
         self._check_model(model_id)
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
@@ -551,20 +690,21 @@ class Catalog:
         paths = paths or [""] * len(vectors)
         metadata = metadata or [{} for _ in vectors]
         boxes = boxes or [None] * len(vectors)
+        hashes = hashes or [vector_hash(vector) for vector in vectors]
         new_images, item_metadata = [], {}
-        rows = zip(item_ids, vectors, paths, metadata, boxes, strict=False)
-        for item_id, vector, path, meta, box in rows:
-            sha = hashlib.sha256(vector.tobytes()).hexdigest()
+        rows = zip(item_ids, vectors, paths, metadata, boxes, hashes, strict=False)
+        for item_id, vector, path, meta, box, sha in rows:
             new_images.append(NewImage(str(item_id), str(path), sha, vector, dict(meta), box))
             item_metadata.setdefault(str(item_id), {}).update(meta)
         with self._lock, self._write_lock():
             index = self._vector_index()
-            ids = self._store.add_images(new_images, item_metadata)
+            ids = self._store.add_images(new_images, item_metadata, model_id=model_id)
             if any(GARMENT_KEY in meta for meta in metadata) and not self.has_garment_groups:
                 self._store.set_meta({"garment_groups": "1"})
             keep = [n for n, i in enumerate(ids) if i != -1]
             if keep:
                 index.add(np.array([ids[n] for n in keep]), vectors[keep])
+                self._wrote()
                 self._save_index()
                 self._follow_size()
         return len(keep)
@@ -578,13 +718,18 @@ class Catalog:
             except KeyError:
                 raise KeyError(f"no item {item_id!r} in catalog {self.path}") from None
             index.remove(np.array(ids, dtype=np.int64))
+            self._wrote()
             self._save_index()
             if getattr(index, "needs_compaction", False):
                 self._rebuild_index()
         return len(ids)
 
     def update(self, item_id: str, metadata: dict[str, Any]) -> dict[str, Any]:
-        """Set metadata on an item (a ``None`` value deletes the key)."""
+        """Set metadata on an item (a ``None`` value deletes the key); ``item_id`` is not
+        metadata (it names the item) and is refused, as the server refuses it."""
+        reserved = RESERVED_KEYS.intersection(metadata)
+        if reserved:
+            raise ValueError(f"metadata key {sorted(reserved)[0]!r} is reserved")
         with self._lock, self._write_lock():
             try:
                 return self._store.update_item(item_id, metadata)
@@ -608,7 +753,18 @@ class Catalog:
         """Ids of the images a ``where`` filter keeps (see :meth:`search`)."""
         return self._store.filtered_image_ids(where)
 
+    def file_of(self, row: ImageRow) -> Path:
+        """The file of an image row: stored paths are absolute, or relative to the catalog
+        directory (server uploads), so a catalog can move and a server start anywhere."""
+        return self.path / row.path
+
+    def stored_vector_hash(self, image_id: int) -> str:
+        """:func:`vector_hash` of an image's stored vector (rows added as vectors keep it)."""
+        return vector_hash(self._store.vectors_by_id([image_id])[0])
+
     def image(self, image_id: int) -> ImageRow:
+        if not 0 <= image_id < 2**63:
+            raise KeyError(f"no image {image_id} in catalog {self.path}")
         rows = self._store.images_by_id([image_id])
         if image_id not in rows:
             raise KeyError(f"no image {image_id} in catalog {self.path}")
@@ -688,13 +844,28 @@ class Catalog:
         return Match(row.item_id, score, row.image_id, row.path, metadata, row.box)
 
 
+def _flock(handle, blocking: bool) -> bool:
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
 def _model_reference(model: str) -> str:
     """Registry names stay names; checkpoint paths are stored absolute."""
     path = Path(model).expanduser()
     return str(path.resolve()) if path.is_file() else model
 
 
-def _content_hash(data: bytes, box: Box | None) -> str:
+def vector_hash(vector: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(vector, dtype=np.float32).tobytes()).hexdigest()
+
+
+def content_hash(data: bytes, box: Box | None = None) -> str:
+    """The hash an image row keeps of its file's bytes (and its box, when it has one)."""
     digest = hashlib.sha256(data)
     if box is not None:
         digest.update(repr(tuple(box)).encode())

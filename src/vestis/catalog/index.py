@@ -119,6 +119,10 @@ class VectorIndex(Protocol):
 
     def remove(self, ids: np.ndarray) -> int: ...
 
+    def ids(self) -> np.ndarray:
+        """The ids it holds (removed ones excluded), ascending."""
+        ...
+
     def search(
         self, vectors: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -209,6 +213,20 @@ class FaissIndex:
     def needs_compaction(self) -> bool:
         """Tombstones are over a fifth of the graph: time to rebuild it."""
         return len(self._deleted) > 0.2 * max(1, int(self._index.ntotal))
+
+    def ids(self) -> np.ndarray:
+        """The ids it holds (tombstones excluded, staged vectors included), ascending."""
+        if isinstance(self._index, faiss.IndexIDMap2):
+            held = faiss.vector_to_array(self._index.id_map)
+        else:
+            lists = faiss.extract_index_ivf(self._index).invlists
+            held = np.concatenate([np.zeros(0, dtype=np.int64)] + [
+                faiss.rev_swig_ptr(lists.get_ids(n), lists.list_size(n)).copy()
+                for n in range(lists.nlist) if lists.list_size(n)])
+        held = np.concatenate([held.astype(np.int64), *self._staged_ids])
+        if self._deleted:
+            held = held[~np.isin(held, np.fromiter(self._deleted, dtype=np.int64))]
+        return np.sort(held)
 
     def train(self, vectors: np.ndarray) -> None:
         """Train the quantisers on ``vectors`` (a sample of what the index will hold)."""
@@ -309,11 +327,15 @@ class FaissIndex:
     def save(self, path: Path) -> None:
         """Write atomically: a crash leaves either the old files or the new ones.
 
-        HNSW tombstones go to ``PATH.deleted.npy``, written first (the catalog's stamp,
-        written last, vouches for both)."""
+        HNSW tombstones go to ``PATH.deleted.npy`` and vectors waiting for training to
+        ``PATH.staged.npz``, both written first (the catalog's stamp, written last, vouches
+        for all three): an untrained index keeps what it holds."""
         path = Path(path)
         deleted = np.fromiter(sorted(self._deleted), dtype=np.int64, count=len(self._deleted))
         _write_atomic(tombstone_path(path), lambda tmp: _save_array(tmp, deleted))
+        ids = np.concatenate([np.zeros(0, dtype=np.int64), *self._staged_ids])
+        vectors = np.concatenate([np.zeros((0, self.dim), dtype=np.float32), *self._staged])
+        _write_atomic(staged_path(path), lambda tmp: _save_staged(tmp, ids, vectors))
         _write_atomic(path, lambda tmp: faiss.write_index(self._index, tmp))
 
     @classmethod
@@ -330,6 +352,11 @@ class FaissIndex:
         deleted = tombstone_path(path)
         if deleted.exists():
             index._deleted = set(np.load(deleted).tolist())
+        staged = staged_path(path)
+        if staged.exists():
+            with np.load(staged) as blob:
+                if len(blob["ids"]):
+                    index._staged_ids, index._staged = [blob["ids"]], [blob["vectors"]]
         return index
 
     def _as_matrix(self, vectors: np.ndarray) -> np.ndarray:
@@ -355,6 +382,15 @@ def one_thread(active: bool = True) -> Iterator[None]:
 
 def tombstone_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.deleted.npy")
+
+
+def staged_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.staged.npz")
+
+
+def _save_staged(path: str, ids: np.ndarray, vectors: np.ndarray) -> None:
+    with open(path, "wb") as handle:
+        np.savez(handle, ids=ids, vectors=vectors)
 
 
 def _quick_pq_training(index: faiss.Index) -> None:

@@ -11,6 +11,8 @@ hoodies. Each design (``product`` metadata, else item) appears once, in its best
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -25,6 +27,8 @@ from vestis.images import ImageSource, load_image
 if TYPE_CHECKING:
     from vestis.catalog.catalog import Catalog, Match
     from vestis.models.compnet import OutfitModel
+
+log = logging.getLogger(__name__)
 
 #: A nearest catalog image this close is the query's own item, which is never suggested.
 SAME_ITEM_SCORE = 0.95
@@ -73,19 +77,37 @@ def catalog_features(catalog: Catalog, feature_model: str, progress: bool = Fals
                                                 blob["features"], strict=True):
                 cached[(int(image_id), str(digest))] = vector
     missing = [row for row in rows if (row.image_id, row.sha256) not in cached]
-    if missing:
-        vectors = _encoder(feature_model).embed(
-            [row.path for row in missing], progress=progress)
-        for row, vector in zip(missing, vectors, strict=True):
-            cached[(row.image_id, row.sha256)] = vector.astype(np.float16)
+    unreadable = _compute_features(catalog, feature_model, missing, cached, progress)
+    rows = [row for row in rows if row.image_id not in unreadable]
     features = (np.stack([cached[(r.image_id, r.sha256)] for r in rows]).astype(np.float32)
                 if rows else np.zeros((0, 1), np.float32))
-    if missing or len(cached) != len(rows):
+    if len(missing) > len(unreadable) or len(cached) != len(rows):
         tmp = cache_path.with_suffix(".tmp.npz")
-        np.savez(tmp, image_ids=np.array([r.image_id for r in rows], dtype=np.int64),
-                 sha256=np.array([r.sha256 for r in rows]), features=features.astype(np.float16))
-        tmp.replace(cache_path)
+        with contextlib.suppress(OSError):  # a read-only catalog computes them each time
+            np.savez(tmp, image_ids=np.array([r.image_id for r in rows], dtype=np.int64),
+                     sha256=np.array([r.sha256 for r in rows]),
+                     features=features.astype(np.float16))
+            tmp.replace(cache_path)
     return rows, metadata, features
+
+
+def _compute_features(catalog: Catalog, feature_model: str, rows, cached: dict,
+                      progress: bool) -> set[int]:
+    """Features of ``rows`` into ``cached``; returns the ids of the images that could not
+    be read (missing or broken files), skipped with a warning rather than failing every
+    search."""
+    unreadable: set[int] = set()
+    if not rows:
+        return unreadable
+    paths = [catalog.file_of(row) for row in rows]
+    for batch in _encoder(feature_model).iter_batches(paths, progress=progress):
+        for position, vector in zip(batch.indices, batch.vectors, strict=True):
+            cached[(rows[position].image_id, rows[position].sha256)] = vector.astype(np.float16)
+        for position, error in batch.errors:
+            unreadable.add(rows[position].image_id)
+            log.warning("complete the look: skipping catalog image %d of item %s: %s",
+                        rows[position].image_id, rows[position].item_id, error.reason)
+    return unreadable
 
 
 def complete_outfit(catalog: Catalog, image: ImageSource, k: int = 10, *,

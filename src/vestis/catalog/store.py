@@ -43,6 +43,10 @@ CREATE INDEX IF NOT EXISTS images_by_item ON images(item_id);
 """
 
 
+class ModelMismatchError(ValueError):
+    """Vectors from one model were offered to a catalog built with another."""
+
+
 @dataclass(frozen=True)
 class ImageRow:
     image_id: int
@@ -72,21 +76,53 @@ class Store:
     """All SQL lives here. Methods that change data run in one transaction each."""
 
     def __init__(self, path: Path):
+        """Open (or create) the store; one that cannot be written (a read-only mount or
+        files) opens read-only instead, with ``read_only`` set: reads work, writes fail."""
         self.path = Path(path)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=30000")
-        with self.transaction():
+        self.read_only = False
+        try:
+            self._db = self._open_for_writes()
+        except sqlite3.OperationalError as exc:
+            if not self.path.is_file() or not _cannot_write(exc):
+                raise
+            self._db = self._open_read_only(exc)
+            self.read_only = True
+
+    def _open_for_writes(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA busy_timeout=30000")
+            db.execute("BEGIN IMMEDIATE")
             for statement in SCHEMA.split(";"):
                 if statement.strip():
-                    self._db.execute(statement)
-            self._db.execute(
+                    db.execute(statement)
+            db.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('vector_epoch', '0')")
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('vector_epoch', '0')")
+            db.execute("COMMIT")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _open_read_only(self, cause: Exception) -> sqlite3.Connection:
+        """Read-only, sharing the WAL with writers where it can; on a read-only mount
+        without the WAL's files, as an immutable file (nobody can change it there)."""
+        for flags in ("mode=ro", "mode=ro&immutable=1"):
+            db = sqlite3.connect(f"{self.path.absolute().as_uri()}?{flags}", uri=True,
+                                 check_same_thread=False, isolation_level=None)
+            try:
+                db.execute("PRAGMA busy_timeout=30000")
+                db.execute("SELECT value FROM meta WHERE key = 'vector_epoch'").fetchall()
+                return db
+            except sqlite3.OperationalError:
+                db.close()
+        raise cause
 
     def close(self) -> None:
         with self._lock:
@@ -103,6 +139,20 @@ class Store:
                 raise
             self._db.execute("COMMIT")
 
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads inside see one consistent state of the store (one read transaction), so a
+        ``vector_epoch`` read there describes the vectors read there. Nests in a transaction."""
+        with self._lock:
+            if self._db.in_transaction:
+                yield
+                return
+            self._db.execute("BEGIN")
+            try:
+                yield
+            finally:
+                self._db.execute("COMMIT")
+
     def _query(self, sql: str, params: Sequence = ()) -> list[tuple]:
         with self._lock:
             return self._db.execute(sql, params).fetchall()
@@ -115,6 +165,22 @@ class Store:
     def set_meta(self, values: dict[str, str]) -> None:
         with self.transaction() as db:
             db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(values.items()))
+
+    def create_meta(self, values: dict[str, str], key: str) -> dict[str, str]:
+        """Store ``values`` unless ``key`` is already set, in one transaction; returns what
+        is stored for those keys then (``values`` when this call created them)."""
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM meta WHERE key = ?", (key,)).fetchone() is None:
+                db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(values.items()))
+            marks = ",".join("?" * len(values))
+            rows = db.execute(f"SELECT key, value FROM meta WHERE key IN ({marks})",
+                              list(values)).fetchall()
+        return dict(rows)
+
+    @property
+    def data_version(self) -> int:
+        """Changes whenever another connection (another process) commits a change."""
+        return self._query("PRAGMA data_version")[0][0]
 
     @property
     def vector_epoch(self) -> int:
@@ -163,6 +229,11 @@ class Store:
             )
             for r in rows
         ]
+
+    def image_ids(self) -> np.ndarray:
+        """Every stored image id, ascending."""
+        rows = self._query("SELECT image_id FROM images ORDER BY image_id")
+        return np.array([row[0] for row in rows], dtype=np.int64)
 
     def item_ids(self) -> list[str]:
         return [row[0] for row in self._query("SELECT item_id FROM items ORDER BY item_id")]
@@ -239,14 +310,20 @@ class Store:
         return sorted(row[0] for row in rows)
 
     # -- writes ----------------------------------------------------------------------
-    def add_images(self, images: Sequence[NewImage], item_metadata: dict[str, dict]) -> list[int]:
+    def add_images(self, images: Sequence[NewImage], item_metadata: dict[str, dict], *,
+                   model_id: str | None = None) -> list[int]:
         """Insert images (creating or updating their items) in one transaction.
 
-        Returns the new image ids; an image already stored for its item gets id -1.
+        ``model_id``: the model the vectors come from, checked inside the transaction
+        against the stored model id, and every vector against the stored dimension
+        (ModelMismatchError, nothing written). Returns the new image ids; an image already
+        stored for its item gets id -1.
         """
         now = time.time()
         ids = []
         with self.transaction() as db:
+            if model_id is not None:
+                self._check_vectors(db, model_id, images)
             for item_id, metadata in item_metadata.items():
                 self._upsert_item(db, item_id, metadata, now)
             for image in images:
@@ -267,6 +344,20 @@ class Store:
             if any(i != -1 for i in ids):
                 self._bump_epoch(db)
         return ids
+
+    @staticmethod
+    def _check_vectors(db: sqlite3.Connection, model_id: str, images: Sequence[NewImage]) -> None:
+        meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('model_id', 'dim')"))
+        if meta.get("model_id") != model_id:
+            raise ModelMismatchError(
+                f"vectors from model {model_id!r} cannot go into catalog {_catalog_dir(db)}, "
+                f"built with {meta.get('model_id')!r}")
+        dim = int(meta["dim"])
+        for image in images:
+            if np.asarray(image.vector).size != dim:
+                raise ModelMismatchError(
+                    f"a {np.asarray(image.vector).size}-d vector cannot go into catalog "
+                    f"{_catalog_dir(db)}, whose vectors are {dim}-d")
 
     @staticmethod
     def _upsert_item(db: sqlite3.Connection, item_id: str, metadata: dict, now: float) -> None:
@@ -323,6 +414,17 @@ class Store:
                     (json_path(key), item_id),
                 )
         return merged
+
+
+def _cannot_write(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return any(words in text for words in ("readonly", "read-only", "unable to open"))
+
+
+def _catalog_dir(db: sqlite3.Connection) -> str:
+    """The file of the database behind a connection (for messages)."""
+    rows = db.execute("PRAGMA database_list").fetchall()
+    return str(Path(rows[0][2]).parent) if rows and rows[0][2] else "(memory)"
 
 
 def _as_text(value: Any) -> str:

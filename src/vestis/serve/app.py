@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import mimetypes
 import threading
 import time
 from collections.abc import Callable
@@ -13,18 +12,24 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 
 from vestis import __version__
-from vestis.catalog import Item, Match
+from vestis.catalog import Item, Match, ReadOnlyCatalogError
 from vestis.detect.groups import GARMENT_GROUPS
 from vestis.images import ImageError
 from vestis.serve.auth import open_access, token_checker
 from vestis.serve.limits import BodySizeLimit
-from vestis.serve.service import CatalogService, ItemExistsError, NotReadyError, Upload
+from vestis.serve.service import (
+    CatalogService,
+    ItemExistsError,
+    NotReadyError,
+    ServerFileError,
+    Upload,
+)
 from vestis.text.search import MODES as TEXT_MODES
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -37,6 +42,13 @@ PAGE_CSP = (
     "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 )
+
+# A catalog image is never a document: no sniffing, no scripts, no same-origin access.
+IMAGE_HEADERS = {
+    "Cache-Control": "private, max-age=3600",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; sandbox",
+}
 
 ScalarValue = str | int | float | bool
 
@@ -205,6 +217,14 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def one_line_validation_error(request: Request, exc: RequestValidationError):
         return JSONResponse({"detail": _describe_validation(exc)}, status_code=422)
+
+    @app.exception_handler(ServerFileError)
+    async def server_side(request: Request, exc: ServerFileError):
+        return JSONResponse({"detail": " ".join(str(exc).split())}, status_code=500)
+
+    @app.exception_handler(ReadOnlyCatalogError)
+    async def read_only(request: Request, exc: ReadOnlyCatalogError):
+        return JSONResponse({"detail": str(exc)}, status_code=403)
 
     @app.exception_handler(NotReadyError)
     async def not_ready(request: Request, exc: NotReadyError):
@@ -430,17 +450,17 @@ def _add_item_routes(
         "/images/{image_id}",
         dependencies=[Depends(read)],
         tags=["items"],
-        response_class=FileResponse,
+        response_class=Response,
+        responses={200: {"content": {"image/*": {}}}},
     )
-    def get_image(image_id: int) -> FileResponse:
-        """A catalog image, by id (never by path)."""
+    def get_image(image_id: int) -> Response:
+        """A catalog image, by id (never by path), as the image type it decodes to; a file
+        changed since it was indexed, or not an image, is not served (404)."""
         try:
-            path = service.image_file(image_id)
+            image = service.image_file(image_id)
         except KeyError:
             raise HTTPException(404, f"no image {image_id}") from None
-        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        headers = {"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"}
-        return FileResponse(path, media_type=media_type, headers=headers)
+        return Response(image.data, media_type=image.media_type, headers=IMAGE_HEADERS)
 
 
 def _add_info_routes(app: FastAPI, service: CatalogService, read: Callable) -> None:

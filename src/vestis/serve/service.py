@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import re
+import stat
 import threading
 import uuid
 from collections import defaultdict
@@ -21,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from vestis.catalog import Catalog, GarmentHits, Item
-from vestis.catalog.catalog import DB_NAME
+from vestis.catalog import Catalog, GarmentHits, Item, ReadOnlyCatalogError
+from vestis.catalog.catalog import DB_NAME, RESERVED_KEYS, content_hash
 from vestis.catalog.garments import GARMENT_KEY, WHOLE_IMAGE
+from vestis.catalog.store import ImageRow
 from vestis.images import Box, ImageError, load_image
 
 if TYPE_CHECKING:
@@ -31,7 +33,6 @@ if TYPE_CHECKING:
 
 UPLOADS_DIR = "uploads"
 ITEM_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-RESERVED_KEYS = frozenset({"item_id"})
 MAX_METADATA_KEYS = 100
 MAX_KEY_LENGTH = 100
 MAX_VALUE_LENGTH = 2000
@@ -39,10 +40,16 @@ MAX_FACET_VALUES = 200
 
 _SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}
 _SUFFIXES.update({"TIFF": ".tif", "MPO": ".jpg"})
+_IMAGE_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png",
+                "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff"}
 
 
 class ItemExistsError(ValueError):
     """``POST /items`` named an item that is already in the catalog."""
+
+
+class ServerFileError(RuntimeError):
+    """A file on the server side (never the client's upload) could not be used."""
 
 
 class NotReadyError(RuntimeError):
@@ -57,6 +64,14 @@ class SearchResult:
 
 
 @dataclass(frozen=True)
+class ImageFile:
+    """A catalog image as served: its bytes and its decoded format's media type."""
+
+    data: bytes
+    media_type: str
+
+
+@dataclass(frozen=True)
 class Upload:
     """One uploaded file: the client's name for it (for messages only) and its bytes."""
 
@@ -68,7 +83,7 @@ class CatalogService:
     """One catalog, its model loaded once, shared by every request thread."""
 
     def __init__(self, catalog_dir: str | Path):
-        self.path = Path(catalog_dir).expanduser()
+        self.path = Path(catalog_dir).expanduser().absolute()
         if not (self.path / DB_NAME).exists():
             raise FileNotFoundError(
                 f"{self.path}: not a vestis catalog (no {DB_NAME}); create it with vestis index"
@@ -80,7 +95,7 @@ class CatalogService:
         self._loaded = threading.Event()
         self._write_lock = threading.Lock()
         self._generation = 0
-        self._facets: tuple[int, dict[str, dict[str, Any]]] | None = None
+        self._facets: tuple[tuple[int, int], dict[str, dict[str, Any]]] | None = None
         self._heads: dict[str, Any] = {}  # attribute and outfit heads, loaded on first use
 
     # -- life cycle --------------------------------------------------------------------
@@ -184,9 +199,12 @@ class CatalogService:
         from vestis.catalog.outfits import complete_outfit
 
         catalog = self.catalog
-        image = load_image(data)
-        return complete_outfit(catalog, image, k, model=self._outfits(),
-                               exclude_category=exclude_category, where=where or None)
+        image = load_image(data)  # only the upload's ImageError is the client's
+        try:
+            return complete_outfit(catalog, image, k, model=self._outfits(),
+                                   exclude_category=exclude_category, where=where or None)
+        except ImageError as exc:
+            raise ServerFileError(f"a catalog image could not be read: {exc.reason}") from None
 
     def _attributes(self):
         from vestis.models.attributes import load_attribute_model
@@ -205,12 +223,33 @@ class CatalogService:
     def get(self, item_id: str) -> Item:
         return self.catalog.get(item_id)
 
-    def image_file(self, image_id: int) -> Path:
-        """The file of a catalog image, looked up by id; KeyError when unknown or gone."""
-        row = self.catalog.image(image_id)
-        path = Path(row.path)
-        if not row.path or not path.is_file():
-            raise KeyError(f"the file of image {image_id} is missing")
+    def image_file(self, image_id: int) -> ImageFile:
+        """The bytes and ``image/*`` type of a catalog image, looked up by id.
+
+        Served only when the file is still what was indexed: its content hash matches the
+        stored one, or (rows that keep their vector's hash) it is a regular file, not a
+        symlink. The type is the decoded format's, never the file name's. KeyError (a 404)
+        when unknown, gone, changed or not an image."""
+        catalog = self.catalog
+        row = catalog.image(image_id)
+        path = self._file_of(row)
+        data = _read_file(path, image_id)
+        if row.sha256 != content_hash(data, row.box):
+            if row.sha256 != catalog.stored_vector_hash(image_id) or path.is_symlink():
+                raise KeyError(f"the file of image {image_id} changed since it was indexed")
+        media_type = _IMAGE_TYPES.get(_format(data) or "")
+        if media_type is None:
+            raise KeyError(f"the file of image {image_id} is not an image")
+        return ImageFile(data, media_type)
+
+    def _file_of(self, row: ImageRow) -> Path:
+        """An image's file; uploads stored relative to an old server's working directory
+        (``some/dir/uploads/NAME``) are found in this catalog's uploads folder."""
+        path = self.catalog.file_of(row)
+        legacy = self.uploads / Path(row.path).name
+        if not Path(row.path).is_absolute() and Path(row.path).parent.name == UPLOADS_DIR \
+                and not path.exists() and legacy.exists():
+            return legacy
         return path
 
     def stats(self) -> dict[str, Any]:
@@ -220,7 +259,7 @@ class CatalogService:
 
     def facets(self) -> dict[str, dict[str, Any]]:
         """Each metadata field with its distinct values (at most MAX_FACET_VALUES)."""
-        generation = self._generation
+        generation = (self._generation, self.catalog.outside_changes)
         cached = self._facets
         if cached is not None and cached[0] == generation:
             return cached[1]
@@ -253,7 +292,7 @@ class CatalogService:
         Raises ImageError (naming the bad file), ValueError (bad id or metadata) or
         ItemExistsError, each before anything is written.
         """
-        catalog = self.catalog
+        catalog = self._writable()
         item_id = item_id or f"item-{uuid.uuid4().hex[:12]}"
         check_item_id(item_id)
         check_metadata(metadata, allow_none=False)
@@ -272,9 +311,11 @@ class CatalogService:
                     [item_id] * len(paths),
                     vectors,
                     model_id=catalog.encoder.model_id,
-                    paths=[str(p) for p in paths],
+                    paths=[_relative(p, self.path) for p in paths],
                     metadata=image_metadata,
                     boxes=boxes,
+                    hashes=[content_hash(u.data, box) for u, box in zip(unique, boxes,
+                                                                         strict=True)],
                 )
             except BaseException:
                 for path in paths:
@@ -285,7 +326,7 @@ class CatalogService:
         # Two files with the same pixels give one image: drop the file that was not kept.
         kept = {image.path for image in item.images}
         for path in paths:
-            if str(path) not in kept:
+            if _relative(path, self.path) not in kept:
                 path.unlink(missing_ok=True)
         return item
 
@@ -305,6 +346,7 @@ class CatalogService:
 
     def update_item(self, item_id: str, metadata: dict[str, Any]) -> Item:
         check_metadata(metadata, allow_none=True)
+        self._writable()
         with self._write_lock:
             self.catalog.update(item_id, metadata)
             self._generation += 1
@@ -312,15 +354,24 @@ class CatalogService:
 
     def remove_item(self, item_id: str) -> int:
         """Remove an item; its uploaded files go too. Returns the number of images removed."""
+        self._writable()
         with self._write_lock:
             item = self.catalog.get(item_id)
             removed = self.catalog.remove(item_id)
             self._generation += 1
+        uploads = self.uploads.resolve()
         for image in item.images:
-            path = Path(image.path)
-            if path.parent == self.uploads:
+            path = self._file_of(image)
+            if path.parent.resolve() == uploads:
                 path.unlink(missing_ok=True)
         return removed
+
+    def _writable(self) -> Catalog:
+        """The catalog, for a write; ReadOnlyCatalogError when it is opened read-only."""
+        catalog = self.catalog
+        if catalog.read_only:
+            raise ReadOnlyCatalogError("the catalog is read-only; writes are refused")
+        return catalog
 
     def _save_upload(self, data: bytes) -> Path:
         """Keep an uploaded photo under the catalog, atomically, under a fresh name."""
@@ -366,12 +417,32 @@ def _decode(upload: Upload) -> Image.Image:
         raise ImageError(upload.filename or "upload", exc.reason) from None
 
 
-def _suffix(data: bytes) -> str:
+def _format(data: bytes) -> str | None:
+    """The image format Pillow reads in ``data`` (JPEG, PNG...), or None."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return _SUFFIXES.get(image.format or "", ".img")
+            return image.format
     except Exception:
-        return ".img"
+        return None
+
+
+def _suffix(data: bytes) -> str:
+    return _SUFFIXES.get(_format(data) or "", ".img")
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` (under ``root``) as stored: relative to the catalog directory."""
+    return path.relative_to(root).as_posix()
+
+
+def _read_file(path: Path, image_id: int) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise KeyError(f"the file of image {image_id} is not a regular file")
+            return handle.read()
+    except OSError:
+        raise KeyError(f"the file of image {image_id} is missing") from None
 
 
 def _filter_text(value: Any) -> str:
