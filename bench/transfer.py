@@ -118,6 +118,7 @@ def score_models(models: list[tuple[str, str]], shops: list[Shop]) -> dict:
             cells[shop.name] = {name: [result.metrics[name], *result.intervals[name]]
                                 for name in shop.metrics}
             cells[shop.name]["queries"] = result.metrics["n_queries"]
+            cells[shop.name]["tied"] = result.metrics["n_queries_tied"]
         table[row] = cells
         print(f"scored {row}", file=sys.stderr)
     return table
@@ -136,7 +137,9 @@ def section(table: dict, shops: list[Shop]) -> list[str]:
         "bootstrap interval (views of one item resampled together); `trained on` marks a shop "
         "the model's recipe trained on. Queries: "
         + ", ".join(f"{name} {count}" for name, count in queries.items()) + ". "
-        "Bagisto and Solidus are small: intervals that overlap are not a ranking.",
+        "Bagisto and Solidus are small: intervals that overlap are not a ranking. Queries "
+        f"whose first correct photo ties with a wrong one (where the tie rule counts): "
+        f"{_tied(table)}.",
         "",
         "| model | " + " | ".join(headers) + " |",
         "|---|" + "---:|" * len(headers),
@@ -149,6 +152,11 @@ def section(table: dict, shops: list[Shop]) -> list[str]:
                 values.append("trained on" if cell == "trained" else _cell(cell[metric]))
         lines.append(f"| {row} | " + " | ".join(values) + " |")
     return lines
+
+
+def _tied(table: dict) -> int:
+    return sum(cell["tied"] for cells in table.values() for cell in cells.values()
+               if isinstance(cell, dict))
 
 
 def _cell(value: list[float]) -> str:
