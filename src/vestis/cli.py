@@ -10,7 +10,11 @@ from pathlib import Path
 
 import typer
 
-from vestis.models import DEFAULT_MODEL
+from vestis._env import configure as configure_environment
+from vestis.defaults import DEFAULT_MODEL
+
+# Heavy modules (torch, FAISS, matplotlib, onnxruntime) are imported inside the commands, so
+# --help and argument errors answer at once.
 
 app = typer.Typer(
     name="vestis",
@@ -507,6 +511,7 @@ def serve(
     max_upload_mb: float = typer.Option(20.0, min=0.01, help="Largest request body, in MB."),
 ) -> None:
     """Serve the catalog over HTTP: the API (documented at /docs) and a search page at /."""
+    configure_environment()  # before the catalog loads FAISS
     import threading
 
     import uvicorn
@@ -767,6 +772,7 @@ def models() -> None:
 
 
 def main() -> None:
+    configure_environment()
     app()
 
 

@@ -20,10 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-# Before FAISS starts its OpenMP runtime: idle workers sleep instead of spinning. On a small
-# machine shared with other work, spinning workers made one Flat query over 10k vectors take
-# 24 ms instead of 0.3 ms. Set OMP_WAIT_POLICY yourself to choose otherwise.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from vestis._env import quiet_openmp
+
+quiet_openmp()  # before FAISS starts its OpenMP runtime (see vestis._env)
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
