@@ -14,6 +14,8 @@ from tests.smoke import CONFIGS, SMOKE
 from vestis.models import Encoder, create_model
 from vestis.train import load_config, train
 
+pytestmark = pytest.mark.train
+
 
 def read_log(run: Path) -> list[dict[str, str]]:
     with open(run / "log.csv", newline="") as handle:
