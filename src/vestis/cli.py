@@ -364,6 +364,7 @@ def embed(
     """Embed images into an .npz: embeddings, item_ids and paths, in row order."""
     import numpy as np
 
+    from vestis.atomic import atomic_path
     from vestis.catalog import read_source
     from vestis.models import Encoder
 
@@ -373,15 +374,14 @@ def embed(
     encoder = Encoder.from_name(model, batch_size=batch_size, backend=backend)
     vectors = encoder.embed([r.path for r in records], [r.box for r in records], progress=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.npz")
-    np.savez(
-        tmp,
-        embeddings=vectors,
-        item_ids=np.array([r.item_id for r in records]),
-        paths=np.array([str(r.path) for r in records]),
-        model=np.array(encoder.model_id),
-    )
-    tmp.replace(out)
+    with atomic_path(out, suffix=".tmp.npz") as tmp:
+        np.savez(
+            tmp,
+            embeddings=vectors,
+            item_ids=np.array([r.item_id for r in records]),
+            paths=np.array([str(r.path) for r in records]),
+            model=np.array(encoder.model_id),
+        )
     typer.echo(f"wrote {len(records)} embeddings of dimension {vectors.shape[1]} to {out}")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from vestis.atomic import write_atomic
 from vestis.catalog.garments import (
     GARMENT_KEY,
     GarmentCropper,
@@ -370,9 +370,7 @@ class Catalog:
         epoch = self._store.vector_epoch
         self._index.save(self.path / INDEX_NAME)
         stamp = {"epoch": epoch, "count": len(self._index), "factory": self.factory}
-        tmp = self.path / f".{INDEX_STAMP_NAME}.tmp"
-        tmp.write_text(json.dumps(stamp))
-        os.replace(tmp, self.path / INDEX_STAMP_NAME)
+        write_atomic(self.path / INDEX_STAMP_NAME, json.dumps(stamp))
         self._index_dirty = False
 
     def save(self) -> None:

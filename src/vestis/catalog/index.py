@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from vestis._env import quiet_openmp
+from vestis.atomic import atomic_path
 
 quiet_openmp()  # before FAISS starts its OpenMP runtime (see vestis._env)
 
@@ -312,8 +311,10 @@ class FaissIndex:
         written last, vouches for both)."""
         path = Path(path)
         deleted = np.fromiter(sorted(self._deleted), dtype=np.int64, count=len(self._deleted))
-        _write_atomic(tombstone_path(path), lambda tmp: _save_array(tmp, deleted))
-        _write_atomic(path, lambda tmp: faiss.write_index(self._index, tmp))
+        with atomic_path(tombstone_path(path)) as tmp:
+            _save_array(tmp, deleted)
+        with atomic_path(path) as tmp:
+            faiss.write_index(self._index, str(tmp))
 
     @classmethod
     def load(cls, path: Path, factory: str, search_params: str = "") -> FaissIndex:
@@ -369,26 +370,13 @@ def _quick_pq_training(index: faiss.Index) -> None:
         index.do_polysemous_training = False
 
 
-def _save_array(path: str, array: np.ndarray) -> None:
+def _save_array(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as handle:
         np.save(handle, array)
 
 
 def _is_ivf(index: faiss.Index) -> bool:
     return faiss.try_extract_index_ivf(index) is not None
-
-
-def _write_atomic(path: Path, write) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def create_index(dim: int, factory: str = DEFAULT_FACTORY, search_params: str = "") -> VectorIndex:

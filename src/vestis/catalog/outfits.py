@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vestis.atomic import atomic_path
 from vestis.catalog.annotate import PRODUCT_KEY
 from vestis.catalog.garments import CATEGORY_KEYS
 from vestis.evaluation.outfits import category_leaf
@@ -81,10 +82,10 @@ def catalog_features(catalog: Catalog, feature_model: str, progress: bool = Fals
     features = (np.stack([cached[(r.image_id, r.sha256)] for r in rows]).astype(np.float32)
                 if rows else np.zeros((0, 1), np.float32))
     if missing or len(cached) != len(rows):
-        tmp = cache_path.with_suffix(".tmp.npz")
-        np.savez(tmp, image_ids=np.array([r.image_id for r in rows], dtype=np.int64),
-                 sha256=np.array([r.sha256 for r in rows]), features=features.astype(np.float16))
-        tmp.replace(cache_path)
+        with atomic_path(cache_path, suffix=".tmp.npz") as tmp:
+            np.savez(tmp, image_ids=np.array([r.image_id for r in rows], dtype=np.int64),
+                     sha256=np.array([r.sha256 for r in rows]),
+                     features=features.astype(np.float16))
     return rows, metadata, features
 
 
