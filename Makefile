@@ -5,7 +5,7 @@ CATALOG ?= ../shared/data/luma
 DEMO_CATALOG ?= demo-catalog
 BIN = $(VENV)/bin
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The unit tests alone: no shared data, training, browser or slow tests (markers in pyproject.toml).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not data and not train and not browser and not slow"
 
 lint: setup
 	$(BIN)/ruff check src tests bench scripts

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import pytest
@@ -9,10 +10,28 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
 
+def require_data(path: Path) -> Path:
+    """*path* under the shared data, or skip when it is missing; under CI (``CI=true``) fail
+    instead, so that a broken data path cannot pass as a run of skipped tests."""
+    if not path.exists():
+        message = f"shared data not found at {path}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{message} (CI=true: missing data fails, it is not skipped)")
+        pytest.skip(message)
+    return path
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that reads the shared data, directly or through another fixture, does so
+    through ``data_dir``: mark it ``data``."""
+    for item in items:
+        if "data_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.data)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    if not (DATA / "luma" / "catalog.csv").exists():
-        pytest.skip(f"real photos not found at {DATA}")
+    require_data(DATA / "luma" / "catalog.csv")
     return DATA
 
 

@@ -189,6 +189,7 @@ def test_every_learners_g_is_fine_tuned_at_the_backbone_rate(tmp_path, data_dir)
 
 
 # -- the recipes -----------------------------------------------------------------------------
+@pytest.mark.train
 @pytest.mark.parametrize("recipe", ["abe_m", "m_heads"])
 def test_the_recipe_trains_end_to_end_on_a_smoke_budget(recipe, tmp_path, data_dir):
     rows = smoke_log_rows(recipe, tmp_path, SMOKE)

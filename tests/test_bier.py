@@ -204,6 +204,7 @@ def test_decorrelation_makes_learner_outputs_covariance_orthogonal():
         assert covariance[a, b].abs().max() < 1e-4 * scale
 
 
+@pytest.mark.train
 def test_training_initialises_the_learners_before_the_first_epoch(tmp_path, data_dir):
     """With a zero learning rate, what a run changes in the weights is the initialisation.
     (A small head: decorrelating needs more training images than the learners' input dims.)"""
@@ -220,6 +221,7 @@ def test_training_initialises_the_learners_before_the_first_epoch(tmp_path, data
     assert learner_correlation(trainer.model, features) < 1e-3 * before
 
 
+@pytest.mark.train
 def test_the_bier_recipe_trains_end_to_end_on_a_smoke_budget(tmp_path, data_dir):
     rows = smoke_log_rows("bier", tmp_path)
     assert all(np.isfinite(float(row["bier"])) for row in rows)

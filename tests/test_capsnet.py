@@ -263,6 +263,7 @@ def test_a_recipe_must_cut_the_backbone_where_the_capsules_start(tmp_path, data_
         train(CONFIGS / "sc_capsnet.yaml", tmp_path, overrides=wrong, progress=False)
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("recipe", ["sc_capsnet", "rc_capsnet"])
 def test_the_capsnet_recipes_train_end_to_end_on_a_smoke_budget(recipe, tmp_path, data_dir):
     rows = smoke_log_rows(recipe, tmp_path, SMOKE)

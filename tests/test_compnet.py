@@ -102,6 +102,8 @@ def test_outfit_report_ranks_products_and_leaves_out_the_same_kind():
     assert category_leaf("Men/Tops/Hoodies ") == "hoodies"
 
 
+@pytest.mark.train
+@pytest.mark.usefixtures("data_dir")  # the recipe reads ../shared/data/luma
 def test_training_learns_the_shop_links_and_beats_attribute_similarity(tmp_path):
     """A short run of the recipe: it learns its training links, and the shipped head's
     held-out figures favour Comp-Net over the attribute-similarity baseline."""

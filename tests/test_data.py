@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import require_data
 from vestis.data import (
     AugmentConfig,
     ConsumerStyle,
@@ -27,24 +28,17 @@ from vestis.data import (
 )
 from vestis.images import ImageError, Preprocess, load_image
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SMALL = Preprocess(size=64)
 
 
-def require(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"real data not found at {path}")
-    return path
+@pytest.fixture(scope="module")
+def luma(data_dir) -> list[TrainSample]:
+    return read_luma(data_dir / "luma" / "catalog.csv")
 
 
 @pytest.fixture(scope="module")
-def luma() -> list[TrainSample]:
-    return read_luma(require(DATA / "luma" / "catalog.csv"))
-
-
-@pytest.fixture(scope="module")
-def clothing() -> list[TrainSample]:
-    return read_clothing(require(DATA / "clothing" / "labels.csv"))
+def clothing(data_dir) -> list[TrainSample]:
+    return read_clothing(require_data(data_dir / "clothing" / "labels.csv"))
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +47,8 @@ def luma_dataset(luma) -> ImageDataset:
 
 
 @pytest.fixture(scope="module")
-def backgrounds() -> list[Path]:
-    return sorted(require(DATA / "ccp" / "photos").glob("*.jpg"))[:3]
+def backgrounds(data_dir) -> list[Path]:
+    return sorted(require_data(data_dir / "ccp" / "photos").glob("*.jpg"))[:3]
 
 
 # --- datasets ----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import require_data
 from vestis.detect import (
     CCP_LABEL_GROUPS,
     GARMENT_GROUPS,
@@ -25,16 +26,13 @@ from vestis.detect import (
 from vestis.detect.metrics import dataset_lookup, load_group_mask, read_labels
 
 REPO = Path(__file__).resolve().parents[1]
-CCP = REPO.parent / "shared" / "data" / "ccp"
 RECIPE = REPO / "configs" / "parser-lite0.yaml"
 UPPER_BODY = ("upper", "outer", "dress")
 
 
 @pytest.fixture(scope="module")
-def ccp() -> Path:
-    if not (CCP / "annotations.csv").exists():
-        pytest.skip(f"Clothing Co-Parsing photos not found at {CCP}")
-    return CCP
+def ccp(data_dir) -> Path:
+    return require_data(data_dir / "ccp" / "annotations.csv").parent
 
 
 @pytest.fixture(scope="module")

@@ -123,8 +123,7 @@ def test_csv_errors_name_the_file_and_the_problem(tmp_path, text, message):
     assert "bad.csv" in str(error.value) or "no item" in str(error.value)
 
 
-@pytest.mark.skipif(not LUMA_CSV.exists(), reason="shared Luma data not available")
-def test_luma_catalog_leave_one_out():
+def test_luma_catalog_leave_one_out(data_dir):
     dataset = load_dataset(LUMA_CSV)
     assert dataset.protocol == "leave-one-out"
     assert len(dataset.gallery) == 413

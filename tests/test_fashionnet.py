@@ -71,6 +71,7 @@ def test_the_parser_is_not_part_of_the_state_and_onnx_is_refused(model):
         Encoder(model, backend="onnx")
 
 
+@pytest.mark.train
 def test_the_fashionnet_recipe_trains_end_to_end_on_a_smoke_budget(tmp_path, data_dir):
     rows = smoke_log_rows("fashionnet", tmp_path, SMOKE)
     assert all(np.isfinite(float(row["triplet"])) for row in rows)

@@ -151,6 +151,7 @@ def test_each_stage_sees_only_the_levels_up_to_its_depth(tmp_path):
         assert torch.allclose(restored.embed_features(features), vectors, atol=1e-6)
 
 
+@pytest.mark.train
 def test_the_hdc_recipe_trains_end_to_end_on_a_smoke_budget(tmp_path, data_dir):
     rows = smoke_log_rows("hdc", tmp_path)
     assert all(np.isfinite(float(row["hdc"])) for row in rows)

@@ -167,6 +167,7 @@ def test_its_feature_cache_never_mixes_with_a_plain_network_cut_at_the_same_stag
 
 
 # -- the recipe and explain ------------------------------------------------------------------
+@pytest.mark.train
 def test_the_impdrop_recipe_trains_end_to_end_on_a_smoke_budget(impdrop_run, data_dir):
     with open(impdrop_run / "log.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -184,6 +185,7 @@ def test_the_impdrop_recipe_trains_end_to_end_on_a_smoke_budget(impdrop_run, dat
     assert vector.shape == (256,) and np.isclose(np.linalg.norm(vector), 1.0, atol=1e-5)
 
 
+@pytest.mark.train
 def test_explain_overlays_the_attention_map_on_the_photo(impdrop_run, data_dir, tmp_path):
     photo = data_dir / "luma" / "images" / PHOTO
     out = tmp_path / "heat.png"

@@ -63,6 +63,7 @@ def test_hnsw_ef_search_survives_save_and_load(tmp_path):
     assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_ivfpq_stores_under_600_bytes_per_vector_with_high_recall(tmp_path):
     vectors = clustered(10_000)
     factory = resolve_factory("ivfpq", len(vectors), DIM)
@@ -149,6 +150,7 @@ def test_rebuild_changes_index_without_reembedding(luma_catalog):
         assert reopened.factory == "Flat"
 
 
+@pytest.mark.slow
 def test_auto_catalog_moves_to_hnsw_when_it_grows(tmp_path, encoder):
     vectors = clustered(FLAT_LIMIT, dim=encoder.dim)  # lite0: 1280-d
     with Catalog(tmp_path / "big", encoder=encoder) as catalog:

@@ -131,6 +131,7 @@ def test_category_blend_appends_weighted_probabilities():
     assert plain.output_dim == 16  # a weight of 0 trains the classifier but leaves it out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("levels", "cut"), [(["head"], 5), ([2, 3, 4, "head"], 5),
                                              ([2, 5, "head"], 3), ([4, "head"], 7)])
 def test_lower_and_upper_extraction_compose_to_the_whole(levels, cut):

@@ -107,6 +107,7 @@ def test_out_of_range_category_codes_are_refused():
         loss(batch)
 
 
+@pytest.mark.slow
 def test_training_the_os_path_lowers_its_loss_and_raises_its_accuracy():
     loss, batch = make_loss(relax_dropout=0.2), make_batch(seed=3, labels=6, per_label=4)
     optimiser = torch.optim.Adam(loss.parameters(), lr=0.01)

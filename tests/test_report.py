@@ -131,7 +131,7 @@ def luma_subset(tmp_path: Path, n_rows: int = 40) -> Path:
     return subset
 
 
-def test_evaluate_end_to_end_on_luma_subset(tmp_path):
+def test_evaluate_end_to_end_on_luma_subset(tmp_path, data_dir):
     pytest.importorskip("vestis.models")
     subset = luma_subset(tmp_path)
     json_path = tmp_path / "out" / "metrics.json"

@@ -14,6 +14,8 @@ import pytest
 from tests.test_serve import TOKEN, luma_subset, running_server, small_catalog
 from vestis.serve import create_app
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "out"
 

@@ -15,6 +15,8 @@ from vestis.models import Encoder, create_model
 from vestis.train import load_config, train
 from vestis.train.sources import build_sources
 
+pytestmark = pytest.mark.train
+
 
 def read_log(run: Path) -> list[dict[str, str]]:
     with open(run / "log.csv", newline="") as handle:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.conftest import require_data
 from tests.smoke import CONFIGS, smoke
 from vestis.recipe_files import read_recipe
 from vestis.train import load_config, train
@@ -40,8 +41,7 @@ def parser():
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory, data_dir) -> list[Path]:
     """Four tiny synthetic clips of ccp street photos, made by scripts/make_clips.py."""
-    if not (data_dir / "ccp" / "annotations.csv").exists():
-        pytest.skip("ccp photos not found")
+    require_data(data_dir / "ccp" / "annotations.csv")
     script = load_script("make_clips")
     photos = script.choose(script.ccp_photos(data_dir / "ccp"), 4, seed=0)
     assert photos == script.choose(script.ccp_photos(data_dir / "ccp"), 4, seed=0)
@@ -99,6 +99,7 @@ def stage1_overrides(crops_csv: Path) -> dict:
             "loss": {"hard_from_epoch": 1}}
 
 
+@pytest.mark.train
 def test_stage1_trains_on_clips_only_and_switches_to_hard_negatives(crops_csv, tmp_path):
     overrides = stage1_overrides(crops_csv)
     train_samples, validation = build_sources(load_config(CONFIGS / "video_triplet.yaml",

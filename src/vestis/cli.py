@@ -10,7 +10,11 @@ from pathlib import Path
 
 import typer
 
-from vestis.models import DEFAULT_MODEL
+from vestis._env import configure as configure_environment
+from vestis.defaults import DEFAULT_MODEL
+
+# Heavy modules (torch, FAISS, matplotlib, onnxruntime) are imported inside the commands, so
+# --help and argument errors answer at once.
 
 app = typer.Typer(
     name="vestis",
@@ -365,6 +369,7 @@ def embed(
     """Embed images into an .npz: embeddings, item_ids and paths, in row order."""
     import numpy as np
 
+    from vestis.atomic import atomic_path
     from vestis.catalog import read_source
     from vestis.models import Encoder
 
@@ -374,15 +379,14 @@ def embed(
     encoder = Encoder.from_name(model, batch_size=batch_size, backend=backend)
     vectors = encoder.embed([r.path for r in records], [r.box for r in records], progress=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.npz")
-    np.savez(
-        tmp,
-        embeddings=vectors,
-        item_ids=np.array([r.item_id for r in records]),
-        paths=np.array([str(r.path) for r in records]),
-        model=np.array(encoder.model_id),
-    )
-    tmp.replace(out)
+    with atomic_path(out, suffix=".tmp.npz") as tmp:
+        np.savez(
+            tmp,
+            embeddings=vectors,
+            item_ids=np.array([r.item_id for r in records]),
+            paths=np.array([str(r.path) for r in records]),
+            model=np.array(encoder.model_id),
+        )
     typer.echo(f"wrote {len(records)} embeddings of dimension {vectors.shape[1]} to {out}")
 
 
@@ -513,6 +517,7 @@ def serve(
     max_upload_mb: float = typer.Option(20.0, min=0.01, help="Largest request body, in MB."),
 ) -> None:
     """Serve the catalog over HTTP: the API (documented at /docs) and a search page at /."""
+    configure_environment()  # before the catalog loads FAISS
     import threading
 
     import uvicorn
@@ -792,6 +797,7 @@ def models() -> None:
 
 
 def main() -> None:
+    configure_environment()
     app()
 
 

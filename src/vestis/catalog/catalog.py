@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from vestis.atomic import write_atomic
 from vestis.catalog.garments import (
     GARMENT_KEY,
     GarmentCropper,
@@ -468,9 +468,7 @@ class Catalog:
         self._remove_stale_tmp()
         self._index.save(self.path / INDEX_NAME)
         stamp = {"epoch": self._index_epoch, "count": len(self._index), "factory": self.factory}
-        tmp = self.path / f".{INDEX_STAMP_NAME}.tmp"
-        tmp.write_text(json.dumps(stamp))
-        os.replace(tmp, self.path / INDEX_STAMP_NAME)
+        write_atomic(self.path / INDEX_STAMP_NAME, json.dumps(stamp))
         self._index_dirty = False
 
     def _remove_stale_tmp(self) -> None:
@@ -478,7 +476,7 @@ class Catalog:
         write lock, which this process holds) at once; others (server uploads, feature
         caches, written outside it) once they are an hour old."""
         now = time.time()
-        for pattern, max_age in [(f".{INDEX_NAME}*.tmp", 0.0), (f".{INDEX_STAMP_NAME}.tmp", 0.0),
+        for pattern, max_age in [(f".{INDEX_NAME}*.tmp", 0.0), (f".{INDEX_STAMP_NAME}*.tmp", 0.0),
                                  ("uploads/.*.tmp", 3600.0), ("*.tmp.npz", 3600.0)]:
             for tmp in self.path.glob(pattern):
                 with contextlib.suppress(OSError):

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-# Before FAISS starts its OpenMP runtime: idle workers sleep instead of spinning. On a small
-# machine shared with other work, spinning workers made one Flat query over 10k vectors take
-# 24 ms instead of 0.3 ms. Set OMP_WAIT_POLICY yourself to choose otherwise.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from vestis._env import quiet_openmp
+from vestis.atomic import atomic_path
+
+quiet_openmp()  # before FAISS starts its OpenMP runtime (see vestis._env)
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
@@ -332,11 +330,14 @@ class FaissIndex:
         for all three): an untrained index keeps what it holds."""
         path = Path(path)
         deleted = np.fromiter(sorted(self._deleted), dtype=np.int64, count=len(self._deleted))
-        _write_atomic(tombstone_path(path), lambda tmp: _save_array(tmp, deleted))
+        with atomic_path(tombstone_path(path)) as tmp:
+            _save_array(tmp, deleted)
         ids = np.concatenate([np.zeros(0, dtype=np.int64), *self._staged_ids])
         vectors = np.concatenate([np.zeros((0, self.dim), dtype=np.float32), *self._staged])
-        _write_atomic(staged_path(path), lambda tmp: _save_staged(tmp, ids, vectors))
-        _write_atomic(path, lambda tmp: faiss.write_index(self._index, tmp))
+        with atomic_path(staged_path(path)) as tmp:
+            _save_staged(tmp, ids, vectors)
+        with atomic_path(path) as tmp:
+            faiss.write_index(self._index, str(tmp))
 
     @classmethod
     def load(cls, path: Path, factory: str, search_params: str = "") -> FaissIndex:
@@ -406,26 +407,13 @@ def _quick_pq_training(index: faiss.Index) -> None:
         index.do_polysemous_training = False
 
 
-def _save_array(path: str, array: np.ndarray) -> None:
+def _save_array(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as handle:
         np.save(handle, array)
 
 
 def _is_ivf(index: faiss.Index) -> bool:
     return faiss.try_extract_index_ivf(index) is not None
-
-
-def _write_atomic(path: Path, write) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def create_index(dim: int, factory: str = DEFAULT_FACTORY, search_params: str = "") -> VectorIndex:

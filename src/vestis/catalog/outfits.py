@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vestis.atomic import atomic_path
 from vestis.catalog.annotate import PRODUCT_KEY
 from vestis.catalog.garments import CATEGORY_KEYS
 from vestis.evaluation.outfits import category_leaf
@@ -82,12 +83,11 @@ def catalog_features(catalog: Catalog, feature_model: str, progress: bool = Fals
     features = (np.stack([cached[(r.image_id, r.sha256)] for r in rows]).astype(np.float32)
                 if rows else np.zeros((0, 1), np.float32))
     if len(missing) > len(unreadable) or len(cached) != len(rows):
-        tmp = cache_path.with_suffix(".tmp.npz")
-        with contextlib.suppress(OSError):  # a read-only catalog computes them each time
+        with contextlib.suppress(OSError), \
+                atomic_path(cache_path, suffix=".tmp.npz") as tmp:  # read-only: recompute
             np.savez(tmp, image_ids=np.array([r.image_id for r in rows], dtype=np.int64),
                      sha256=np.array([r.sha256 for r in rows]),
                      features=features.astype(np.float16))
-            tmp.replace(cache_path)
     return rows, metadata, features
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 # A leaf module (torch only): the detect layer sits below vestis.models' registry and encoders.
+from vestis.atomic import atomic_path
 from vestis.models.efficientnet_lite import EfficientNetLite, efficientnet_lite
 from vestis.models.quantize import pack, unpack
 
@@ -191,9 +192,8 @@ def save_parser(net: ParserNet, path: str | Path, meta: dict | None = None) -> P
         "backbone": {k: pack(backbone[k]) for k in net.trained_backbone_keys()},
         "meta": meta or {},
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

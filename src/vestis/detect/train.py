@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
+from vestis.atomic import atomic_path
 from vestis.images import load_image
 from vestis.recipe_files import deep_merge, read_recipe
 
@@ -178,9 +179,8 @@ def cached_views(net: ParserNet, rows, lookup, recipe: dict, augment, rng, desc:
     feats, masks = cache_views(net, rows, lookup, tuple(recipe["canvas"]), augment, rng, desc)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({"feats": feats, "masks": masks}, tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            torch.save({"feats": feats, "masks": masks}, tmp)
     return feats, masks
 
 

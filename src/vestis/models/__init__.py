@@ -2,6 +2,7 @@
 
 from pathlib import Path as _Path
 
+from vestis.defaults import DEFAULT_MODEL
 from vestis.models import retrieval_net as _retrieval_net  # noqa: F401  (registers lite0/1/2)
 from vestis.models.abe import ABENet, MHeadsNet  # registers "abe_net", "m_heads_net"
 from vestis.models.bier import BIERNet  # registers "bier_net"
@@ -17,8 +18,7 @@ from vestis.models.registry import create_model, list_models, register_checkpoin
 from vestis.models.retrieval_net import RetrievalNet
 
 # The trained default (configs/vestis-lite0.yaml): Lite0 stages 5-6 fine-tuned plus a head, fp16.
-register_checkpoint("vestis-lite0", _Path(__file__).parent / "weights" / "vestis-lite0.pt")
-DEFAULT_MODEL = "vestis-lite0"
+register_checkpoint(DEFAULT_MODEL, _Path(__file__).parent / "weights" / f"{DEFAULT_MODEL}.pt")
 
 __all__ = [
     "ABENet",

@@ -10,8 +10,6 @@ packages. Shipped checkpoints store matrices and kernels in int8 (version 2,
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vestis.atomic import atomic_path
 from vestis.images import Preprocess
 from vestis.models.quantize import pack, unpack
 
@@ -61,14 +60,8 @@ def save_checkpoint(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

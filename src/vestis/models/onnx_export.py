@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vestis import atomic
 from vestis.images import Preprocess
 
 OPSET = 17
@@ -82,15 +82,10 @@ def export_onnx(model: nn.Module, out: str | Path | None = None, *, opset: int =
 
 
 def write_atomic(path: Path, data: bytes) -> None:
+    """Write *data* to *path* atomically (:func:`vestis.atomic.write_atomic`), creating its
+    folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic.write_atomic(path, data)
 
 
 def read_metadata(data: bytes | str | Path) -> tuple[dict[str, str], Preprocess]:

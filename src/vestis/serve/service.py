@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from vestis.atomic import write_atomic
 from vestis.catalog import Catalog, GarmentHits, Item, ReadOnlyCatalogError
 from vestis.catalog.catalog import DB_NAME, RESERVED_KEYS, content_hash
 from vestis.catalog.garments import GARMENT_KEY, WHOLE_IMAGE
@@ -377,9 +378,7 @@ class CatalogService:
         """Keep an uploaded photo under the catalog, atomically, under a fresh name."""
         self.uploads.mkdir(exist_ok=True)
         path = self.uploads / f"{uuid.uuid4().hex}{_suffix(data)}"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_atomic(path, data)
         return path
 
 

