@@ -788,6 +788,40 @@ def train_parser_(
 
 
 @app.command()
+@friendly_errors
+def adapt(
+    source: Path = typer.Argument(..., help="Folder or CSV of the shop's photos (as for "
+                                  "vestis index); photos sharing an item_id are one product."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write; then use it as "
+                             "a model name anywhere (--model OUT)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Base model to adapt."),
+    minutes: float = typer.Option(10.0, min=0.0, help="Time for augmented views; every "
+                                  "photo keeps its own vector whatever the budget."),
+    holdout: float = typer.Option(0.3, help="Share of the products held out to check that "
+                                  "adapting helps."),
+    seed: int = typer.Option(0, help="Seed of the held-out choice and the augmentations."),
+) -> None:
+    """Adapt a model to a shop from its own catalog; keeps the base when it does not help."""
+    from vestis.train.adapt import adapt as adapt_model
+
+    report = adapt_model(source, out, base=model, minutes=minutes, holdout=holdout,
+                         seed=seed, progress=True)
+    typer.echo(f"held out {report.held_out_items} items ({report.held_out_queries} queries) "
+               f"of {report.train_items + report.held_out_items}; {report.photos} photos")
+    for name in ("R@1", "R@10", "mAP"):
+        low, high = report.intervals[name]
+        typer.echo(f"{name:<4} base {report.base_metrics[name]:.4f}  adapted "
+                   f"{report.adapted_metrics[name]:.4f}  difference "
+                   f"{report.difference[name]:+.4f} [{low:+.4f}, {high:+.4f}]")
+    if report.kept:
+        typer.echo(f"wrote {out}: adapted to all {report.train_items + report.held_out_items} "
+                   f"items ({report.seconds:.0f} s); use --model {out}")
+    else:
+        typer.echo(f"adapting did not help on the held-out products: wrote {out} with "
+                   f"{model}'s vectors unchanged ({report.seconds:.0f} s)")
+
+
+@app.command()
 def models() -> None:
     """List the registered models."""
     from vestis.models import list_models

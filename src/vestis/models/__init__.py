@@ -5,6 +5,7 @@ from pathlib import Path as _Path
 from vestis.defaults import DEFAULT_MODEL
 from vestis.models import retrieval_net as _retrieval_net  # noqa: F401  (registers lite0/1/2)
 from vestis.models.abe import ABENet, MHeadsNet  # registers "abe_net", "m_heads_net"
+from vestis.models.adapted import AdaptedNet  # registers "adapted"
 from vestis.models.bier import BIERNet  # registers "bier_net"
 from vestis.models.capsnet import CapsNet  # registers "capsnet"
 from vestis.models.cascade import HDCNet  # registers "hdc_net"
@@ -22,6 +23,7 @@ register_checkpoint(DEFAULT_MODEL, _Path(__file__).parent / "weights" / f"{DEFAU
 
 __all__ = [
     "ABENet",
+    "AdaptedNet",
     "BIERNet",
     "CapsNet",
     "DEFAULT_MODEL",
