@@ -511,6 +511,10 @@ def serve(
     ),
     private: bool = typer.Option(False, "--private", help="Searches and reads need the token."),
     max_upload_mb: float = typer.Option(20.0, min=0.01, help="Largest request body, in MB."),
+    workers: int = typer.Option(2, min=1, max=64, help="Requests that decode photos or run "
+                                "the model at once (each holds one photo in memory)."),
+    queue: int = typer.Option(16, min=0, max=1000, help="Further such requests that wait "
+                              "for a worker; beyond them the server answers 503 at once."),
 ) -> None:
     """Serve the catalog over HTTP: the API (documented at /docs) and a search page at /."""
     import threading
@@ -522,7 +526,8 @@ def serve(
     token = read_token(token_file) if token_file else None
     if private and token is None:
         raise ValueError("--private needs --token-file")
-    application = create_app(catalog, token=token, private=private, max_upload_mb=max_upload_mb)
+    application = create_app(catalog, token=token, private=private, max_upload_mb=max_upload_mb,
+                             workers=workers, queue=queue)
     service = application.state.service
 
     def announce_ready() -> None:
