@@ -141,6 +141,10 @@ def test_load_reduced_keeps_the_full_size_and_shrinks_the_pixels(mode):
     assert (reduced.width, reduced.height) == (3000, 1000)
     assert reduced.image.size == (500, 167)
     assert reduced.full_box((250, 0, 500, 167)) == (1500, 0, 3000, 1000)
+    if mode in ("RGB", "P", "RGBA"):  # colours survive (palette indices are not averaged)
+        for (x, y), colour in (((100, 80), (30, 120, 220)), ((400, 80), (250, 250, 0))):
+            found = reduced.image.getpixel((x, y))  # P: the web palette's nearest colour
+            assert max(abs(a - b) for a, b in zip(found, colour, strict=True)) <= 12, found
 
 
 def test_load_reduced_gives_the_upright_full_size_of_a_rotated_jpeg():

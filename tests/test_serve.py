@@ -748,7 +748,7 @@ def test_a_big_photo_is_searched_at_working_size_and_boxes_come_back_in_its_pixe
     for group, box in big_boxes.items():
         assert 0 <= box[0] < box[2] <= big["width"] and 0 <= box[1] < box[3] <= big["height"]
         expected = [8 * v for v in small_boxes[group]]
-        assert max(abs(a - b) for a, b in zip(box, expected)) <= 0.04 * big["height"], group
+        assert max(abs(a - b) for a, b in zip(box, expected, strict=True)) <= 0.04 * big["height"]
 
 
 def test_a_photo_over_the_server_pixel_cap_is_refused_from_its_header(client, photos):
@@ -770,23 +770,26 @@ def test_a_full_inference_pool_answers_503_with_retry_after(catalog_dir, photos)
     photo = sorted(photos.values())[0]
     app = create_app(catalog_dir, token=TOKEN, workers=1, queue=1)
     pool = app.state.service.pool
-    with serving(app) as client, ThreadPoolExecutor(1) as background:
-        with pool.slot():
-            queued = background.submit(search, client, photo, k=1)
-            deadline = time.monotonic() + 30
-            while pool.places_left > 0:  # the queued request has taken the queue place
-                assert time.monotonic() < deadline and not queued.done()
-                time.sleep(0.02)
-            started = time.monotonic()
-            for response in (search(client, photo, k=1),
-                             client.post("/describe", files={"image": ("q.jpg", b"x")}),
-                             client.post("/items", headers=AUTH, data={"item_id": "busy"},
-                                         files={"images": ("q.jpg", photo.read_bytes())})):
-                assert response.status_code == 503, response.text
-                assert response.headers["Retry-After"] == "2"
-                assert "busy" in response.json()["detail"]
-            assert time.monotonic() - started < 5  # refused at once, not after a wait
-            assert not queued.done()
+    gate = threading.Event()
+    with serving(app) as client, ThreadPoolExecutor(2) as background:
+        holder = background.submit(pool.run, gate.wait)  # takes the only worker
+        queued = background.submit(search, client, photo, k=1)
+        deadline = time.monotonic() + 30
+        while pool.places_left > 0:  # the search has taken the one queue place
+            assert time.monotonic() < deadline and not queued.done()
+            time.sleep(0.02)
+        started = time.monotonic()
+        for response in (search(client, photo, k=1),
+                         client.post("/describe", files={"image": ("q.jpg", b"x")}),
+                         client.post("/items", headers=AUTH, data={"item_id": "busy"},
+                                     files={"images": ("q.jpg", photo.read_bytes())})):
+            assert response.status_code == 503, response.text
+            assert response.headers["Retry-After"] == "2"
+            assert "busy" in response.json()["detail"]
+        assert time.monotonic() - started < 5  # refused at once, not after a wait
+        assert not queued.done()
+        gate.set()
+        assert holder.result(10) is True
         assert matches_of(queued.result(60))
         assert matches_of(search(client, photo, k=1))
         assert client.get("/items/busy").status_code == 404

@@ -130,10 +130,15 @@ def load_reduced(source: ImageSource, *, max_side: int = WORK_SIDE,
 
 def _reduce(image: Image.Image, max_side: int) -> Image.Image:
     """``image`` shrunk by the largest integer factor that keeps its long side at least
-    ``max_side``; unchanged for modes Pillow cannot reduce (palette, 1-bit, 16-bit)."""
+    ``max_side``. Palette and 1-bit images become RGB(A) and L first (averaging palette
+    indices would mix unrelated colours); modes Pillow cannot reduce are left as they are."""
     factor = max(image.size) // max_side
     if factor < 2:
         return image
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif image.mode == "1":
+        image = image.convert("L")
     try:
         return image.reduce(factor)
     except (ValueError, NotImplementedError):

@@ -283,15 +283,16 @@ def _add_search_routes(app: FastAPI, service: CatalogService, read: Callable) ->
         if garment and garment not in GARMENT_GROUPS:
             raise HTTPException(422, f"garment: one of {', '.join(GARMENT_GROUPS)}, got "
                                      f"{garment!r}")
+        def work():
+            data = image.file.read()
+            if text and text.strip():
+                return service.search_photo_text(data, text, k, filters,
+                                                 text_weight=text_weight)
+            return service.search(data, k, filters, whole=whole, garment=garment or None,
+                                  compatible=not any_group)
+
         try:
-            with service.slot():
-                data = image.file.read()
-                if text and text.strip():
-                    result = service.search_photo_text(data, text, k, filters,
-                                                       text_weight=text_weight)
-                else:
-                    result = service.search(data, k, filters, whole=whole,
-                                            garment=garment or None, compatible=not any_group)
+            result = service.run(work)
         except ImageError as exc:
             raise _image_error(image.filename, exc) from None
         garments = [
@@ -332,8 +333,7 @@ def _add_text_routes(app: FastAPI, service: CatalogService, read: Callable) -> N
         if not text.strip():
             raise HTTPException(422, "text: the query is empty")
         filters = _parse_filters(where)
-        with service.slot():
-            matches = service.search_text(text, k, filters, mode=mode)
+        matches = service.run(lambda: service.search_text(text, k, filters, mode=mode))
         return TextSearchOut(text=text, k=k, matches=[_match_out(m) for m in matches],
                              took_ms=round((time.perf_counter() - started) * 1000, 1))
 
@@ -359,9 +359,8 @@ def _add_video_routes(app: FastAPI, service: CatalogService, read: Callable) -> 
         suffix = Path(video.filename or "").suffix.lower()[:8] or ".mp4"
         filters = _parse_filters(where)
         try:
-            with service.slot():
-                tracks = service.search_video(video.file.read(), suffix, k, fusion=fusion,
-                                              every=every, where=filters)
+            tracks = service.run(lambda: service.search_video(
+                video.file.read(), suffix, k, fusion=fusion, every=every, where=filters))
         except VideoError as exc:
             raise HTTPException(422, str(exc)) from None
         out = []
@@ -387,9 +386,8 @@ def _add_outfit_routes(app: FastAPI, service: CatalogService, read: Callable) ->
         started = time.perf_counter()
         filters = _parse_filters(where)
         try:
-            with service.slot():
-                result = service.complete(image.file.read(), k,
-                                          exclude_category=not same_category, where=filters)
+            result = service.run(lambda: service.complete(
+                image.file.read(), k, exclude_category=not same_category, where=filters))
         except ImageError as exc:
             raise _image_error(image.filename, exc) from None
         return CompleteOut(category=result.category, k=k,
@@ -401,8 +399,7 @@ def _add_outfit_routes(app: FastAPI, service: CatalogService, read: Callable) ->
     def describe(image: UploadFile = File(..., description="Photo of a garment.")) -> dict:
         """The garment's predicted category and attributes."""
         try:
-            with service.slot():
-                return service.describe(image.file.read())
+            return service.run(lambda: service.describe(image.file.read()))
         except ImageError as exc:
             raise _image_error(image.filename, exc) from None
 
@@ -435,10 +432,9 @@ def _add_item_routes(
         """Add a new item with its photos and metadata. Nothing is written if any part fails."""
         fields = _parse_json_object(metadata)
         try:
-            with service.slot():
-                uploads = [Upload(upload.filename or "upload", upload.file.read())
-                           for upload in images]
-                item = service.add_item(uploads, item_id or None, fields)
+            item = service.run(lambda: service.add_item(
+                [Upload(upload.filename or "upload", upload.file.read()) for upload in images],
+                item_id or None, fields))
         except ImageError as exc:
             raise _image_error(exc.source, exc) from None
         except ItemExistsError as exc:

@@ -1,8 +1,10 @@
 """A bounded inference pool: how many requests may decode photos and run the model at once.
 
-Decoding a photo and running the parser and encoder are the server's big memory users;
-with one thread per request (Starlette's pool holds 40) memory grew with the number of
-clients. Every such request now takes a slot first.
+Decoding a photo and running the parser and encoder are the server's big memory users.
+Run on Starlette's request threads (40 of them), every concurrent request touched its own
+malloc arena and each arena kept its peak: memory grew with the number of clients and
+stayed. Such work now runs on the pool's own ``workers`` threads, at most ``queue`` more
+requests wait for one, and the rest are refused at once (503 with Retry-After).
 """
 
 from __future__ import annotations
@@ -10,75 +12,74 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 DEFAULT_WORKERS = 2
 DEFAULT_QUEUE = 16
-#: How long a queued request waits for a worker before it gets a 503.
-DEFAULT_WAIT_S = 60.0
 RETRY_AFTER_S = 2
+#: Allocations at least this big are mapped and unmapped on their own (glibc), so a
+#: decoded photo's memory goes back to the system when it is freed.
+MMAP_THRESHOLD = 1 << 20
+
+T = TypeVar("T")
 
 
 class BusyError(RuntimeError):
-    """Every worker is busy and the queue is full (or the wait ran out): a 503."""
+    """Every worker is busy and the queue is full: a 503."""
 
 
 class InferencePool:
-    """At most ``workers`` requests run at once; up to ``queue`` more wait their turn in
-    arrival order of the semaphore; any further one is refused at once with BusyError.
+    """Runs work on ``workers`` threads of its own; up to ``queue`` more jobs wait, in
+    order; any further one is refused at once with BusyError.
 
-    Invariants: running <= workers; running + waiting <= workers + queue. When the last
-    running request leaves, freed heap is handed back to the system (glibc malloc_trim),
-    so a burst's memory does not stay held."""
+    Invariants: at most ``workers`` jobs run, at most ``workers + queue`` are admitted;
+    when the last running job ends, freed heap is handed back to the system (glibc
+    ``malloc_trim``), so a burst's memory does not stay held."""
 
-    def __init__(self, workers: int = DEFAULT_WORKERS, queue: int = DEFAULT_QUEUE,
-                 wait_s: float = DEFAULT_WAIT_S):
+    def __init__(self, workers: int = DEFAULT_WORKERS, queue: int = DEFAULT_QUEUE):
         if workers < 1 or queue < 0:
             raise ValueError(f"workers must be at least 1 and queue at least 0, got "
                              f"{workers} and {queue}")
         self.workers = workers
         self.queue = queue
-        self.wait_s = wait_s
         self._admitted = threading.BoundedSemaphore(workers + queue)
-        self._running = threading.BoundedSemaphore(workers)
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="vestis-inference")
         self._count_lock = threading.Lock()
         self._active = 0
+        tune_malloc()
 
     @property
     def places_left(self) -> int:
-        """Requests that may still be admitted (to run or to wait) before a 503."""
+        """Jobs that may still be admitted (to run or to wait) before a 503."""
         return self._admitted._value
 
-    @contextmanager
-    def slot(self) -> Iterator[None]:
-        """Hold a worker for the block; BusyError when none is free and the queue is full."""
+    def run(self, work: Callable[[], T]) -> T:
+        """``work()`` on a worker thread, its result or exception passed back; BusyError at
+        once when ``workers + queue`` jobs are already admitted."""
         if not self._admitted.acquire(blocking=False):
             raise BusyError(f"the server is busy ({self.workers} requests running, "
                             f"{self.queue} waiting); retry in a moment")
         try:
-            if not self._running.acquire(timeout=self.wait_s):
-                raise BusyError("the server is busy (waited too long for a worker); retry "
-                                "in a moment")
-            self._enter()
-            try:
-                yield
-            finally:
-                self._leave()
-                self._running.release()
+            return self._executor.submit(self._tracked, work).result()
         finally:
             self._admitted.release()
 
-    def _enter(self) -> None:
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    def _tracked(self, work: Callable[[], T]) -> T:
         with self._count_lock:
             self._active += 1
-
-    def _leave(self) -> None:
-        with self._count_lock:
-            self._active -= 1
-            idle = self._active == 0
-        if idle:
-            release_free_memory()
+        try:
+            return work()
+        finally:
+            with self._count_lock:
+                self._active -= 1
+                idle = self._active == 0
+            if idle:
+                release_free_memory()
 
 
 def _libc():
@@ -91,6 +92,15 @@ def _libc():
 
 
 _LIBC = _libc()
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_malloc() -> None:
+    """Big allocations (decoded pixels, tensors) are mmapped and returned on free (glibc
+    only; a no-op elsewhere). Without it glibc raises its threshold after the first big
+    free and keeps later ones in the heap."""
+    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def release_free_memory() -> None:

@@ -22,11 +22,10 @@ import stat
 import threading
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -48,6 +47,7 @@ from vestis.serve.pool import InferencePool
 if TYPE_CHECKING:
     from vestis.catalog.outfits import OutfitResult
 
+T = TypeVar("T")
 UPLOADS_DIR = "uploads"
 ITEM_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_METADATA_KEYS = 100
@@ -139,6 +139,7 @@ class CatalogService:
         return self._loaded.wait(timeout)
 
     def close(self) -> None:
+        self.pool.close()
         if self._catalog is not None:
             self._catalog.close()
 
@@ -156,12 +157,10 @@ class CatalogService:
             )
         return self._catalog
 
-    @contextmanager
-    def slot(self) -> Iterator[None]:
-        """Hold one of the pool's workers (BusyError when all are taken and the queue is
-        full): the HTTP routes that decode a photo or run the model do their work in one."""
-        with self.pool.slot():
-            yield
+    def run(self, work: Callable[[], T]) -> T:
+        """``work()`` on one of the pool's workers (BusyError when all are taken and the
+        queue is full): the HTTP routes that decode a photo or run the model do it so."""
+        return self.pool.run(work)
 
     def decode(self, data: bytes, name: str = "upload") -> Reduced:
         """An uploaded photo at the server's working size; ImageError names ``name``."""
