@@ -33,14 +33,24 @@ def friendly_errors(command: Callable) -> Callable:
 
     @wraps(command)
     def run(*args, **kwargs):
+        import sqlite3
+
         from vestis.catalog import ModelMismatchError
+        from vestis.catalog.index import DiskFullError, is_disk_full
         from vestis.images import ImageError
 
         try:
             return command(*args, **kwargs)
         except (ImageError, ModelMismatchError, FileNotFoundError, PermissionError,
-                ValueError) as exc:
+                ValueError, DiskFullError) as exc:
             fail(str(exc))  # VideoError is a ValueError; ReadOnlyCatalogError a PermissionError
+        except (sqlite3.OperationalError, OSError) as exc:
+            if is_disk_full(exc):
+                fail(f"the disk is full ({exc}): the batch being written was rolled back; "
+                     "free some space and run the command again")
+            if isinstance(exc, sqlite3.OperationalError):
+                fail(f"the catalog's database failed: {exc}")
+            raise
         except ImportError as exc:  # an optional model package missing (TextEncoderMissing)
             fail(str(exc))
         except KeyError as exc:

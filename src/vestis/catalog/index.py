@@ -13,6 +13,7 @@ and again after every load.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import tempfile
@@ -415,17 +416,47 @@ def _is_ivf(index: faiss.Index) -> bool:
     return faiss.try_extract_index_ivf(index) is not None
 
 
+class DiskFullError(OSError):
+    """A catalog file could not be written for lack of space (ENOSPC or EDQUOT)."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk is full: an OSError's errno, SQLite's "database or disk
+    is full", or a FAISS write error naming ENOSPC."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "disk is full" in text or os.strerror(errno.ENOSPC) in text
+
+
 def _write_atomic(path: Path, write) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write ``path`` through a temporary file and a rename: the old file or the new one,
+    never half of one; DiskFullError (one line) when space runs out."""
+    try:
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _disk_full(path) if is_disk_full(exc) else exc from None
     os.close(handle)
     try:
         write(tmp)
         with open(tmp, "rb") as written:
             os.fsync(written.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        if is_disk_full(exc):
+            raise _disk_full(path) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _disk_full(path: Path) -> DiskFullError:
+    error = DiskFullError(f"{path.parent}: the disk is full: the index could not be saved "
+                          "(the database keeps every stored vector; free some space and run "
+                          "the command again)")
+    error.errno = errno.ENOSPC
+    return error
 
 
 def create_index(dim: int, factory: str = DEFAULT_FACTORY, search_params: str = "") -> VectorIndex:
