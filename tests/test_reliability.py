@@ -89,3 +89,82 @@ def test_a_full_disk_is_one_line_and_the_catalog_survives_it(
     info = (tmp_path / "info.out").read_text()
     assert (tmp_path / "info.rc").read_text().strip() == "0", info
     assert '"index_in_sync": true' in info or "index_in_sync: True" in info, info
+
+
+# -- item 11: hostile sources, each a one-line error naming the file ---------------------------
+def write_csv(path: Path, rows: list[str], photo: Path) -> Path:
+    path.write_bytes(("\n".join(["image,item_id,x1,y1,x2,y2,colour", *rows]) + "\n")
+                     .replace("PHOTO", str(photo)).encode())
+    return path
+
+
+@pytest.mark.parametrize("box", ["1e309,0,10,10", "0,0,-5,10", "nan,0,10,10", "5,5,5,9",
+                                 "0,0,1e30,10"])
+def test_a_bad_box_names_the_csv_line(tmp_path, box):
+    from vestis.catalog import read_source
+
+    source = write_csv(tmp_path / "s.csv", ["PHOTO,a,0,0,10,10,red", f"PHOTO,b,{box},red"],
+                       tmp_path / "p.jpg")
+    with pytest.raises(ValueError, match=r"s\.csv:3: bad box"):
+        read_source(source)
+
+
+def test_a_csv_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    from vestis.catalog import read_source
+
+    source = tmp_path / "latin1.csv"
+    source.write_bytes("image,item_id,name\na.jpg,a,plain\nb.jpg,b,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.csv:3: not UTF-8 text \(byte 0xe9\)"):
+        read_source(source)
+
+
+def test_conflicting_duplicate_rows_are_an_error_and_identical_ones_are_merged(tmp_path):
+    from vestis.catalog import read_source
+
+    photo = tmp_path / "p.jpg"
+    same = write_csv(tmp_path / "same.csv", ["PHOTO,a,,,,,red", "PHOTO,a,,,,,red",
+                                             "PHOTO,a,0,0,9,9,red"], photo)
+    assert [(r.item_id, r.box) for r in read_source(same)] == [("a", None), ("a", (0, 0, 9, 9))]
+    for rows, line in ((["PHOTO,a,,,,,red", "PHOTO,b,,,,,red"], 3),
+                       (["PHOTO,a,,,,,red", "x.jpg,c,,,,,red", "PHOTO,a,,,,,blue"], 4)):
+        with pytest.raises(ValueError, match=rf"conflict\.csv:{line}: image .* is also on "
+                                             r"line 2 with a different item_id or metadata"):
+            read_source(write_csv(tmp_path / "conflict.csv", rows, photo))
+
+
+def test_control_characters_never_reach_an_item_id(tmp_path):
+    from vestis.catalog import read_source
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "coat\nred.jpg").write_bytes(b"x")
+    (tmp_path / "photos" / "hood\tie").mkdir()
+    (tmp_path / "photos" / "hood\tie" / "1.jpg").write_bytes(b"x")
+    assert sorted(r.item_id for r in read_source(tmp_path / "photos")) == ["coat_red",
+                                                                          "hood_ie"]
+    source = tmp_path / "ids.csv"
+    source.write_text('image,item_id\na.jpg,"two\nlines"\n')
+    with pytest.raises(ValueError, match=r"ids\.csv:3: item_id 'two\\nlines' has a control"):
+        read_source(source)
+
+
+def test_heic_photos_in_a_folder_are_reported_not_skipped(tmp_path, data_dir):
+    """Pillow here reads no HEIC: each such file is a failure naming it and the format."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(data_dir / "luma" / "images" / "mh06-blue_main.jpg", folder / "a.jpg")
+    (folder / "b.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic")
+    result = vestis("index", folder, "--catalog", tmp_path / "catalog")
+    assert result.returncode == 1, result.stderr
+    assert "b.HEIC: HEIC photos are not supported; convert them to JPEG or PNG" in result.stderr
+    assert "indexed 1 images (0 already present, 1 failed)" in result.stdout
+
+
+def test_describe_refuses_a_photo_too_small_to_describe(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (1, 1), (40, 40, 40)).save(tmp_path / "dot.png")
+    result = vestis("describe", tmp_path / "dot.png")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith(
+        "dot.png: 1x1 pixels is too small to describe (at least 32x32 is needed)")
+    assert "hoodie" not in result.stdout.lower()

@@ -218,6 +218,15 @@ def test_complete_the_look_and_describe_over_http(client, photos):
     assert bad.status_code in (415, 422) and bad.json()["detail"]
 
 
+def test_a_photo_too_small_to_describe_is_refused_not_described(client):
+    tiny = io.BytesIO()
+    Image.new("RGB", (1, 1), (90, 90, 90)).save(tiny, "PNG")
+    response = client.post("/describe", files={"image": ("dot.png", tiny.getvalue())})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"] == ("dot.png: 1x1 pixels is too small to describe (at "
+                                         "least 32x32 is needed)")
+
+
 def test_search_by_words_and_by_photo_changed_by_words(client, photos):
     item_id, path = sorted(photos.items())[0]
     meta = client.get(f"/items/{item_id}").json()["metadata"]
@@ -247,8 +256,13 @@ def test_a_video_is_searched_track_by_track_over_http(client, photos, tmp_path):
     tracks = response.json()["tracks"]
     assert tracks and item_id in {t["matches"][0]["item_id"] for t in tracks}
     assert all(t["thumbnail"].startswith("data:image/jpeg;base64,") for t in tracks)
-    bad = client.post("/search/video", files={"video": ("clip.mp4", b"\x00" * 100)})
-    assert bad.status_code == 422 and bad.json()["detail"]
+    import tempfile
+
+    for body in (b"\x00" * 100, clip.read_bytes()[: clip.stat().st_size // 3]):
+        bad = client.post("/search/video", files={"video": ("dir/clip.mp4", body)})
+        detail = bad.json()["detail"]
+        assert bad.status_code == 422 and detail.startswith("clip.mp4: "), detail
+        assert tempfile.gettempdir() not in detail and ".mp4:" not in detail[9:], detail
     unknown = client.post("/search/video", files={"video": ("clip.mp4", clip.read_bytes())},
                           data={"fusion": "median"})
     assert unknown.status_code == 422 and "fusion" in unknown.json()["detail"]

@@ -624,8 +624,8 @@ def describe(
     from vestis.images import load_image
     from vestis.models.attributes import load_attribute_model
 
-    photo = load_image(image)
-    description = load_attribute_model(model).describe(photo, threshold=threshold)
+    load_image(image)  # a bad file fails before the model loads
+    description = load_attribute_model(model).describe(image, threshold=threshold)
     if as_json:
         typer.echo(json.dumps({"image": str(image), **description.to_dict()}, indent=2))
         return

@@ -29,6 +29,9 @@ SERVER_MAX_PIXELS = 2**25
 WORK_SIDE = 1536
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+#: Photo formats Pillow cannot decode here: a folder's files of these kinds are reported
+#: (one error each, naming the format), never skipped silently.
+UNSUPPORTED_SUFFIXES = frozenset({".heic", ".heif"})
 
 # PIL must never decode half a file silently: a truncated JPEG is an error.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -165,6 +168,9 @@ class _decoding:
         if isinstance(exc, Image.DecompressionBombError):
             raise ImageError(name, f"refused as a decompression bomb ({exc})") from None
         if isinstance(exc, UnidentifiedImageError):
+            if Path(name).suffix.lower() in UNSUPPORTED_SUFFIXES:
+                raise ImageError(name, f"{Path(name).suffix[1:].upper()} photos are not "
+                                 "supported; convert them to JPEG or PNG") from None
             raise ImageError(name, "not an image file (unrecognised format)") from None
         if isinstance(exc, OSError):
             raise ImageError(name, f"truncated or corrupt image data ({exc})") from None

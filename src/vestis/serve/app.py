@@ -360,7 +360,8 @@ def _add_video_routes(app: FastAPI, service: CatalogService, read: Callable) -> 
         filters = _parse_filters(where)
         try:
             tracks = service.run(lambda: service.search_video(
-                video.file.read(), suffix, k, fusion=fusion, every=every, where=filters))
+                video.file.read(), suffix, k, fusion=fusion, every=every, where=filters,
+                name=_client_name(video.filename)))
         except VideoError as exc:
             raise HTTPException(422, str(exc)) from None
         out = []
@@ -557,6 +558,12 @@ def _image_error(filename: str | None, exc: ImageError) -> HTTPException:
     status = 415 if exc.reason.startswith("not an image") else 422
     reason = " ".join(exc.reason.split())  # one line, whatever the decoder said
     return HTTPException(status, f"{filename or 'upload'}: {reason}")
+
+
+def _client_name(filename: str | None) -> str:
+    """The client's file name, as messages show it: its last part, on one line."""
+    name = Path((filename or "").replace("\\", "/")).name
+    return " ".join(name.split())[:100] or "upload"
 
 
 def _image_url(image_id: int) -> str:

@@ -208,20 +208,27 @@ class CatalogService:
         return SearchResult(photo.width, photo.height, hits)
 
     def search_video(self, data: bytes, suffix: str, k: int, *, fusion: str = "learned",
-                     every: int = 25, where: dict[str, str] | None = None) -> list:
+                     every: int = 25, where: dict[str, str] | None = None,
+                     name: str = "upload") -> list:
         """Tracks of an uploaded video and their matches (see
-        :func:`vestis.video.search.search_video`); raises ``VideoError`` for a bad file. The
+        :func:`vestis.video.search.search_video`); raises ``VideoError`` for a bad file,
+        naming it ``name`` (the server's temporary path never reaches the client). The
         upload goes to a temporary file (containers such as MP4 need seeking), removed after."""
         import tempfile
 
+        from vestis.video.reader import VideoError
         from vestis.video.search import search_video
 
         catalog = self.catalog
         with tempfile.NamedTemporaryFile(suffix=suffix) as handle:
             handle.write(data)
             handle.flush()
-            return search_video(catalog, handle.name, k, fusion=fusion, every=every,
-                                where=where or None)
+            try:
+                return search_video(catalog, handle.name, k, fusion=fusion, every=every,
+                                    where=where or None)
+            except VideoError as exc:
+                reason = exc.reason.replace(handle.name, name)
+                raise VideoError(name, reason.replace(Path(handle.name).name, name)) from None
 
     def describe(self, data: bytes) -> dict[str, Any]:
         """The attribute heads' reading of an uploaded photo (category and attributes)."""
