@@ -168,3 +168,22 @@ def test_describe_refuses_a_photo_too_small_to_describe(tmp_path):
     assert result.stderr.strip().endswith(
         "dot.png: 1x1 pixels is too small to describe (at least 32x32 is needed)")
     assert "hoodie" not in result.stdout.lower()
+
+
+def test_vestis_eval_lists_every_bad_file_not_just_the_first(tmp_path, luma_rows, data_dir):
+    source = luma_csv(luma_rows, data_dir, tmp_path / "eval.csv", slice(0, 12))
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "notes.jpg").write_text("not a photo")
+    truncated = (data_dir / "luma" / "images" / "mh06-blue_main.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(truncated[: len(truncated) // 2])
+    padding = "," * (len(luma_rows[0]) - 2)  # the other columns, empty
+    with open(source, "a") as handle:
+        for name in ("empty.jpg", "notes.jpg", "cut.jpg"):
+            handle.write(f"{tmp_path / name},{luma_rows[0]['item_id']}{padding}\n")
+    result = vestis("eval", source)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "3 images could not be used" in result.stderr
+    for name, reason in (("empty.jpg", "empty file"), ("notes.jpg", "not an image"),
+                         ("cut.jpg", "truncated")):
+        assert any(name in line and reason in line for line in result.stderr.splitlines()), \
+            result.stderr
