@@ -187,3 +187,56 @@ def test_vestis_eval_lists_every_bad_file_not_just_the_first(tmp_path, luma_rows
                          ("cut.jpg", "truncated")):
         assert any(name in line and reason in line for line in result.stderr.splitlines()), \
             result.stderr
+
+
+# -- the reliability suite (bench/bench_reliability.py runs it longer) -------------------------
+@pytest.fixture(scope="module")
+def soak():
+    """bench/bench_reliability.py, imported: the tests run its phases, smaller."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import bench_reliability
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    return bench_reliability
+
+
+def test_kill_9_at_random_points_keeps_every_stored_image_searchable(tmp_path, soak,
+                                                                     data_dir):
+    """Two SIGKILLs of vestis index just after a stored batch (the soak in
+    bench/bench_reliability.py also kills remove and reindex, at random moments); after
+    each, the index holds exactly the store's ids and every stored image is found by its
+    own photo; finally every source image is stored once."""
+    source = soak.luma_source(tmp_path / "source.csv", slice(0, 16), data_dir)
+    report = soak.kill_loop(tmp_path / "catalog", source, kills=2, seed=1,
+                            operations=("index",), mid_batch=1.0)
+    assert report.killed == 2 and report.checks == 3
+
+
+def test_fuzzed_images_through_index_search_and_http(tmp_path, soak, data_dir):
+    """Odd modes and formats, truncations, bit flips and huge headers: each file is
+    indexed or refused with a one-line reason naming it, by the catalog and over HTTP."""
+    from tests.test_serve import serving
+    from vestis.serve import create_app
+
+    corpus = soak.fuzz_corpus(tmp_path / "fuzz", data_dir / "luma" / "images" /
+                              "mh06-blue_main.jpg", seed=0, flips=6)
+    report = soak.fuzz_catalog(tmp_path / "catalog", corpus, set())
+    assert report.indexed >= 14 and report.refused >= 10  # modes decode; broken files don't
+    with serving(create_app(tmp_path / "catalog")) as client:
+        soak.fuzz_http(str(client.base_url), corpus, report)
+    assert report.http[200] >= 14 and report.http.get(422, 0) >= 8
+
+
+def test_http_abuse_gets_one_line_answers_and_the_server_stays_up(tmp_path, soak, data_dir):
+    from tests.test_serve import TOKEN, serving
+    from vestis.serve import create_app
+
+    source = soak.luma_source(tmp_path / "source.csv", slice(0, 4), data_dir)
+    assert soak.run_cli("index", source, "--catalog", tmp_path / "catalog").returncode == 0
+    app = create_app(tmp_path / "catalog", token=TOKEN, workers=1, queue=4)
+    with serving(app) as client:
+        counts = soak.http_abuse(str(client.base_url), TOKEN,
+                                 data_dir / "luma" / "images" / "mh06-blue_main.jpg",
+                                 burst=20, many_files=30)
+    assert counts["422"] >= 12 and counts["503"] >= 1 and counts["200"] >= 5, counts
