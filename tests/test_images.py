@@ -3,12 +3,13 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from vestis.images import ImageError, Preprocess, crop_box, load_image
+from vestis.images import ImageError, Preprocess, crop_box, load_image, load_reduced
 
 
 def jpeg_bytes(image: Image.Image, **kwargs) -> bytes:
@@ -126,3 +127,65 @@ def test_crop_box_is_clipped_to_the_image():
     image = Image.new("RGB", (50, 40))
     assert crop_box(image, (-10, 5, 30, 100)).size == (30, 35)
     assert crop_box(image, None) is image
+
+
+# -- the server's reduced decode ------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["RGB", "P", "L", "RGBA", "I;16", "1"])
+def test_load_reduced_keeps_the_full_size_and_shrinks_the_pixels(mode):
+    image = Image.new("RGB", (3000, 1000), (30, 120, 220))
+    image.paste((250, 250, 0), (1500, 0, 3000, 1000))
+    if mode == "I;16":
+        image = Image.fromarray(np.full((1000, 3000), 40000, np.uint16))
+    reduced = load_reduced(png_bytes(image.convert(mode) if mode != "I;16" else image),
+                           max_side=500)
+    assert reduced.image.mode == "RGB" and max(reduced.image.size) <= 500
+    assert (reduced.width, reduced.height) == (3000, 1000)
+    assert reduced.image.size == (500, 167)
+    assert reduced.full_box((250, 0, 500, 167)) == (1500, 0, 3000, 1000)
+    if mode in ("RGB", "P", "RGBA"):  # colours survive (palette indices are not averaged)
+        for (x, y), colour in (((100, 80), (30, 120, 220)), ((400, 80), (250, 250, 0))):
+            found = reduced.image.getpixel((x, y))  # P: the web palette's nearest colour
+            assert max(abs(a - b) for a, b in zip(found, colour, strict=True)) <= 12, found
+
+
+def test_load_reduced_gives_the_upright_full_size_of_a_rotated_jpeg():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    reduced = load_reduced(jpeg_bytes(Image.new("RGB", (4000, 2000)), exif=exif.tobytes()),
+                           max_side=400)
+    assert (reduced.width, reduced.height) == (2000, 4000)
+    assert reduced.image.size == (200, 400)
+
+
+def test_load_reduced_refuses_more_pixels_than_its_cap_from_the_header():
+    with pytest.raises(ImageError, match="decompression bomb.*limit 1000000"):
+        load_reduced(png_claiming_size(1001, 1000), max_pixels=10**6)
+    # 11000 x 11000 is under the command line's cap but far over the server's.
+    with pytest.raises(ImageError, match="11000x11000 pixels, limit 33554432"):
+        load_reduced(png_claiming_size(11000, 11000))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_a_big_jpeg_is_decoded_at_a_fraction_of_its_pixels(tmp_path):
+    """Draft mode: a 32-megapixel JPEG costs the server a few MB, not ~100 MB (measured as
+    the peak RSS of a fresh process)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (8000, 4000), (90, 60, 30)).save(path, quality=80)
+    # VmHWM (this process's peak RSS, reset by exec), not ru_maxrss (kept across exec).
+    probe = (
+        "import re, sys; from pathlib import Path\n"
+        "from vestis.images import load_image, load_reduced\n"
+        "peak = lambda: int(re.search(r'VmHWM:\\s*(\\d+)', "
+        "Path('/proc/self/status').read_text()).group(1))\n"
+        "data = Path(sys.argv[1]).read_bytes(); before = peak()\n"
+        "image = (load_reduced if sys.argv[2] == 'reduced' else load_image)(data)\n"
+        "print((peak() - before) // 1024)\n"
+    )
+    grew = {how: int(subprocess.run([sys.executable, "-c", probe, str(path), how], check=True,
+                                    capture_output=True, text=True).stdout)
+            for how in ("reduced", "full")}
+    assert grew["full"] >= 90, grew  # 8000 x 4000 x 3 bytes
+    assert grew["reduced"] <= 20, grew

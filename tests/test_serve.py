@@ -218,6 +218,15 @@ def test_complete_the_look_and_describe_over_http(client, photos):
     assert bad.status_code in (415, 422) and bad.json()["detail"]
 
 
+def test_a_photo_too_small_to_describe_is_refused_not_described(client):
+    tiny = io.BytesIO()
+    Image.new("RGB", (1, 1), (90, 90, 90)).save(tiny, "PNG")
+    response = client.post("/describe", files={"image": ("dot.png", tiny.getvalue())})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"] == ("dot.png: 1x1 pixels is too small to describe (at "
+                                         "least 32x32 is needed)")
+
+
 def test_search_by_words_and_by_photo_changed_by_words(client, photos):
     item_id, path = sorted(photos.items())[0]
     meta = client.get(f"/items/{item_id}").json()["metadata"]
@@ -247,8 +256,13 @@ def test_a_video_is_searched_track_by_track_over_http(client, photos, tmp_path):
     tracks = response.json()["tracks"]
     assert tracks and item_id in {t["matches"][0]["item_id"] for t in tracks}
     assert all(t["thumbnail"].startswith("data:image/jpeg;base64,") for t in tracks)
-    bad = client.post("/search/video", files={"video": ("clip.mp4", b"\x00" * 100)})
-    assert bad.status_code == 422 and bad.json()["detail"]
+    import tempfile
+
+    for body in (b"\x00" * 100, clip.read_bytes()[: clip.stat().st_size // 3]):
+        bad = client.post("/search/video", files={"video": ("dir/clip.mp4", body)})
+        detail = bad.json()["detail"]
+        assert bad.status_code == 422 and detail.startswith("clip.mp4: "), detail
+        assert tempfile.gettempdir() not in detail and ".mp4:" not in detail[9:], detail
     unknown = client.post("/search/video", files={"video": ("clip.mp4", clip.read_bytes())},
                           data={"fusion": "median"})
     assert unknown.status_code == 422 and "fusion" in unknown.json()["detail"]
@@ -725,3 +739,71 @@ def test_facets_follow_metadata_changed_by_another_process(tmp_path_factory, lum
         assert "season" not in client.get("/facets").json()
         vestis_cli("update", sorted(photos)[0], "--catalog", catalog, "--set", "season=winter")
         assert client.get("/facets").json()["season"]["values"] == ["winter"]
+
+
+# -- memory: the server's pixel cap, working size and bounded pool (issue item 3) ---------
+def test_a_big_photo_is_searched_at_working_size_and_boxes_come_back_in_its_pixels(
+        client, data_dir):
+    """An 8x upscaled street photo (2704 x 4096) is decoded at the working size; its
+    garments and boxes are those of the original photo, in the big photo's pixels."""
+    photo = data_dir / "ccp" / "photos" / "0001.jpg"
+    small = search(client, photo, k=1, whole="false").json()
+    original = Image.open(photo)
+    buffer = io.BytesIO()
+    original.resize((original.width * 8, original.height * 8), Image.BICUBIC).save(
+        buffer, "JPEG", quality=92)
+    response = search(client, buffer.getvalue(), k=1, whole="false")
+    assert response.status_code == 200, response.text
+    big = response.json()
+    assert (big["width"], big["height"]) == (original.width * 8, original.height * 8)
+    small_boxes = {g["group"]: g["box"] for g in small["garments"]}
+    big_boxes = {g["group"]: g["box"] for g in big["garments"]}
+    assert set(small_boxes) == set(big_boxes)
+    for group, box in big_boxes.items():
+        assert 0 <= box[0] < box[2] <= big["width"] and 0 <= box[1] < box[3] <= big["height"]
+        expected = [8 * v for v in small_boxes[group]]
+        assert max(abs(a - b) for a, b in zip(box, expected, strict=True)) <= 0.04 * big["height"]
+
+
+def test_a_photo_over_the_server_pixel_cap_is_refused_from_its_header(client, photos):
+    """6000 x 6000 (36 Mpx) is under the command line's cap, over the server's 2**25."""
+    buffer = io.BytesIO()
+    Image.new("L", (6000, 6000), 128).save(buffer, "PNG")
+    for response in (search(client, buffer.getvalue(), name="huge.png"),
+                     client.post("/items", headers=AUTH, data={"item_id": "huge"},
+                                 files={"images": ("huge.png", buffer.getvalue())})):
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"] == (
+            "huge.png: refused as a decompression bomb (6000x6000 pixels, limit 33554432)")
+    assert client.get("/items/huge").status_code == 404
+
+
+def test_a_full_inference_pool_answers_503_with_retry_after(catalog_dir, photos):
+    """workers=1, queue=1: with the worker taken, one request waits and is served once it
+    is free; the next is refused at once with 503 and Retry-After, and so is a write."""
+    photo = sorted(photos.values())[0]
+    app = create_app(catalog_dir, token=TOKEN, workers=1, queue=1)
+    pool = app.state.service.pool
+    gate = threading.Event()
+    with serving(app) as client, ThreadPoolExecutor(2) as background:
+        holder = background.submit(pool.run, gate.wait)  # takes the only worker
+        queued = background.submit(search, client, photo, k=1)
+        deadline = time.monotonic() + 30
+        while pool.places_left > 0:  # the search has taken the one queue place
+            assert time.monotonic() < deadline and not queued.done()
+            time.sleep(0.02)
+        started = time.monotonic()
+        for response in (search(client, photo, k=1),
+                         client.post("/describe", files={"image": ("q.jpg", b"x")}),
+                         client.post("/items", headers=AUTH, data={"item_id": "busy"},
+                                     files={"images": ("q.jpg", photo.read_bytes())})):
+            assert response.status_code == 503, response.text
+            assert response.headers["Retry-After"] == "2"
+            assert "busy" in response.json()["detail"]
+        assert time.monotonic() - started < 5  # refused at once, not after a wait
+        assert not queued.done()
+        gate.set()
+        assert holder.result(10) is True
+        assert matches_of(queued.result(60))
+        assert matches_of(search(client, photo, k=1))
+        assert client.get("/items/busy").status_code == 404

@@ -37,14 +37,24 @@ def friendly_errors(command: Callable) -> Callable:
 
     @wraps(command)
     def run(*args, **kwargs):
+        import sqlite3
+
         from vestis.catalog import ModelMismatchError
+        from vestis.catalog.index import DiskFullError, is_disk_full
         from vestis.images import ImageError
 
         try:
             return command(*args, **kwargs)
         except (ImageError, ModelMismatchError, FileNotFoundError, PermissionError,
-                ValueError) as exc:
+                ValueError, DiskFullError) as exc:
             fail(str(exc))  # VideoError is a ValueError; ReadOnlyCatalogError a PermissionError
+        except (sqlite3.OperationalError, OSError) as exc:
+            if is_disk_full(exc):
+                fail(f"the disk is full ({exc}): the batch being written was rolled back; "
+                     "free some space and run the command again")
+            if isinstance(exc, sqlite3.OperationalError):
+                fail(f"the catalog's database failed: {exc}")
+            raise
         except ImportError as exc:  # an optional model package missing (TextEncoderMissing)
             fail(str(exc))
         except KeyError as exc:
@@ -515,6 +525,10 @@ def serve(
     ),
     private: bool = typer.Option(False, "--private", help="Searches and reads need the token."),
     max_upload_mb: float = typer.Option(20.0, min=0.01, help="Largest request body, in MB."),
+    workers: int = typer.Option(2, min=1, max=64, help="Requests that decode photos or run "
+                                "the model at once (each holds one photo in memory)."),
+    queue: int = typer.Option(16, min=0, max=1000, help="Further such requests that wait "
+                              "for a worker; beyond them the server answers 503 at once."),
 ) -> None:
     """Serve the catalog over HTTP: the API (documented at /docs) and a search page at /."""
     configure_environment()  # before the catalog loads FAISS
@@ -527,7 +541,8 @@ def serve(
     token = read_token(token_file) if token_file else None
     if private and token is None:
         raise ValueError("--private needs --token-file")
-    application = create_app(catalog, token=token, private=private, max_upload_mb=max_upload_mb)
+    application = create_app(catalog, token=token, private=private, max_upload_mb=max_upload_mb,
+                             workers=workers, queue=queue)
     service = application.state.service
 
     def announce_ready() -> None:
@@ -614,8 +629,8 @@ def describe(
     from vestis.images import load_image
     from vestis.models.attributes import load_attribute_model
 
-    photo = load_image(image)
-    description = load_attribute_model(model).describe(photo, threshold=threshold)
+    load_image(image)  # a bad file fails before the model loads
+    description = load_attribute_model(model).describe(image, threshold=threshold)
     if as_json:
         typer.echo(json.dumps({"image": str(image), **description.to_dict()}, indent=2))
         return

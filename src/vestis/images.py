@@ -21,8 +21,17 @@ Box = tuple[int, int, int, int]
 #: Images with more pixels than this are refused as decompression bombs (about 11.5k x 11.5k,
 #: above any phone photo). Checked from the header, before any pixel is decoded.
 MAX_PIXELS = 2**27
+#: The server's cap (:func:`load_reduced` callers in ``vestis.serve``): 32 Mi pixels, a
+#: quarter of :data:`MAX_PIXELS`, still above a 24-megapixel camera's photo.
+SERVER_MAX_PIXELS = 2**25
+#: The long side the server works at: big enough for the parser (384) and the encoder's
+#: garment crops, small enough that masks and crops stay a few MB.
+WORK_SIDE = 1536
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+#: Photo formats Pillow cannot decode here: a folder's files of these kinds are reported
+#: (one error each, naming the format), never skipped silently.
+UNSUPPORTED_SUFFIXES = frozenset({".heic", ".heif"})
 
 # PIL must never decode half a file silently: a truncated JPEG is an error.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -45,36 +54,129 @@ def describe_source(source: ImageSource) -> str:
     return f"<{len(source)} bytes>"
 
 
-def load_image(source: ImageSource, *, draft_size: int | None = None) -> Image.Image:
+def load_image(source: ImageSource, *, draft_size: int | None = None,
+               max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode ``source`` (a path, raw bytes or a PIL image) into an upright RGB image.
 
     ``draft_size`` lets JPEG decoding downscale by a power of two while keeping both
-    sides at least that large, which is much faster for big photos.
+    sides at least that large, which is much faster for big photos. Images over
+    ``max_pixels`` are refused from their header, before any pixel is decoded.
     """
     name = describe_source(source)
     if isinstance(source, Image.Image):
         return _to_rgb(ImageOps.exif_transpose(source), name)
     data = _read_bytes(source, name)
-    try:
-        with warnings.catch_warnings():
-            # Our own limit below replaces PIL's warning; PIL still errors past twice its own.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            _check_size(image, name)
-            if draft_size and image.format == "JPEG":
-                image.draft("RGB", (draft_size, draft_size))
-            image.load()
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ImageError(name, f"refused as a decompression bomb ({exc})") from None
-    except UnidentifiedImageError:
-        raise ImageError(name, "not an image file (unrecognised format)") from None
-    except OSError as exc:
-        raise ImageError(name, f"truncated or corrupt image data ({exc})") from None
-    except (ValueError, SyntaxError, EOFError) as exc:
-        raise ImageError(name, f"corrupt image data ({exc})") from None
+    with _decoding(name):
+        image = Image.open(io.BytesIO(data))
+        _check_size(image, name, max_pixels)
+        if draft_size and image.format == "JPEG":
+            image.draft("RGB", (draft_size, draft_size))
+        image.load()
     return _to_rgb(_upright(image, name), name)
+
+
+@dataclass(frozen=True)
+class Reduced:
+    """A photo decoded at most ``max_side`` on its long side, and its full upright size.
+
+    Invariant: ``image`` is upright RGB with the aspect ratio of ``width`` x ``height``
+    (to rounding); a box in ``image`` times :attr:`scale` is the box in the full photo."""
+
+    image: Image.Image
+    width: int
+    height: int
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        return self.width / self.image.width, self.height / self.image.height
+
+    def full_box(self, box: Box) -> Box:
+        """``box`` (in :attr:`image`) in the full photo's pixels, clipped to it."""
+        sx, sy = self.scale
+        x1, y1, x2, y2 = box
+        return (max(0, int(x1 * sx)), max(0, int(y1 * sy)),
+                min(self.width, int(np.ceil(x2 * sx))), min(self.height, int(np.ceil(y2 * sy))))
+
+
+def load_reduced(source: ImageSource, *, max_side: int = WORK_SIDE,
+                 max_pixels: int = SERVER_MAX_PIXELS) -> Reduced:
+    """Decode ``source`` straight to at most ``max_side`` on its long side.
+
+    Memory stays near the smaller of the file's pixels and ``max_side`` squared: JPEG
+    decodes at 1/2, 1/4 or 1/8 scale (draft), other formats are reduced by an integer
+    factor right after decoding, before any colour conversion; images over ``max_pixels``
+    are refused from their header. Raises :class:`ImageError` like :func:`load_image`."""
+    name = describe_source(source)
+    if isinstance(source, Image.Image):
+        image = load_image(source).copy()  # thumbnail() below must not change the caller's
+        full = image.size
+    else:
+        data = _read_bytes(source, name)
+        with _decoding(name):
+            image = Image.open(io.BytesIO(data))
+            _check_size(image, name, max_pixels)
+            stored = image.size
+            if image.format == "JPEG":
+                shrink = max_side / max(stored)
+                image.draft("RGB", (max(1, int(stored[0] * shrink)),
+                                    max(1, int(stored[1] * shrink))))
+            image.load()
+            image = _reduce(image, max_side)
+            shape = image.size
+        image = _to_rgb(_upright(image, name), name)
+        swapped = image.size != shape and image.size == shape[::-1]
+        full = stored[::-1] if swapped else stored
+    if max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.BICUBIC)
+    return Reduced(image, full[0], full[1])
+
+
+def _reduce(image: Image.Image, max_side: int) -> Image.Image:
+    """``image`` shrunk by the largest integer factor that keeps its long side at least
+    ``max_side``. Palette and 1-bit images become RGB(A) and L first (averaging palette
+    indices would mix unrelated colours); modes Pillow cannot reduce are left as they are."""
+    factor = max(image.size) // max_side
+    if factor < 2:
+        return image
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif image.mode == "1":
+        image = image.convert("L")
+    try:
+        return image.reduce(factor)
+    except (ValueError, NotImplementedError):
+        return image
+
+
+class _decoding:
+    """Turns every decoder failure inside the block into an :class:`ImageError`."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self) -> None:
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        # Our own limit replaces PIL's warning; PIL still errors past twice its own.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+    def __exit__(self, kind, exc, traceback) -> bool:
+        self._warnings.__exit__(None, None, None)
+        if exc is None or isinstance(exc, ImageError):
+            return False
+        name = self.name
+        if isinstance(exc, Image.DecompressionBombError):
+            raise ImageError(name, f"refused as a decompression bomb ({exc})") from None
+        if isinstance(exc, UnidentifiedImageError):
+            if Path(name).suffix.lower() in UNSUPPORTED_SUFFIXES:
+                raise ImageError(name, f"{Path(name).suffix[1:].upper()} photos are not "
+                                 "supported; convert them to JPEG or PNG") from None
+            raise ImageError(name, "not an image file (unrecognised format)") from None
+        if isinstance(exc, OSError):
+            raise ImageError(name, f"truncated or corrupt image data ({exc})") from None
+        if isinstance(exc, (ValueError, SyntaxError, EOFError)):
+            raise ImageError(name, f"corrupt image data ({exc})") from None
+        return False
 
 
 def _read_bytes(source: ImageSource, name: str) -> bytes:
@@ -95,14 +197,14 @@ def _read_bytes(source: ImageSource, name: str) -> bytes:
     return data
 
 
-def _check_size(image: Image.Image, name: str) -> None:
+def _check_size(image: Image.Image, name: str, max_pixels: int = MAX_PIXELS) -> None:
     width, height = image.size
     if width <= 0 or height <= 0:
         raise ImageError(name, f"invalid image size {width}x{height}")
-    if width * height > MAX_PIXELS:
+    if width * height > max_pixels:
         raise ImageError(
             name,
-            f"refused as a decompression bomb ({width}x{height} pixels, limit {MAX_PIXELS})",
+            f"refused as a decompression bomb ({width}x{height} pixels, limit {max_pixels})",
         )
 
 

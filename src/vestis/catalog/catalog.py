@@ -285,15 +285,24 @@ class Catalog:
     def __enter__(self) -> Catalog:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, exc, traceback) -> None:
+        if exc is None:
+            self.close()
+            return
+        # The error in flight is the one to report: saving the index again on the way out
+        # (after a full disk, say) must not hide it behind a second failure.
+        with contextlib.suppress(Exception):
+            self.close()
 
     def close(self) -> None:
+        """Save the index if it changed, then close the store (also when the save fails)."""
         with self._lock:
-            if self._index_dirty:
-                with self._write_lock():
-                    self._save_index()
-            self._store.close()
+            try:
+                if self._index_dirty:
+                    with self._write_lock():
+                        self._save_index()
+            finally:
+                self._store.close()
 
     def __len__(self) -> int:
         return self._store.count_items()

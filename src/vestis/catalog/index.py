@@ -13,7 +13,9 @@ and again after every load.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -330,14 +332,19 @@ class FaissIndex:
         for all three): an untrained index keeps what it holds."""
         path = Path(path)
         deleted = np.fromiter(sorted(self._deleted), dtype=np.int64, count=len(self._deleted))
-        with atomic_path(tombstone_path(path)) as tmp:
-            _save_array(tmp, deleted)
         ids = np.concatenate([np.zeros(0, dtype=np.int64), *self._staged_ids])
         vectors = np.concatenate([np.zeros((0, self.dim), dtype=np.float32), *self._staged])
-        with atomic_path(staged_path(path)) as tmp:
-            _save_staged(tmp, ids, vectors)
-        with atomic_path(path) as tmp:
-            faiss.write_index(self._index, str(tmp))
+        try:
+            with atomic_path(tombstone_path(path)) as tmp:
+                _save_array(tmp, deleted)
+            with atomic_path(staged_path(path)) as tmp:
+                _save_staged(tmp, ids, vectors)
+            with atomic_path(path) as tmp:
+                faiss.write_index(self._index, str(tmp))
+        except (OSError, RuntimeError) as exc:  # FAISS reports a failed write as RuntimeError
+            if is_disk_full(exc):
+                raise _disk_full(path) from None
+            raise
 
     @classmethod
     def load(cls, path: Path, factory: str, search_params: str = "") -> FaissIndex:
@@ -414,6 +421,27 @@ def _save_array(path: Path, array: np.ndarray) -> None:
 
 def _is_ivf(index: faiss.Index) -> bool:
     return faiss.try_extract_index_ivf(index) is not None
+
+
+class DiskFullError(OSError):
+    """A catalog file could not be written for lack of space (ENOSPC or EDQUOT)."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk is full: an OSError's errno, SQLite's "database or disk
+    is full", or a FAISS write error naming ENOSPC."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "disk is full" in text or os.strerror(errno.ENOSPC) in text
+
+
+def _disk_full(path: Path) -> DiskFullError:
+    error = DiskFullError(f"{path.parent}: the disk is full: the index could not be saved "
+                          "(the database keeps every stored vector; free some space and run "
+                          "the command again)")
+    error.errno = errno.ENOSPC
+    return error
 
 
 def create_index(dim: int, factory: str = DEFAULT_FACTORY, search_params: str = "") -> VectorIndex:

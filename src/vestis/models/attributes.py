@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vestis.images import ImageSource
+from vestis.images import ImageError, ImageSource, describe_source, load_image
 
 #: The model whose pooled features the heads of this module (and Comp-Net) read.
 FEATURE_MODEL = "lite0"
@@ -30,6 +30,8 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_ATTRIBUTE_MODEL = "attributes-lite0"
 #: Families whose predicted top value is stored as ``predicted.<family>`` catalog metadata.
 PREDICTED_PREFIX = "predicted."
+#: The smallest side, in pixels, of a photo the attribute heads will describe.
+MIN_DESCRIBE_SIDE = 32
 
 
 class LabelSpace:
@@ -174,8 +176,15 @@ class AttributeModel:
 
     def describe(self, image: ImageSource, threshold: float = 0.5, top: int = 3) -> Description:
         """The category and, per family, the values at least ``threshold`` likely (at most
-        ``top``, most likely first); a family with none is left out."""
-        return self.describe_features(self.features([image]), threshold, top)[0]
+        ``top``, most likely first); a family with none is left out. A photo under
+        :data:`MIN_DESCRIBE_SIDE` pixels on a side is refused (ImageError): the heads would
+        still name a category, confidently, from a few pixels."""
+        photo = load_image(image)
+        if min(photo.size) < MIN_DESCRIBE_SIDE:
+            raise ImageError(describe_source(image), f"{photo.width}x{photo.height} pixels is "
+                             f"too small to describe (at least {MIN_DESCRIBE_SIDE}x"
+                             f"{MIN_DESCRIBE_SIDE} is needed)")
+        return self.describe_features(self.features([photo]), threshold, top)[0]
 
     def _describe_row(self, attribute_p, category_p, threshold, top) -> Description:
         families = {}

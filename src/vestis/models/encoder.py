@@ -26,6 +26,19 @@ from vestis.models.registry import create_model
 BATCH_SIZE = 16
 
 
+class BadImagesError(ImageError):
+    """Several images could not be used: ``errors`` holds each one's ImageError; the
+    message lists them, one per line."""
+
+    def __init__(self, errors: Sequence[ImageError]):
+        ValueError.__init__(self, f"{len(errors)} images could not be used:\n"
+                            + "\n".join(f"  {error}" for error in errors))
+        self.errors = list(errors)
+        self.source = errors[0].source
+        others = "; ".join(str(error) for error in errors[1:])
+        self.reason = f"{errors[0].reason} (and {len(errors) - 1} more: {others})"
+
+
 @dataclass
 class EncodedBatch:
     """Vectors for the good images of one batch, and the errors of the bad ones."""
@@ -141,12 +154,18 @@ class Encoder:
         *,
         progress: bool = False,
     ) -> np.ndarray:
-        """Embed every source; raises :class:`ImageError` for the first bad image."""
+        """Embed every source. Bad images do not stop it: once all are read, one bad image
+        raises its :class:`ImageError`, several raise :class:`BadImagesError` listing every
+        one (so ``vestis eval`` names all the bad files of a dataset at once)."""
         out = np.zeros((len(sources), self.dim), dtype=np.float32)
+        errors: list[ImageError] = []
         for batch in self.iter_batches(sources, boxes, progress=progress):
-            if batch.errors:
-                raise batch.errors[0][1]
+            errors += [error for _, error in batch.errors]
             out[batch.indices] = batch.vectors
+        if len(errors) == 1:
+            raise errors[0]
+        if errors:
+            raise BadImagesError(errors)
         return out
 
     def embed_in_context(

@@ -23,6 +23,13 @@ from vestis.detect.groups import GARMENT_GROUPS
 from vestis.images import ImageError
 from vestis.serve.auth import open_access, token_checker
 from vestis.serve.limits import BodySizeLimit
+from vestis.serve.pool import (
+    DEFAULT_QUEUE,
+    DEFAULT_WORKERS,
+    RETRY_AFTER_S,
+    BusyError,
+    InferencePool,
+)
 from vestis.serve.service import (
     CatalogService,
     ItemExistsError,
@@ -176,14 +183,17 @@ def create_app(
     token: str | None = None,
     private: bool = False,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+    workers: int = DEFAULT_WORKERS,
+    queue: int = DEFAULT_QUEUE,
 ) -> FastAPI:
     """An app serving the catalog in ``catalog_dir``.
 
     The model loads in a background thread at start-up; ``/health`` answers 503 until it
     is ready. Writes need ``token`` (without one they are disabled); ``private`` makes
-    every read need it too.
+    every read need it too. At most ``workers`` requests decode photos or run the model at
+    once, ``queue`` more wait, and the rest get 503 with Retry-After at once.
     """
-    service = CatalogService(catalog_dir)
+    service = CatalogService(catalog_dir, pool=InferencePool(workers, queue))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -225,6 +235,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ReadOnlyCatalogError)
     async def read_only(request: Request, exc: ReadOnlyCatalogError):
         return JSONResponse({"detail": str(exc)}, status_code=403)
+
+    @app.exception_handler(BusyError)
+    async def busy(request: Request, exc: BusyError):
+        return JSONResponse({"detail": str(exc)}, status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
 
     @app.exception_handler(NotReadyError)
     async def not_ready(request: Request, exc: NotReadyError):
@@ -268,14 +283,16 @@ def _add_search_routes(app: FastAPI, service: CatalogService, read: Callable) ->
         if garment and garment not in GARMENT_GROUPS:
             raise HTTPException(422, f"garment: one of {', '.join(GARMENT_GROUPS)}, got "
                                      f"{garment!r}")
-        data = image.file.read()
-        try:
+        def work():
+            data = image.file.read()
             if text and text.strip():
-                result = service.search_photo_text(data, text, k, filters,
-                                                   text_weight=text_weight)
-            else:
-                result = service.search(data, k, filters, whole=whole,
-                                        garment=garment or None, compatible=not any_group)
+                return service.search_photo_text(data, text, k, filters,
+                                                 text_weight=text_weight)
+            return service.search(data, k, filters, whole=whole, garment=garment or None,
+                                  compatible=not any_group)
+
+        try:
+            result = service.run(work)
         except ImageError as exc:
             raise _image_error(image.filename, exc) from None
         garments = [
@@ -315,7 +332,8 @@ def _add_text_routes(app: FastAPI, service: CatalogService, read: Callable) -> N
             raise HTTPException(422, f"mode: one of {', '.join(TEXT_MODES)}, got {mode!r}")
         if not text.strip():
             raise HTTPException(422, "text: the query is empty")
-        matches = service.search_text(text, k, _parse_filters(where), mode=mode)
+        filters = _parse_filters(where)
+        matches = service.run(lambda: service.search_text(text, k, filters, mode=mode))
         return TextSearchOut(text=text, k=k, matches=[_match_out(m) for m in matches],
                              took_ms=round((time.perf_counter() - started) * 1000, 1))
 
@@ -339,9 +357,11 @@ def _add_video_routes(app: FastAPI, service: CatalogService, read: Callable) -> 
         if fusion not in FUSIONS:
             raise HTTPException(422, f"fusion: one of {', '.join(FUSIONS)}, got {fusion!r}")
         suffix = Path(video.filename or "").suffix.lower()[:8] or ".mp4"
+        filters = _parse_filters(where)
         try:
-            tracks = service.search_video(video.file.read(), suffix, k, fusion=fusion,
-                                          every=every, where=_parse_filters(where))
+            tracks = service.run(lambda: service.search_video(
+                video.file.read(), suffix, k, fusion=fusion, every=every, where=filters,
+                name=_client_name(video.filename)))
         except VideoError as exc:
             raise HTTPException(422, str(exc)) from None
         out = []
@@ -365,9 +385,10 @@ def _add_outfit_routes(app: FastAPI, service: CatalogService, read: Callable) ->
     ) -> CompleteOut:
         """Complete the look: catalog items that go with the garment (Comp-Net)."""
         started = time.perf_counter()
+        filters = _parse_filters(where)
         try:
-            result = service.complete(image.file.read(), k, exclude_category=not same_category,
-                                      where=_parse_filters(where))
+            result = service.run(lambda: service.complete(
+                image.file.read(), k, exclude_category=not same_category, where=filters))
         except ImageError as exc:
             raise _image_error(image.filename, exc) from None
         return CompleteOut(category=result.category, k=k,
@@ -379,7 +400,7 @@ def _add_outfit_routes(app: FastAPI, service: CatalogService, read: Callable) ->
     def describe(image: UploadFile = File(..., description="Photo of a garment.")) -> dict:
         """The garment's predicted category and attributes."""
         try:
-            return service.describe(image.file.read())
+            return service.run(lambda: service.describe(image.file.read()))
         except ImageError as exc:
             raise _image_error(image.filename, exc) from None
 
@@ -411,9 +432,10 @@ def _add_item_routes(
     ) -> ItemOut:
         """Add a new item with its photos and metadata. Nothing is written if any part fails."""
         fields = _parse_json_object(metadata)
-        uploads = [Upload(upload.filename or "upload", upload.file.read()) for upload in images]
         try:
-            item = service.add_item(uploads, item_id or None, fields)
+            item = service.run(lambda: service.add_item(
+                [Upload(upload.filename or "upload", upload.file.read()) for upload in images],
+                item_id or None, fields))
         except ImageError as exc:
             raise _image_error(exc.source, exc) from None
         except ItemExistsError as exc:
@@ -536,6 +558,12 @@ def _image_error(filename: str | None, exc: ImageError) -> HTTPException:
     status = 415 if exc.reason.startswith("not an image") else 422
     reason = " ".join(exc.reason.split())  # one line, whatever the decoder said
     return HTTPException(status, f"{filename or 'upload'}: {reason}")
+
+
+def _client_name(filename: str | None) -> str:
+    """The client's file name, as messages show it: its last part, on one line."""
+    name = Path((filename or "").replace("\\", "/")).name
+    return " ".join(name.split())[:100] or "upload"
 
 
 def _image_url(image_id: int) -> str:

@@ -3,6 +3,13 @@
 Concurrency: the catalog serialises its own index and store access. Embedding (the slow
 part) runs outside any lock, so searches proceed while another request adds an item; one
 service-level lock makes each write's check-then-change atomic.
+
+Memory: uploaded photos are decoded straight to at most ``work_side`` pixels on their long
+side (:func:`vestis.images.load_reduced`) and refused over ``max_pixels`` (a quarter of the
+command line's cap); boxes are given back in the full photo's pixels. Requests that decode
+or run the model hold a slot of :attr:`CatalogService.pool` (:meth:`CatalogService.slot`),
+so at most ``workers`` photos are in memory at once; ``POST /items`` decodes and embeds its
+photos one at a time.
 """
 
 from __future__ import annotations
@@ -15,11 +22,12 @@ import stat
 import threading
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
 from PIL import Image
 
 from vestis.atomic import write_atomic
@@ -27,11 +35,20 @@ from vestis.catalog import Catalog, GarmentHits, Item, ReadOnlyCatalogError
 from vestis.catalog.catalog import DB_NAME, RESERVED_KEYS, content_hash
 from vestis.catalog.garments import GARMENT_KEY, WHOLE_IMAGE
 from vestis.catalog.store import ImageRow
-from vestis.images import Box, ImageError, load_image
+from vestis.images import (
+    SERVER_MAX_PIXELS,
+    WORK_SIDE,
+    Box,
+    ImageError,
+    Reduced,
+    load_reduced,
+)
+from vestis.serve.pool import InferencePool
 
 if TYPE_CHECKING:
     from vestis.catalog.outfits import OutfitResult
 
+T = TypeVar("T")
 UPLOADS_DIR = "uploads"
 ITEM_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_METADATA_KEYS = 100
@@ -83,7 +100,11 @@ class Upload:
 class CatalogService:
     """One catalog, its model loaded once, shared by every request thread."""
 
-    def __init__(self, catalog_dir: str | Path):
+    def __init__(self, catalog_dir: str | Path, *, pool: InferencePool | None = None,
+                 max_pixels: int = SERVER_MAX_PIXELS, work_side: int = WORK_SIDE):
+        self.pool = pool or InferencePool()
+        self.max_pixels = max_pixels
+        self.work_side = work_side
         self.path = Path(catalog_dir).expanduser().absolute()
         if not (self.path / DB_NAME).exists():
             raise FileNotFoundError(
@@ -119,6 +140,7 @@ class CatalogService:
         return self._loaded.wait(timeout)
 
     def close(self) -> None:
+        self.pool.close()
         if self._catalog is not None:
             self._catalog.close()
 
@@ -136,6 +158,18 @@ class CatalogService:
             )
         return self._catalog
 
+    def run(self, work: Callable[[], T]) -> T:
+        """``work()`` on one of the pool's workers (BusyError when all are taken and the
+        queue is full): the HTTP routes that decode a photo or run the model do it so."""
+        return self.pool.run(work)
+
+    def decode(self, data: bytes, name: str = "upload") -> Reduced:
+        """An uploaded photo at the server's working size; ImageError names ``name``."""
+        try:
+            return load_reduced(data, max_side=self.work_side, max_pixels=self.max_pixels)
+        except ImageError as exc:
+            raise ImageError(name, exc.reason) from None
+
     # -- reads -------------------------------------------------------------------------
     def search_text(self, text: str, k: int, where: dict[str, str] | None = None, *,
                     mode: str = "hybrid") -> list:
@@ -150,11 +184,11 @@ class CatalogService:
         """Items like an uploaded photo, as a text changes it ("but in red")."""
         from vestis.text.search import search_image_text
 
-        image = load_image(data)
-        matches = search_image_text(self.catalog, image, text, k, text_weight,
+        photo = self.decode(data)
+        matches = search_image_text(self.catalog, photo.image, text, k, text_weight,
                                     where=where or None)
-        box = (0, 0, image.width, image.height)
-        return SearchResult(image.width, image.height, [GarmentHits(WHOLE_IMAGE, box, 1.0,
+        box = (0, 0, photo.width, photo.height)
+        return SearchResult(photo.width, photo.height, [GarmentHits(WHOLE_IMAGE, box, 1.0,
                                                                     matches)])
 
     def search(self, data: bytes, k: int, where: dict[str, str] | None = None, *,
@@ -163,36 +197,43 @@ class CatalogService:
         """Search every garment of an uploaded photo (or, with ``whole``, the photo as one
         query); raises ImageError for a bad photo. See :meth:`Catalog.search_garments`."""
         catalog = self.catalog
-        image = load_image(data)
+        photo = self.decode(data)
         if whole:
-            box = (0, 0, image.width, image.height)
+            box = (0, 0, photo.width, photo.height)
             hits = [GarmentHits(WHOLE_IMAGE, box, 1.0,
-                                catalog.search(image, k, where=where or None))]
+                                catalog.search(photo.image, k, where=where or None))]
         else:
-            hits = catalog.search_garments(image, k, garment=garment, compatible=compatible,
-                                           where=where or None)
-        return SearchResult(image.width, image.height, hits)
+            found = catalog.search_garments(photo.image, k, garment=garment,
+                                            compatible=compatible, where=where or None)
+            hits = [replace(hit, box=photo.full_box(hit.box)) for hit in found]
+        return SearchResult(photo.width, photo.height, hits)
 
     def search_video(self, data: bytes, suffix: str, k: int, *, fusion: str = "learned",
-                     every: int = 25, where: dict[str, str] | None = None) -> list:
+                     every: int = 25, where: dict[str, str] | None = None,
+                     name: str = "upload") -> list:
         """Tracks of an uploaded video and their matches (see
-        :func:`vestis.video.search.search_video`); raises ``VideoError`` for a bad file. The
+        :func:`vestis.video.search.search_video`); raises ``VideoError`` for a bad file,
+        naming it ``name`` (the server's temporary path never reaches the client). The
         upload goes to a temporary file (containers such as MP4 need seeking), removed after."""
         import tempfile
 
+        from vestis.video.reader import VideoError
         from vestis.video.search import search_video
 
         catalog = self.catalog
         with tempfile.NamedTemporaryFile(suffix=suffix) as handle:
             handle.write(data)
             handle.flush()
-            return search_video(catalog, handle.name, k, fusion=fusion, every=every,
-                                where=where or None)
+            try:
+                return search_video(catalog, handle.name, k, fusion=fusion, every=every,
+                                    where=where or None)
+            except VideoError as exc:
+                reason = exc.reason.replace(handle.name, name)
+                raise VideoError(name, reason.replace(Path(handle.name).name, name)) from None
 
     def describe(self, data: bytes) -> dict[str, Any]:
         """The attribute heads' reading of an uploaded photo (category and attributes)."""
-        image = load_image(data)
-        return self._attributes().describe(image).to_dict()
+        return self._attributes().describe(self.decode(data).image).to_dict()
 
     def complete(self, data: bytes, k: int, *, exclude_category: bool = True,
                  where: dict[str, str] | None = None) -> OutfitResult:
@@ -200,7 +241,7 @@ class CatalogService:
         from vestis.catalog.outfits import complete_outfit
 
         catalog = self.catalog
-        image = load_image(data)  # only the upload's ImageError is the client's
+        image = self.decode(data).image  # only the upload's ImageError is the client's
         try:
             return complete_outfit(catalog, image, k, model=self._outfits(),
                                    exclude_category=exclude_category, where=where or None)
@@ -300,9 +341,10 @@ class CatalogService:
         if not uploads:
             raise ValueError("at least one image is needed")
         unique = list({hashlib.sha256(u.data).hexdigest(): u for u in uploads}.values())
-        images = [_decode(upload) for upload in unique]
-        boxes, image_metadata = self._garments(images, metadata)
-        vectors = catalog.encoder.embed_in_context(images, boxes)
+        embedded = [self._embed_upload(upload, metadata) for upload in unique]
+        vectors = np.stack([vector for vector, _, _ in embedded])
+        boxes = [box for _, box, _ in embedded]
+        image_metadata = [fields for _, _, fields in embedded]
         with self._write_lock:
             if item_id in catalog:
                 raise ItemExistsError(f"item {item_id!r} already exists; PATCH it or DELETE it")
@@ -331,19 +373,19 @@ class CatalogService:
                 path.unlink(missing_ok=True)
         return item
 
-    def _garments(self, images: list[Image.Image], metadata: dict[str, Any]
-                  ) -> tuple[list[Box | None], list[dict[str, Any]]]:
-        """Each photo's box (its garment, in a catalog indexed with ``crop="garment"``) and
-        metadata (with the ``garment`` group, when known)."""
+    def _embed_upload(self, upload: Upload, metadata: dict[str, Any]
+                      ) -> tuple[np.ndarray, Box | None, dict[str, Any]]:
+        """One photo's vector, box (its garment, in a catalog indexed with
+        ``crop="garment"``, in the full photo's pixels) and metadata (with the ``garment``
+        group, when known). Only this photo's pixels are in memory meanwhile."""
         catalog = self.catalog
+        photo = self.decode(upload.data, upload.filename or "upload")
         group = catalog.cropper.group_of(metadata)
-        if catalog.crop_mode == "garment":
-            located = [catalog.cropper.locate(image, group) for image in images]
-        else:
-            located = [(None, group) for _ in images]
-        return ([box for box, _ in located],
-                [{**metadata, GARMENT_KEY: found} if found else dict(metadata)
-                 for _, found in located])
+        box, found = (catalog.cropper.locate(photo.image, group)
+                      if catalog.crop_mode == "garment" else (None, group))
+        vector = catalog.encoder.embed_in_context([photo.image], [box])[0]
+        fields = {**metadata, GARMENT_KEY: found} if found else dict(metadata)
+        return vector, photo.full_box(box) if box is not None else None, fields
 
     def update_item(self, item_id: str, metadata: dict[str, Any]) -> Item:
         check_metadata(metadata, allow_none=True)
@@ -407,13 +449,6 @@ def check_metadata(metadata: Any, *, allow_none: bool) -> None:
             raise ValueError(f"metadata {key!r} must be a string, number or boolean")
         if isinstance(value, str) and len(value) > MAX_VALUE_LENGTH:
             raise ValueError(f"metadata {key!r} is longer than {MAX_VALUE_LENGTH} characters")
-
-
-def _decode(upload: Upload) -> Image.Image:
-    try:
-        return load_image(upload.data)
-    except ImageError as exc:
-        raise ImageError(upload.filename or "upload", exc.reason) from None
 
 
 def _format(data: bytes) -> str | None:
