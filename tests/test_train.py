@@ -64,6 +64,16 @@ def test_bad_recipes_are_refused_before_training(tmp_path):
         load_config({"data": {"sources": [{"kind": "imagenet", "path": "."}]}})
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match="'margn'.*it takes: margin, mining"):
+        load_config(CONFIGS / "triplet.yaml", {"loss": {"margn": 0.3}})
+    with pytest.raises(ValueError, match="loss 'htl' has no parameter 'margin'"):
+        load_config(CONFIGS / "htl.yaml", {"loss": {"margin": 0.3}})
+    with pytest.raises(ValueError, match="unknown sampler key.*kk"):
+        load_config(CONFIGS / "triplet.yaml", {"sampler": {"kk": 4}})
+    with pytest.raises(ValueError, match=r"unknown recipe key.*: epoch$"):
+        load_config(CONFIGS / "triplet.yaml", {"epoch": 4})
+    with pytest.raises(ValueError, match="unknown data source key.*spilt_by"):
+        load_config({"data": {"sources": [{"kind": "luma", "path": ".", "spilt_by": "x"}]}})
     with pytest.raises(ValueError, match="data.folds"):
         load_config(CONFIGS / "triplet.yaml", {"data": {"folds": 1}})
     with pytest.raises(ValueError, match="data.fold must"):

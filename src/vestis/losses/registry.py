@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +40,7 @@ def create_loss(
     name = params.pop("name", None)
     if name not in _LOSSES:
         raise ValueError(f"unknown loss {name!r}; one of {', '.join(list_losses())}")
+    check_parameters(name, params)
     return _LOSSES[name](
         num_labels=num_labels,
         num_categories=num_categories,
@@ -46,3 +48,27 @@ def create_loss(
         embed_dim=embed_dim,
         **params,
     )
+
+
+#: What the trainer passes to every loss; recipes never set these.
+_DIMENSIONS = frozenset({"num_labels", "num_categories", "feature_dim", "embed_dim"})
+
+
+def loss_parameters(name: str) -> list[str]:
+    """The recipe keys loss ``name`` takes (its constructor's named parameters)."""
+    signature = inspect.signature(_LOSSES[name])
+    return [parameter.name for parameter in signature.parameters.values()
+            if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+            and parameter.name not in _DIMENSIONS]
+
+
+def check_parameters(name: str, params: dict[str, Any]) -> None:
+    """Refuse an unknown loss, or a recipe key the loss does not take (``margn: 0.3`` would
+    otherwise be ignored)."""
+    if name not in _LOSSES:
+        raise ValueError(f"unknown loss {name!r}; one of {', '.join(list_losses())}")
+    known = loss_parameters(name)
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise ValueError(f"loss {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+                         f"it takes: {', '.join(known) or 'none'}")

@@ -35,7 +35,9 @@ DEFAULTS: dict[str, Any] = {
         # convolution alone) on cached lower-stage maps. null trains the head only.
         "finetune_from_stage": None,
     },
-    "loss": {"name": "triplet", "margin": 0.2, "mining": "batch-hard"},
+    # Only the name: a recipe's loss takes its own parameters (and their defaults), never
+    # another loss's (losses refuse keys they do not take).
+    "loss": {"name": "triplet"},
     # balance_sources: each data source gets an equal share of a batch's labels, however
     # many labels it has (else labels are drawn uniformly).
     "sampler": {"p": 16, "k": 4, "hard_negative_fraction": 0.25, "balance_sources": False},
@@ -61,6 +63,20 @@ DEFAULTS: dict[str, Any] = {
 }
 
 KNOWN_SOURCE_KINDS = ("luma", "clothing", "csv")
+#: Keys a recipe may set, per section (the model section depends on the architecture).
+SECTION_KEYS: dict[str, frozenset[str]] = {
+    "data": frozenset({"sources", "max_images", "folds", "fold"}),
+    "sampler": frozenset({"p", "k", "hard_negative_fraction", "balance_sources",
+                          "batches_per_epoch"}),
+    "optimizer": frozenset({"name", "lr", "weight_decay", "backbone_lr_scale"}),
+    "schedule": frozenset({"name", "warmup_epochs"}),
+    "augment": frozenset({"crop_scale", "crop_ratio", "scale", "flip", "rotate", "perspective",
+                          "blur", "brightness", "contrast"}),
+    "cache": frozenset({"views", "synthetic_fraction", "backgrounds", "dir"}),
+}
+SOURCE_KEYS = frozenset({"name", "kind", "path", "split_by", "val_fraction", "instances",
+                         "validation_only", "max_images", "label_column", "category_column",
+                         "group_column", "extra_columns"})
 
 
 def load_config(source: str | Path | dict, overrides: dict | None = None) -> dict[str, Any]:
@@ -96,7 +112,26 @@ def resolve_path(value: str, base_dir: Path) -> Path:
     raise FileNotFoundError(f"{value}: not found (relative to {Path.cwd()} or {base_dir})")
 
 
+def check_keys(config: dict[str, Any]) -> None:
+    """Refuse a misspelled or unknown key, naming it, before any work starts."""
+    from vestis.losses.registry import check_parameters
+
+    _refuse(set(config) - set(DEFAULTS), "recipe")
+    for section, known in SECTION_KEYS.items():
+        _refuse(set(config[section]) - known, section)
+    for source in config["data"]["sources"]:
+        _refuse(set(source) - SOURCE_KEYS, "data source")
+    params = dict(config["loss"])
+    check_parameters(params.pop("name", None), params)
+
+
+def _refuse(unknown: set[str], where: str) -> None:
+    if unknown:
+        raise ValueError(f"unknown {where} key(s): {', '.join(sorted(unknown))}")
+
+
 def validate(config: dict[str, Any]) -> None:
+    check_keys(config)
     sources = config["data"]["sources"]
     if not sources:
         raise ValueError("data.sources is empty: name at least one training source")
