@@ -14,9 +14,10 @@ triplet loss was tried first: on the same splits it barely moved held-out R@1.
 It checks itself first: a share of the products (grouped by a ``product`` column when the
 source has one, so that colours of one design stay together) is held out, the map is
 trained on the rest, and both models are scored on the held-out products, which neither
-saw (leave-one-out by item, paired bootstrap interval). When the adapted map is no better
-(R@1 and mAP averaged), the written checkpoint is the base unchanged (the identity map) and
-the report says so. Otherwise the map is trained again on every product and written.
+saw (leave-one-out by item, paired bootstrap interval). Unless the map is better beyond the
+noise (the 95 % interval of its gain in R@1 and AP, averaged, lies above 0), the written
+checkpoint is the base unchanged (the identity map) and the report says so. Otherwise the
+map is fitted again on every product and written.
 """
 
 from __future__ import annotations
@@ -33,7 +34,12 @@ from tqdm.auto import tqdm
 
 from vestis.catalog.sources import IngestRecord, read_source
 from vestis.data import TrainSample, build_train_transform, split_by_group
-from vestis.evaluation import Comparison, compare_results, retrieval_metrics
+from vestis.evaluation import (
+    Comparison,
+    bootstrap_intervals,
+    compare_results,
+    retrieval_metrics,
+)
 from vestis.images import ImageError, crop_box, load_image
 from vestis.models import DEFAULT_MODEL, Encoder, save_checkpoint
 from vestis.models.adapted import AdaptedNet
@@ -87,8 +93,8 @@ def adapt(
     views, labels = _training_views(encoder, train_part, vectors, samples, options, deadline,
                                     progress)
     weight = fit_map(torch.from_numpy(views), _coded(labels), options["shrinkage"]).float()
-    comparison = _check(weight, vectors, samples, held_out)
-    kept = comparison.difference["R@1"] + comparison.difference["mAP"] > 0
+    comparison, gain = _check(weight, vectors, samples, held_out)
+    kept = gain[0] > 0
     if kept:  # the check passed: learn the map from every product
         more, more_labels = _training_views(encoder, held_out, vectors, samples, options,
                                             deadline, progress)
@@ -205,8 +211,10 @@ def fit_map(vectors: torch.Tensor, labels: torch.Tensor, shrinkage: float) -> to
 
 
 def _check(weight: torch.Tensor, vectors: np.ndarray, samples: list[TrainSample],
-           held_out: list[TrainSample]) -> Comparison:
-    """Adapted against base on the held-out products, leave-one-out among their photos."""
+           held_out: list[TrainSample]) -> tuple[Comparison, tuple[float, float]]:
+    """Adapted against base on the held-out products, leave-one-out among their photos; and
+    the 95 % interval of the gain in (R@1 + AP) / 2, whose lower bound must exceed 0 for the
+    map to be kept (a gain within the noise of a small check is not one)."""
     row = {sample.path: i for i, sample in enumerate(samples)}
     base = vectors[[row[sample.path] for sample in held_out]]
     adapted = F.normalize(torch.from_numpy(base) @ weight.T, dim=1).numpy()
@@ -215,7 +223,10 @@ def _check(weight: torch.Tensor, vectors: np.ndarray, samples: list[TrainSample]
                                  query_gallery_index=np.arange(len(labels)))
                for v in (adapted, base)]
     groups = [labels[i] for i in results[0].query_indices]
-    return compare_results(*results, groups)
+    adapted_values, base_values = results[0].per_query(), results[1].per_query()
+    gain = {"score": (adapted_values["R@1"] - base_values["R@1"]
+                      + adapted_values["mAP"] - base_values["mAP"]) / 2}
+    return compare_results(*results, groups), bootstrap_intervals(gain, groups)["score"]
 
 
 def _save(base: str, weight: torch.Tensor, report: AdaptReport) -> None:
