@@ -40,8 +40,10 @@ PRETRAIN_DEFAULTS: dict[str, Any] = {"epochs": 10, "max_images": 200, "lr": 3e-3
 UNKNOWN = 255
 
 
-def pretrain_spec(spec: dict | None) -> dict[str, Any] | None:
-    """A recipe's ``model.attention_pretrain`` with defaults filled in; None when absent.
+def pretrain_spec(spec: dict | None, name: str = "attention_pretrain"
+                  ) -> dict[str, Any] | None:
+    """A recipe's ``model.<name>`` (a pre-training stage on CCP masks) with defaults filled
+    in; None when absent.
 
     Refuses an unknown key or a missing ``masks`` before any work starts.
     """
@@ -49,12 +51,12 @@ def pretrain_spec(spec: dict | None) -> dict[str, Any] | None:
         return None
     unknown = set(spec) - PRETRAIN_KEYS
     if unknown:
-        raise ValueError(f"unknown model.attention_pretrain key(s): {', '.join(sorted(unknown))}")
+        raise ValueError(f"unknown model.{name} key(s): {', '.join(sorted(unknown))}")
     if not spec.get("masks"):
-        raise ValueError("model.attention_pretrain needs masks: a CCP annotations.csv")
+        raise ValueError(f"model.{name} needs masks: a CCP annotations.csv")
     spec = {**PRETRAIN_DEFAULTS, **spec}
     if int(spec["epochs"]) < 1 or int(spec["max_images"]) < 1:
-        raise ValueError("model.attention_pretrain: epochs and max_images must be at least 1")
+        raise ValueError(f"model.{name}: epochs and max_images must be at least 1")
     return spec
 
 
