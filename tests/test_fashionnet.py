@@ -1,20 +1,34 @@
-"""FashionNet-style landmark pooling: where the local features are sampled, what the parser's
-landmarks look like on real photos, and the recipe end to end."""
+"""FashionNet: the landmark branch (trained on landmarks read off CCP masks), pooling at the
+predicted landmarks, the joint loss, and the recipe end to end."""
 
 from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+import torch.nn.functional as F
 
+import vestis.models.fashionnet as fashionnet_module
+from tests.conftest import require_data
 from tests.smoke import smoke, smoke_log_rows
-from vestis.detect.landmarks import LANDMARKS
-from vestis.images import load_image
+from vestis.detect.groups import GROUPS
+from vestis.detect.landmarks import LANDMARKS, described_garment, garment_landmarks
+from vestis.losses import LandmarkLoss, TrainBatch, create_loss
 from vestis.models import Encoder, create_model
-from vestis.models.fashionnet import FashionNet, described_garment
+from vestis.models.fashionnet import FashionNet, LandmarkHead, cell_centres
+from vestis.train.landmark_targets import (
+    fit_landmarks,
+    landmark_error,
+    landmark_set,
+    letterboxed_points,
+)
 
-SMOKE = smoke(max_images=32, batches_per_epoch=4)
+SMOKE = {**smoke(max_images=32, batches_per_epoch=4),
+         "model": {"landmark_pretrain": {"max_images": 6, "epochs": 3}}}
 
 
 @pytest.fixture(scope="module")
@@ -39,20 +53,6 @@ def test_local_features_are_the_map_at_each_visible_landmark(model):
     assert torch.linalg.norm(local) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_landmarks_of_a_real_garment_and_of_an_empty_image(model, data_dir):
-    photo = load_image(data_dir / "luma" / "images" / "mh06-black_main.jpg")
-    blank = Image.new("RGB", photo.size, (200, 200, 200))
-    batch = torch.from_numpy(np.stack([model.preprocess(photo), model.preprocess(blank)]))
-    points, visible = model.landmarks(batch)
-    assert points.shape == (2, len(LANDMARKS), 2) and visible.shape == (2, len(LANDMARKS))
-    assert visible[0].sum() >= 6 and visible[1].sum() == 0
-    seen = points[0][visible[0] > 0]
-    assert seen.abs().max() <= 1
-    names = dict(zip(LANDMARKS, points[0].tolist(), strict=True))
-    assert names["left_collar"][1] < names["left_hem"][1]  # the collar is above the hem
-    assert names["left_sleeve"][0] < names["right_sleeve"][0]
-
-
 def test_the_described_garment_is_the_largest_body_garment():
     labels = np.zeros((40, 40), dtype=np.uint8)
     labels[2:10, 2:10] = 6  # footwear: never described
@@ -63,18 +63,157 @@ def test_the_described_garment_is_the_largest_body_garment():
     assert described_garment(np.zeros((8, 8), dtype=np.uint8)) == (None, None)
 
 
-def test_the_parser_is_not_part_of_the_state_and_onnx_is_refused(model):
-    assert model.parser is not None
+def test_the_model_predicts_its_own_landmarks_without_the_parser(model):
+    tree = ast.parse(Path(fashionnet_module.__file__).read_text())
+    imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    imported += [a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for a in node.names]
+    assert not any(name.startswith("vestis.detect") for name in imported)  # no layer cycle
     assert not any("parser" in key for key in model.state_dict())
+    assert any(key.startswith("landmark_head.") for key in model.state_dict())
     assert Encoder(model).backend_name == "torch"
     with pytest.raises(ValueError, match="does not export to ONNX"):
         Encoder(model, backend="onnx")
+
+
+def test_the_landmark_location_is_the_soft_argmax_of_its_heat_map():
+    head = LandmarkHead(channels=4, count=8, width=8)
+    with torch.no_grad():
+        head.heatmaps.weight.zero_()
+        head.heatmaps.bias.zero_()
+    stage_map = torch.randn(2, 4, 14, 10)
+    points, logits = head(stage_map)
+    assert points.shape == (2, 8, 2) and logits.shape == (2, 8)
+    assert torch.allclose(points, torch.zeros_like(points), atol=1e-6)  # flat: the centre
+    hidden = torch.zeros(1, 8, 14, 10)
+    hidden[0, :, 3, 7] = 50.0  # one peak, at row 3, column 7
+    weights = hidden.flatten(2).softmax(-1).view_as(hidden)
+    x = (weights.sum(2) * cell_centres(10)).sum(-1)
+    assert x[0, 0].item() == pytest.approx((7 + 0.5) / 10 * 2 - 1, abs=1e-4)
+
+
+def test_local_features_are_pooled_at_the_predicted_landmarks(model):
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 224, 224)
+    model.eval()
+    with torch.no_grad():
+        stage_map = model.landmark_map(images)
+        points, visible = model.landmarks(images)
+        local = model.extract(images)[:, model.global_dim:]
+        expected = model.local_features(stage_map, points, visible)
+        model.landmark_head.heatmaps.bias[:] = torch.linspace(-3, 3, 8)
+        model.landmark_head.heatmaps.weight.normal_(0, 1.0)
+        moved, _ = model.landmarks(images)
+        moved_local = model.extract(images)[:, model.global_dim:]
+    assert torch.allclose(local, expected, atol=1e-5)
+    assert (moved - points).abs().max() > 0.05
+    assert (moved_local - local).abs().max() > 1e-3  # the pooling follows the prediction
+
+
+# -- landmark targets and the landmark branch's training --------------------------------------
+def test_landmark_targets_are_the_mask_landmarks_placed_in_the_letterboxed_input():
+    groups = np.zeros((100, 60), np.uint8)  # a tall photo: columns 42-181 of a 224 square
+    groups[20:80, 10:50] = GROUPS.index("upper")
+    found = garment_landmarks(groups)
+    points = letterboxed_points(found.points, 60, 100, 224)
+    assert found.visible.all()
+    width = round(60 * 2.24)  # 134 columns, centred
+    pixel = (points + 1) / 2 * 224  # back to the square's pixels
+    left = (224 - width) // 2
+    assert np.allclose(pixel[:, 0], left + (found.points[:, 0] + 0.5) * width / 60, atol=1e-3)
+    assert np.allclose(pixel[:, 1], (found.points[:, 1] + 0.5) * 2.24, atol=1e-3)
+    blank = garment_landmarks(np.zeros((10, 10), np.uint8))
+    assert not blank.visible.any()
+
+
+def test_the_landmark_loss_regresses_visible_locations_and_classifies_visibility():
+    criterion = LandmarkLoss()
+    target = (torch.zeros(1, 8, 2), torch.tensor([[1.0] * 4 + [0.0] * 4]))
+    points = torch.zeros(1, 8, 2)
+    points[0, 4:] = 0.9  # wrong, but on invisible landmarks: no location cost
+    logits = torch.tensor([[20.0] * 4 + [-20.0] * 4])
+    total, parts = criterion((points, logits), target)
+    assert total.item() == pytest.approx(0.0, abs=1e-6)
+    points[0, 0] = torch.tensor([0.3, 0.4])  # squared distance 0.25 on one of four visible
+    total, parts = criterion((points, -logits), target)
+    assert parts["landmark_location"] == pytest.approx(0.25 / 4)
+    assert parts["landmark_visibility"] == pytest.approx(20.0, abs=1e-3)
+
+
+def test_training_the_landmark_branch_on_ccp_masks_lowers_its_error_on_held_out_photos(
+        data_dir):
+    csv_path = require_data(data_dir / "ccp" / "annotations.csv")
+    torch.manual_seed(0)
+    net = create_model("fashionnet", levels=["head"], embed_dim=32)
+    train_set = landmark_set(net, csv_path, 12, seed=0)
+    held_out = landmark_set(net, csv_path, 6, seed=0, skip=12)
+    assert 0.3 < float(train_set.visible.mean()) <= 1
+    frozen = {k: v.clone() for k, v in net.state_dict().items()
+              if not k.startswith("landmark_head.")}
+    before = landmark_error(net, held_out), landmark_error(net, train_set)
+    losses = fit_landmarks(net, train_set, epochs=20)
+    after = landmark_error(net, held_out), landmark_error(net, train_set)
+    assert losses[-1] < 0.5 * losses[0]
+    assert after[1] < 0.5 * before[1]
+    assert after[0] < 0.85 * before[0]  # photos it never saw
+    assert all(torch.equal(v, frozen[k]) for k, v in net.state_dict().items() if k in frozen)
+
+
+# -- the joint loss ----------------------------------------------------------------------------
+def joint_batch(seed: int = 0, attributes: bool = True, landmarks: bool = True) -> TrainBatch:
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(4).repeat_interleave(2)
+    target = (torch.rand(8, 8, 2, generator=generator) * 2 - 1,
+              (torch.rand(8, 8, generator=generator) > 0.3).float())
+    prediction = (torch.zeros(8, 8, 2, requires_grad=True), torch.zeros(8, 8, requires_grad=True))
+    return TrainBatch(
+        embeddings=torch.randn(8, 6, generator=generator, requires_grad=True),
+        features=torch.randn(8, 5, generator=generator, requires_grad=True),
+        labels=labels, categories=torch.tensor([0, 0, 1, 1, 2, 2, -1, -1]),
+        attributes=(torch.tensor([[1, 0, -1]] * 8) if attributes else None),
+        landmark_prediction=prediction if landmarks else None,
+        landmark_target=target if landmarks else None)
+
+
+def test_the_joint_loss_is_triplet_plus_category_plus_attributes_plus_landmarks():
+    torch.manual_seed(0)
+    loss = create_loss({"name": "fashionnet", "attributes": 3, "category_weight": 0.5,
+                        "attribute_weight": 2.0, "landmark_weight": 3.0},
+                       num_labels=4, num_categories=3, feature_dim=5, embed_dim=6)
+    batch = joint_batch()
+    output = loss(batch)
+    triplet = loss.triplet(F.normalize(batch.embeddings, dim=1), batch.labels)
+    category = F.cross_entropy(loss.classifier(batch.features[:6]), batch.categories[:6])
+    logits = loss.attribute_head(batch.features)[:, :2]
+    attribute = F.binary_cross_entropy_with_logits(logits, batch.attributes[:, :2].float())
+    landmark, _ = LandmarkLoss()(batch.landmark_prediction, batch.landmark_target)
+    expected = triplet + 0.5 * category + 2.0 * attribute + 3.0 * landmark
+    assert output.total.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert {"triplet", "category_ce", "attribute_bce", "landmark_location",
+            "landmark_visibility"} <= set(output.parts)
+    output.total.backward()
+    assert batch.landmark_prediction[0].grad.abs().sum() > 0
+    assert loss.classifier.weight.grad.abs().sum() > 0
+    assert loss.attribute_head.weight.grad.abs().sum() > 0
+
+
+def test_the_joint_loss_uses_only_the_targets_the_batch_has():
+    loss = create_loss({"name": "fashionnet"}, num_labels=4, num_categories=3, feature_dim=5,
+                       embed_dim=6)
+    batch = joint_batch(attributes=False, landmarks=False)
+    batch.categories = torch.full((8,), -1)
+    output = loss(batch)
+    assert set(output.parts) == {"triplet"}
+    assert output.total.item() == pytest.approx(output.parts["triplet"], rel=1e-6)
 
 
 @pytest.mark.train
 def test_the_fashionnet_recipe_trains_end_to_end_on_a_smoke_budget(tmp_path, data_dir):
     rows = smoke_log_rows("fashionnet", tmp_path, SMOKE)
     assert all(np.isfinite(float(row["triplet"])) for row in rows)
+    assert all(np.isfinite(float(row["category_ce"])) for row in rows)  # the joint loss
+    summary = json.loads((tmp_path / "landmark_pretrain.json").read_text())
+    assert summary["images"] == 6 and summary["error_after"] < summary["error_before"]
     encoder = Encoder.from_name(str(tmp_path / "best.pt"))
     photos = [data_dir / "luma" / "images" / "mh06-black_main.jpg",
               data_dir / "luma" / "images" / "mh06-blue_main.jpg"]

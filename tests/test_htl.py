@@ -10,6 +10,7 @@ from pytorch_metric_learning import losses, reducers
 from pytorch_metric_learning.distances import LpDistance
 
 import vestis.losses.htl  # noqa: F401  (registers "htl")
+from tests.smoke import CONFIGS
 from vestis.data.samplers import PKSampler
 from vestis.losses import EpochContext, TrainBatch, create_loss
 from vestis.losses.htl import ClassTree, HierarchicalTripletLoss, anchor_neighbour_classes
@@ -265,3 +266,96 @@ def test_gradient_descent_with_htl_reduces_the_loss():
         value.backward()
         optimiser.step()
     assert first > 0.05 and value.item() < 0.2 * first
+
+
+# -- the dynamic margin, pair by pair --------------------------------------------------------
+def test_every_pair_margin_is_beta_plus_its_merge_threshold_minus_the_anchor_spread():
+    points, labels = samples(five_classes(), per_class=5, noise=0.2, seed=1)
+    tree = ClassTree.from_embeddings(points, labels, levels=16)
+    loss = HierarchicalTripletLoss(beta=0.05)
+    loss.set_tree(tree)
+    margins = loss.margin_matrix(torch.arange(5))
+    for a, n in itertools.permutations(range(5), 2):
+        spread = ((points[labels == a][:, None] - points[labels == a][None]) ** 2).sum(-1)
+        s_a = spread.sum() / (5 * 4)
+        d_h = tree.thresholds[tree.merge_level(a, n)]
+        assert margins[a, n].item() == pytest.approx(0.05 + d_h - s_a, abs=1e-5)
+    assert len({round(m, 4) for m in margins[~torch.eye(5, dtype=torch.bool)].tolist()}) > 2
+
+
+def test_a_pair_merged_deeper_in_the_tree_gets_a_smaller_margin_than_one_merged_higher():
+    # Anchor class 0 against its twin (1, merged deepest), class 3 and the far class 4.
+    tree = ClassTree.from_embeddings(*samples(five_classes()), levels=16)
+    loss = HierarchicalTripletLoss(beta=0.1)
+    loss.set_tree(tree)
+    margins = loss.margin_matrix(torch.tensor([0, 1, 3, 4]))
+    levels = [tree.merge_level(0, n) for n in (1, 3, 4)]
+    assert levels[0] < levels[1] < levels[2]
+    assert margins[0, 1] < margins[0, 2] < margins[0, 3]
+    steps = (margins[0, 2] - margins[0, 1], margins[0, 3] - margins[0, 2])
+    for step, (low, high) in zip(steps, itertools.pairwise(levels), strict=True):
+        assert step.item() == pytest.approx(tree.thresholds[high] - tree.thresholds[low],
+                                            abs=1e-5)
+
+
+def test_a_loose_anchor_class_gets_a_smaller_margin_against_the_same_negative():
+    centres = five_classes()
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(5), 6)
+    noise = np.where(labels[:, None] == 2, 0.4, 0.05)  # class 2 loose, class 3 tight
+    points = centres[labels] + noise * rng.standard_normal((len(labels), 8))
+    points /= np.linalg.norm(points, axis=1, keepdims=True)
+    tree = ClassTree.from_embeddings(points, labels)
+    loss = HierarchicalTripletLoss(beta=0.1)
+    loss.set_tree(tree)
+    margins = loss.margin_matrix(torch.tensor([2, 3, 4]))
+    assert tree.merge_level(2, 4) == tree.merge_level(3, 4)
+    assert margins[0, 2] < margins[1, 2]  # same negative class 4, the loose anchor's is smaller
+    difference = tree.within_class_distance(2) - tree.within_class_distance(3)
+    assert (margins[1, 2] - margins[0, 2]).item() == pytest.approx(difference, abs=1e-5)
+
+
+def test_the_loss_is_the_hinge_of_each_triplet_with_its_own_pair_margin():
+    points, labels = samples(five_classes(), per_class=3, noise=0.3, seed=2)
+    loss = HierarchicalTripletLoss(beta=0.1)
+    loss.set_tree(ClassTree.from_embeddings(points, labels))
+    x = torch.as_tensor(points, dtype=torch.float32)
+    codes = torch.as_tensor(labels)
+    expected = []
+    for a, p, n in itertools.permutations(range(len(codes)), 3):
+        if codes[a] == codes[p] and codes[a] != codes[n]:
+            margin = loss.tree.margins(np.array([labels[a]]), np.array([labels[n]]), 0.1)[0]
+            d_ap, d_an = ((x[a] - x[p]) ** 2).sum(), ((x[a] - x[n]) ** 2).sum()
+            expected.append(max(0.0, float(d_ap - d_an) + margin))
+    output = loss(TrainBatch(x, x, codes, torch.full_like(codes, -1)))
+    assert output.total.item() == pytest.approx(np.mean(expected), rel=1e-4)
+    fixed = HierarchicalTripletLoss(warmup_margin=0.2)(TrainBatch(x, x, codes,
+                                                                  torch.full_like(codes, -1)))
+    assert fixed.total.item() != pytest.approx(output.total.item(), rel=1e-2)
+
+
+# -- the rebuild schedule --------------------------------------------------------------------
+def test_the_htl_recipe_rebuilds_the_tree_every_epoch_as_the_paper_does():
+    from vestis.train.config import load_config
+
+    params = dict(load_config(CONFIGS / "htl.yaml")["loss"])
+    assert params.pop("name") == "htl" and params["rebuild_every"] == 1
+    loss = create_loss({"name": "htl", **params}, num_labels=5, num_categories=0,
+                       feature_dim=8, embed_dim=8)
+    calls: list[int] = []
+    context = counting_context(*samples(five_classes()), calls)
+    for epoch in range(5):
+        loss.on_epoch_start(epoch, context)
+    assert len(calls) == 5 - params["warmup_epochs"]
+
+
+def test_each_rebuild_builds_the_tree_from_that_epochs_embeddings():
+    first, labels = samples(five_classes())
+    second = first.copy()
+    second[labels == 2], second[labels == 4] = first[labels == 4], first[labels == 2]
+    epochs = {1: first, 2: second}
+    loss = HierarchicalTripletLoss(warmup_epochs=1, rebuild_every=1)
+    for epoch in (1, 2):
+        loss.on_epoch_start(epoch, EpochContext(5, 0, lambda e=epoch: (epochs[e], labels)))
+        neighbour_of_3 = loss.neighbours(3)[0]
+        assert neighbour_of_3 == (2 if epoch == 1 else 4)  # class 3 looks like 2, then 4

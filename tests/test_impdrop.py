@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +13,20 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import require_data
 from tests.smoke import CONFIGS, smoke
 from vestis.explain import overlay
 from vestis.models import Encoder, create_model
-from vestis.models.impdrop import impdrop
+from vestis.models.impdrop import expected_impdrop, impdrop
 from vestis.train import load_config, train
+from vestis.train.attention_pretrain import (
+    cell_targets,
+    fit_attention,
+    letterbox_mask,
+    mask_agreement,
+    masked_maps,
+    pretrain_spec,
+)
 from vestis.train.trainer import Trainer
 
 VESTIS = str(Path(sys.executable).with_name("vestis"))
@@ -40,15 +50,25 @@ def model():
 @pytest.fixture(scope="module")
 def impdrop_run(tmp_path_factory, data_dir) -> Path:
     run = tmp_path_factory.mktemp("impdrop")
-    train(CONFIGS / "impdrop.yaml", run, overrides=SMOKE, progress=False)
+    pretrain = {"attention_pretrain": {"max_images": 6, "epochs": 3}}
+    train(CONFIGS / "impdrop.yaml", run, overrides={**SMOKE, "model": pretrain}, progress=False)
     return run
 
 
 # -- the fusion ------------------------------------------------------------------------------
-def test_impdrop_is_the_identity_at_evaluation_time():
-    features = torch.randn(64, 8, 16, 16)
-    assert impdrop(features, two_level_attention(), training=False) is features
-    assert not torch.equal(impdrop(features, two_level_attention(), training=True), features)
+def test_at_evaluation_impdrop_weights_the_map_by_the_attention_as_training_does_on_average():
+    torch.manual_seed(0)
+    features = torch.rand(64, 8, 16, 16) + 0.5
+    attention = two_level_attention()
+    evaluated = impdrop(features, attention, training=False)
+    assert not torch.allclose(evaluated, features)  # the attention reaches inference
+    assert torch.allclose(evaluated, features * attention * 256 / attention[0].sum())
+    assert torch.allclose(evaluated, expected_impdrop(features, attention))
+    trained = torch.stack([impdrop(features, attention, training=True) for _ in range(200)])
+    per_column = trained.mean(dim=(0, 1, 2, 3)), evaluated.mean(dim=(0, 1, 2))
+    assert torch.allclose(*per_column, rtol=0.03)  # the mean of the sampled masks
+    flat = torch.full_like(attention, 0.3)  # a flat attention changes nothing
+    assert torch.allclose(impdrop(features, flat, training=False), features, atol=1e-6)
 
 
 def test_impdrop_keeps_each_position_with_the_attentions_probability():
@@ -107,6 +127,27 @@ def test_the_higher_layers_see_the_low_level_map_dropped_by_the_attention():
     assert torch.equal(evaluated, entry)
 
 
+def test_the_search_vector_follows_the_attention():
+    """At inference the branch sees the map weighted by the attention (not the plain map), so
+    another attention gives another search vector."""
+    torch.manual_seed(0)
+    model = create_model("impdrop_net").eval()
+    images = torch.randn(2, 3, 224, 224)
+    seen = []
+    hook = model.branch.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    with torch.no_grad():
+        entry = model.low_level_map(images)
+        before = model(images)
+        attention = model.attention(entry)
+        model.attention.out.weight.normal_(0.0, 1.0)  # another, sharper attention
+        after = model(images)
+    hook.remove()
+    assert attention.std() > 0.001
+    assert torch.allclose(seen[0], expected_impdrop(entry, attention), atol=1e-5)
+    assert not torch.allclose(seen[0], entry, atol=1e-3)
+    assert (before - after).norm(dim=1).min() > 0.01
+
+
 def test_the_global_branch_is_the_frozen_network_and_extract_is_upper_on_lower(model):
     torch.manual_seed(0)
     images = torch.randn(2, 3, 224, 224)
@@ -116,7 +157,8 @@ def test_the_global_branch_is_the_frozen_network_and_extract_is_upper_on_lower(m
         parts = model.extract_upper(*model.extract_lower(images, 3), 3)
         vectors = model(images)
         global_features = plain.extract(images)
-        attention_part = model.attention_branch(model.extract_lower(images, 3)[0])
+        entry = model.extract_lower(images, 3)[0]
+        attention_part = model.attention_branch(expected_impdrop(entry, model.attention(entry)))
     assert torch.allclose(whole, parts, atol=1e-5)
     assert torch.allclose(whole[:, :model.global_dim], global_features, atol=1e-4)
     assert torch.allclose(whole[:, model.global_dim:], attention_part, atol=1e-5)
@@ -158,7 +200,8 @@ def test_its_feature_cache_never_mixes_with_a_plain_network_cut_at_the_same_stag
         config = load_config(CONFIGS / "impdrop.yaml",
                              {**tiny, "model": {"architecture": architecture}})
         if architecture == "retrieval_net":
-            for key in ("attend_at_stage", "branch_stages", "attention_width"):
+            for key in ("attend_at_stage", "branch_stages", "attention_width",
+                        "attention_pretrain"):
                 config["model"].pop(key)
         trainer = Trainer(config, tmp_path / architecture, torch.device("cpu"), progress=False)
         widths[architecture] = trainer.features.cache["lower"].shape[-1]
@@ -183,6 +226,8 @@ def test_the_impdrop_recipe_trains_end_to_end_on_a_smoke_budget(impdrop_run, dat
     encoder = Encoder(trained)
     vector = encoder.embed_one(data_dir / "luma" / "images" / PHOTO)
     assert vector.shape == (256,) and np.isclose(np.linalg.norm(vector), 1.0, atol=1e-5)
+    summary = json.loads((impdrop_run / "attention_pretrain.json").read_text())
+    assert summary["images"] == 6 and summary["agreement_after"] > summary["agreement_before"]
 
 
 @pytest.mark.train
@@ -226,3 +271,44 @@ def test_explain_refuses_a_model_without_an_attention_map(data_dir, tmp_path):
     assert result.returncode == 2
     assert "no attention map" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "heat.png").exists()
+
+
+# -- attention pre-training on CCP person/garment masks -------------------------------------
+def test_the_mask_is_letterboxed_like_the_photo_and_its_padding_is_unknown():
+    mask = np.zeros((100, 200), np.uint8)  # a wide photo: rows 56-167 of a 224 square
+    mask[:, 100:] = 1  # foreground on the right half
+    boxed = letterbox_mask(mask, 224)
+    assert (boxed[:56] == 255).all() and (boxed[168:] == 255).all()
+    assert (boxed[56:168, :112] == 0).all() and (boxed[56:168, 112:] == 1).all()
+    targets, weights = cell_targets(boxed, (28, 28))
+    assert weights[0, 0].max() == 0 and weights[0, 14].min() == 1  # padding rows weigh 0
+    assert targets[0, 14, :14].max() == 0 and targets[0, 14, 14:].min() == 1
+
+
+def test_pretraining_on_ccp_masks_raises_the_attentions_agreement_on_held_out_photos(data_dir):
+    csv_path = require_data(data_dir / "ccp" / "annotations.csv")
+    torch.manual_seed(0)
+    model = create_model("impdrop_net")
+    train_maps = masked_maps(model, csv_path, 8, seed=0)
+    held_out = masked_maps(model, csv_path, 4, seed=0, skip=8)
+    frozen = {name: p.clone() for name, p in model.named_parameters()
+              if not name.startswith("attention.")}
+    before = mask_agreement(model, held_out), mask_agreement(model, train_maps)
+    losses = fit_attention(model, train_maps, epochs=12, lr=3e-3)
+    after = mask_agreement(model, held_out), mask_agreement(model, train_maps)
+    assert losses[-1] < losses[0]
+    assert after[1] > before[1] + 0.1  # the photos it learnt from
+    assert after[0] > before[0] + 0.05  # and photos it never saw: the person, not the photo
+    assert all(torch.equal(p, frozen[name]) for name, p in model.named_parameters()
+               if name in frozen)
+
+
+def test_the_recipes_attention_pretrain_option_is_checked_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="epoch"):
+        pretrain_spec({"masks": "a.csv", "epoch": 3})
+    with pytest.raises(ValueError, match="masks"):
+        pretrain_spec({"epochs": 3})
+    with pytest.raises(ValueError, match="attention_pretrain key"):
+        load_config(CONFIGS / "impdrop.yaml", {"model": {"attention_pretrain": {"epoch": 1}}})
+    spec = load_config(CONFIGS / "impdrop.yaml")["model"]["attention_pretrain"]
+    assert Path(spec["masks"]).is_absolute() and spec["epochs"] >= 1

@@ -89,3 +89,30 @@ def mask_landmarks(mask: np.ndarray, group: str) -> Landmarks:
         put(4, _ends(mask, top, top + band - 1))
     put(6, _ends(mask, bottom - band + 1, bottom))
     return Landmarks(points, visible)
+
+
+#: The garment groups whose landmarks are described, the first present by area.
+DESCRIBED = (*UPPER_BODY, "lower")
+
+
+def described_garment(group_map: np.ndarray) -> tuple[str | None, np.ndarray | None]:
+    """The largest upper- or lower-body garment group of a group-index map, and its mask."""
+    from vestis.detect.groups import GROUPS
+
+    best, best_area = None, 0
+    for group in DESCRIBED:
+        area = int((group_map == GROUPS.index(group)).sum())
+        if area > best_area:
+            best, best_area = group, area
+    if best is None:
+        return None, None
+    return best, group_map == GROUPS.index(best)
+
+
+def garment_landmarks(group_map: np.ndarray) -> Landmarks:
+    """The landmarks of the described garment of a group-index map (none visible if none)."""
+    group, mask = described_garment(group_map)
+    if group is None:
+        return Landmarks(np.zeros((len(LANDMARKS), 2), np.float32),
+                         np.zeros(len(LANDMARKS), bool))
+    return mask_landmarks(mask, group)

@@ -7,8 +7,10 @@ from vestis.losses.abe import ABELoss
 from vestis.losses.base import EpochContext, LossOutput, MethodLoss, TrainBatch
 from vestis.losses.bier import BIERLoss
 from vestis.losses.capsule import CapsuleLoss
+from vestis.losses.fashionnet import FashionNetLoss
 from vestis.losses.hdc import HDCLoss
 from vestis.losses.htl import ClassTree, HierarchicalTripletLoss, anchor_neighbour_classes
+from vestis.losses.landmark import LandmarkLoss
 from vestis.losses.os_is import FeatureRelaxation, OSISLoss
 from vestis.losses.registry import create_loss, list_losses, register_loss
 from vestis.losses.triplet import MINING_STRATEGIES, TripletLoss, TripletMethod, create_miner
@@ -21,8 +23,10 @@ __all__ = [
     "MINING_STRATEGIES",
     "ClassTree",
     "EpochContext",
+    "FashionNetLoss",
     "FeatureRelaxation",
     "HDCLoss",
+    "LandmarkLoss",
     "LossOutput",
     "HierarchicalTripletLoss",
     "MethodLoss",

@@ -28,6 +28,12 @@ class TrainBatch:
     labels: torch.Tensor  # (B,) instance label codes
     categories: torch.Tensor  # (B,) category codes, -1 where unknown
     epoch: int = 0
+    # Optional targets a method may use when the data has them (None: it has not).
+    attributes: torch.Tensor | None = None  # (B, A) 1/0 per attribute, -1 where unknown
+    # FashionNet's landmarks: predicted (locations (B, 8, 2), visibility logits (B, 8)) and
+    # target (locations (B, 8, 2) in [-1, 1], visibility (B, 8) in {0, 1}).
+    landmark_prediction: tuple[torch.Tensor, torch.Tensor] | None = None
+    landmark_target: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass

@@ -17,17 +17,22 @@ attention map. At training time each position of the feature map is kept with pr
 positions / kept positions, as inverted dropout scales; the plain product ``F ⊙ a`` that the
 paper compares it with over-fits on small training sets. The mask is sampled, so the
 gradient reaches the attention map by the straight-through estimator (forward: the Bernoulli
-mask; backward: as if the mask were ``a``). At evaluation time Impdrop is the identity.
+mask; backward: as if the mask were ``a``). At evaluation time Impdrop is its expected value
+(:func:`expected_impdrop`): the map weighted by ``a`` and scaled by positions / ``sum(a)``,
+what training keeps on average, so the background suppression reaches the search vectors and
+training and search see the same input on average.
 
 Here (a CPU-sized reading of the paper, whose FCN was pre-trained on clothes parsing and
-person segmentation; ours learns end to end from the triplet loss alone):
+person segmentation; ours learns from the triplet loss, after an optional pre-training on the
+person/garment masks of Clothing Co-Parsing, ``model.attention_pretrain`` in a recipe,
+:mod:`vestis.train.attention_pretrain`):
 
 - the low-level features are the map entering stage ``attend_at_stage`` (default 3:
   40×28×28 for Lite0 at 224 px, stride 8). The FCN reads that map, so the frozen stages
   below it are the FCN's shared lower layers; its own layers are three dilated 3×3
   convolutions (receptive field about 150 px) and a 1×1 convolution to one channel;
-- since Impdrop is the identity at evaluation, the attention branch needs higher layers of
-  its own or it would equal the global branch. It trains a copy of the next
+- the attention branch has higher layers of its own, so that it does not equal the global
+  branch where the attention is flat. It trains a copy of the next
   ``branch_stages`` stages (default 2: stages 3 and 4, 2.5 MB), and shares the remaining
   frozen stages and the head convolution with the global branch;
 - the global branch is the frozen backbone's pooled ``levels``. Both branches' frozen parts
@@ -63,15 +68,29 @@ def impdrop(features: torch.Tensor, attention: torch.Tensor, training: bool) -> 
 
     Training: each position is kept with probability ``attention`` and the kept map is scaled
     by (positions / kept positions) per image; the gradient reaches ``attention`` as if the
-    mask were ``attention`` itself (straight-through). Evaluation: ``features`` unchanged.
+    mask were ``attention`` itself (straight-through). Evaluation: its expected value,
+    :func:`expected_impdrop`.
     """
     if not training:
-        return features
+        return expected_impdrop(features, attention)
     keep = torch.bernoulli(attention.detach())
     mask = keep + attention - attention.detach()
     kept = keep.flatten(1).sum(dim=1).clamp_min(1.0)
     scale = (keep[0].numel() / kept).view(-1, 1, 1, 1)
     return features * mask * scale
+
+
+def expected_impdrop(features: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """What :func:`impdrop` keeps on average: ``features * a * positions / sum(a)`` per image.
+
+    The training mask keeps a position with probability ``a`` and scales by positions / kept;
+    its mean kept count is ``sum(a)``, so this is the expectation to first order (exact when
+    the kept count is fixed). A flat attention gives ``features`` back; the mean weight of
+    an image's positions is always 1.
+    """
+    total = attention.flatten(1).sum(dim=1).clamp_min(1e-6)
+    scale = (attention[0].numel() / total).view(-1, 1, 1, 1)
+    return features * attention * scale
 
 
 class AttentionFCN(nn.Module):
@@ -185,10 +204,14 @@ class ImpdropNet(RetrievalNet):
         return self.extract_upper(*self.extract_lower(x, self.attend_at_stage),
                                   self.attend_at_stage)
 
+    def low_level_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The map entering stage ``attend_at_stage``: what the attention reads and weights."""
+        x = x.contiguous(memory_format=CHANNELS_LAST)
+        return self.backbone.run_stages(x, 0, self.attend_at_stage)[-1]
+
     def attention_maps(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) in [0, 1]: the FCN's attention over the low-level map, for display."""
-        x = x.contiguous(memory_format=CHANNELS_LAST)
-        return self.attention(self.backbone.run_stages(x, 0, self.attend_at_stage)[-1])
+        return self.attention(self.low_level_map(x))
 
 
 register_model(ImpdropNet.architecture)(

@@ -93,6 +93,10 @@ def load_config(source: str | Path | dict, overrides: dict | None = None) -> dic
     validate(config)
     for source_config in config["data"]["sources"]:
         source_config["path"] = str(resolve_path(source_config["path"], base_dir))
+    for stage in ("attention_pretrain", "landmark_pretrain"):
+        pretrain = config["model"].get(stage)
+        if isinstance(pretrain, dict) and pretrain.get("masks"):
+            pretrain["masks"] = str(resolve_path(pretrain["masks"], base_dir))
     if config["cache"].get("dir"):
         config["cache"]["dir"] = str(Path(config["cache"]["dir"]).expanduser().resolve())
     backgrounds = config["cache"].get("backgrounds")
@@ -155,6 +159,10 @@ def validate(config: dict[str, Any]) -> None:
         raise ValueError("epochs must be at least 1")
     if config["sampler"]["p"] < 2 or config["sampler"]["k"] < 2:
         raise ValueError("sampler.p and sampler.k must be at least 2")
+    from vestis.train.attention_pretrain import pretrain_spec
+
+    for stage in ("attention_pretrain", "landmark_pretrain"):
+        pretrain_spec(config["model"].get(stage), stage)
     cut = config["model"].get("finetune_from_stage")
     if cut is not None and (not isinstance(cut, int) or not 1 <= cut <= 7):
         raise ValueError("model.finetune_from_stage must be null or a stage index 1-7")

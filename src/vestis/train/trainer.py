@@ -40,13 +40,17 @@ from vestis.images import Preprocess, crop_box, load_image
 from vestis.losses import EpochContext, TrainBatch, create_loss
 from vestis.models import create_model, save_checkpoint
 from vestis.models.registry import needs_category_count
+from vestis.train.attention_pretrain import pretrain_attention, pretrain_spec
 from vestis.train.config import load_config
+from vestis.train.landmark_targets import pretrain_landmarks
 from vestis.train.sources import ValidationSet, build_sources
 
 BEST, LAST, STATE, LOG, RESOLVED = "best.pt", "last.pt", "state.pt", "log.csv", "config.yaml"
 # Recipe `model` keys that steer training rather than build the network.
 TRAINING_KEYS = ("architecture", "freeze_backbone", "finetune_from_stage", "category_loss_weight",
-                 "category_label_smoothing", "init_from", "test_size")
+                 "category_label_smoothing", "init_from", "test_size", "attention_pretrain",
+                 "landmark_pretrain")
+ATTENTION_PRETRAIN, LANDMARK_PRETRAIN = "attention_pretrain.json", "landmark_pretrain.json"
 
 
 @dataclass
@@ -105,6 +109,10 @@ class Trainer:
         self.model = create_model(config["model"]["architecture"], **model_config).to(device)
         if config["model"].get("init_from"):
             init_from_checkpoint(self.model, config["model"]["init_from"])
+        self.attention_pretrain = pretrain_spec(config["model"].get("attention_pretrain"))
+        if self.attention_pretrain and not hasattr(self.model, "low_level_map"):
+            raise ValueError("model.attention_pretrain needs an attention model (impdrop_net)")
+        self._pretrain_landmarks(config["model"].get("landmark_pretrain"))
         self.frozen = bool(config["model"]["freeze_backbone"])
         self.cut = config["model"].get("finetune_from_stage") if self.frozen else None
         _check_head_stage(self.model, self.frozen, self.cut)
@@ -214,6 +222,7 @@ class Trainer:
     def run(self, resume: bool) -> TrainResult:
         start_epoch, best, history = self._resume() if resume else (0, -1.0, [])
         if not resume:
+            self._pretrain_attention()
             self._init_head()
         budget = self.config["time_budget_minutes"] * 60
         epoch = start_epoch
@@ -237,6 +246,30 @@ class Trainer:
                 break
         return TrainResult(self.out_dir, self.out_dir / BEST, best, len(history), self.elapsed(),
                            history)
+
+    def _pretrain_landmarks(self, spec: dict | None) -> None:
+        """``model.landmark_pretrain``: FashionNet's landmark branch learns the landmarks read
+        off CCP masks (:mod:`vestis.train.landmark_targets`) before the features pooled at its
+        predictions are cached; error before/after in ``landmark_pretrain.json``."""
+        if not spec:
+            return
+        if not hasattr(self.model, "landmark_head"):
+            raise ValueError("model.landmark_pretrain needs a landmark model (fashionnet)")
+        summary = pretrain_landmarks(self.model, spec, self.config["seed"])
+        (self.out_dir / LANDMARK_PRETRAIN).write_text(json.dumps(summary, indent=1))
+        if self.progress:
+            tqdm.write(f"landmark pre-training: {summary}")
+
+    def _pretrain_attention(self) -> None:
+        """``model.attention_pretrain``: the attention learns the CCP person/garment masks
+        first (:mod:`vestis.train.attention_pretrain`); before/after agreement is written to
+        ``attention_pretrain.json``."""
+        if not self.attention_pretrain:
+            return
+        summary = pretrain_attention(self.model, self.attention_pretrain, self.config["seed"])
+        (self.out_dir / ATTENTION_PRETRAIN).write_text(json.dumps(summary, indent=1))
+        if self.progress:
+            tqdm.write(f"attention pre-training: {summary}")
 
     def _init_head(self) -> None:
         """A model with a data-dependent initialisation (``init_head``, e.g. BIER's independent
@@ -592,6 +625,8 @@ def _cache_key(samples: list[TrainSample], config: dict, tag: str | None = None)
         model["tag"] = tag
     if config["model"].get("finetune_from_stage") is not None:
         model["cut"] = config["model"]["finetune_from_stage"]
+    if config["model"].get("landmark_pretrain"):  # the cached local features depend on it
+        model["landmarks"] = config["model"]["landmark_pretrain"]
     inputs = {
         "model": model,
         "augment": config["augment"],
