@@ -161,5 +161,5 @@ def test_create_loss_builds_it_from_a_config():
     assert loss.classifier.out_features == CATEGORIES
     with pytest.raises(ValueError, match="num_categories"):
         create_loss({"name": "os_is"}, num_categories=1, **dims)
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="no parameter 'margn'"):
         create_loss({"name": "os_is", "margn": 0.3}, num_categories=CATEGORIES, **dims)
