@@ -226,6 +226,39 @@ def test_iou_is_one_for_a_perfect_prediction_and_matches_hand_counts_when_shifte
     assert confusion(pred, ignored).sum() == 0
 
 
+def test_instance_metrics_count_groups_fragments_and_boxes_by_hand():
+    from vestis.detect.metrics import instance_metrics, photo_instances, true_instances
+
+    truth = np.zeros((400, 200), dtype=np.uint8)
+    truth[50:200, 40:160] = group("upper")
+    truth[200:350, 50:150] = group("lower")
+    truth[360:380, 40:80] = group("footwear")  # two shoes in the truth
+    truth[360:380, 120:160] = group("footwear")
+    truth[10:15, 10:15] = group("bag")  # 25 pixels, under 0.1 % of the photo: not present
+    assert true_instances(truth) == {"upper": 1, "lower": 1, "footwear": 2}
+
+    class Found:
+        def __init__(self, group, box, area):
+            self.group, self.box, self.area = group, box, area
+
+    found = [Found("upper", (40, 50, 160, 150), 12000), Found("upper", (40, 150, 160, 200), 6000),
+             Found("lower", (50, 200, 150, 350), 15000), Found("footwear", (40, 360, 80, 380), 800),
+             Found("footwear", (120, 360, 160, 380), 800), Found("headwear", (0, 0, 20, 20), 400)]
+    photo = photo_instances(found, truth)
+    assert photo.fragments == 1  # the second upper; two shoes are two, headwear is a miss
+    assert photo.full_body
+    assert photo.box_iou == {"upper": pytest.approx(100 / 150), "lower": 1.0}
+    alone = photo_instances([found[0]], truth)
+    metrics = instance_metrics([photo, alone])
+    assert metrics.group_precision == pytest.approx(4 / 5)  # 3 of 4 groups, then 1 of 1
+    assert metrics.group_recall == pytest.approx(4 / 6)
+    assert metrics.fragments == pytest.approx(0.5)
+    assert metrics.garments_full_body == pytest.approx((6 + 1) / 2)
+    assert metrics.full_body_two_plus == pytest.approx(0.5)
+    assert metrics.per_group["headwear"]["precision"] == 0.0
+    assert metrics.box_iou_50 == 1.0
+
+
 # -- the shipped parser on held-out photos --------------------------------------------------
 def test_shipped_parser_finds_upper_and_lower_body_garments_on_held_out_photos(parser,
                                                                                held_out):
@@ -314,6 +347,12 @@ def test_vestis_eval_parsing_on_a_small_ccp_format_split(held_out, ccp, tmp_path
     assert 0 < metrics["miou_garments"] <= 1 and 0.5 < metrics["pixel_accuracy"] <= 1
     present = [v for g, v in metrics["iou"].items() if g in GARMENT_GROUPS and v is not None]
     assert metrics["miou_garments"] == pytest.approx(np.mean(present), abs=1e-3)
+    assert "fragments (extra instances of a group) per photo" in result.output
+    instances = metrics["instances"]
+    assert instances["photos"] == 3
+    assert 0.5 <= instances["group_precision"] <= 1 and 0.5 <= instances["group_recall"] <= 1
+    assert 0 <= instances["fragments"] <= 1 and 0.3 < instances["box_iou"] <= 1
+    assert set(instances["per_group"]) == set(GARMENT_GROUPS)
     result = CliRunner().invoke(app, ["eval-parsing", str(tmp_path / "missing.csv")])
     assert result.exit_code == 2 and "no such CSV" in result.output
 
