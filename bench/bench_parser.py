@@ -7,8 +7,8 @@ Usage::
 
 Times ``GarmentParser.parse(path)`` end to end: JPEG decode, resize, the network (on the
 parser's backend, ONNX Runtime when installed; photo and mirror image as one batch),
-upsampling to the network input's size, and boxes from connected components. Photos are the first
-``--photos`` held-out Clothing Co-Parsing photos of ``configs/parser-lite0.yaml`` (street
+upsampling to the network input's size, and garment instances from the label map. Photos are
+the first ``--photos`` held-out Clothing Co-Parsing photos of ``configs/parser-lite0.yaml`` (street
 photos, 512 px on the long side). Prints the median and spread, the time of each step, and
 the load average before and after, and the process's CPU time per photo (the machine may be
 shared: wall time grows with the load, CPU time much less).
@@ -99,6 +99,7 @@ def main() -> None:
             f"mIoU {metrics.miou:.3f}** ({iou}); person {metrics.iou['person']:.3f} and "
             f"background {metrics.iou['background']:.3f} apart; pixel accuracy "
             f"{metrics.pixel_accuracy:.3f}.", "",
+            instance_line(metrics.instances), "",
             f"Latency per photo (decode and boxes included), median of {len(ms)}: "
             f"{statistics.median(ms):.1f} ms (p90 {ms[int(0.9 * (len(ms) - 1))]:.1f}); load "
             f"average before {load_before[0]:.2f}.",
@@ -107,6 +108,18 @@ def main() -> None:
         from recipes import replace_section
 
         replace_section(args.update, section)
+
+
+def instance_line(m) -> str:
+    """The garments ``parse`` returns, as instances, on the held-out photos (README, "Garment
+    parser"; ``bench/bench_instances.py`` compares them with the fragments rules)."""
+    return (f"Garments as instances (`vestis eval-parsing`, per photo): group precision "
+            f"{m.group_precision:.3f}, recall {m.group_recall:.3f}; **fragments {m.fragments:.3f}"
+            f"** per photo (instances of a group beyond its true count); "
+            f"**{m.garments_full_body:.2f} garments per full-body photo** "
+            f"({m.full_body_two_plus:.0%} with 2 or more, {m.full_body_photos} photos); box IoU "
+            f"of each group's largest instance with the true group box {m.box_iou:.3f} "
+            f"({m.box_iou_50:.0%} at least 0.5, footwear aside).")
 
 
 if __name__ == "__main__":

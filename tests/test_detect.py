@@ -130,6 +130,75 @@ def test_low_confidence_garments_are_dropped_and_the_threshold_is_a_rule():
     assert [r.group for r in keep_all] == ["upper", "lower"]
 
 
+def test_an_open_jackets_two_halves_around_a_top_are_one_jacket_and_the_top_stays():
+    labels = np.zeros((300, 200), dtype=np.uint8)
+    labels[40:160, 80:120] = group("upper")  # the top, seen between the jacket's halves
+    labels[40:160, 40:80] = group("outer")  # left half
+    labels[40:160, 120:160] = group("outer")  # right half, 40 px away: beyond merge_gap
+    regions = regions_from_labels(labels)
+    assert [(r.group, r.box) for r in regions] == [("upper", (80, 40, 120, 160)),
+                                                   ("outer", (40, 40, 160, 160))]
+    jacket = regions[1]
+    assert jacket.area == 2 * 120 * 40 and not jacket.mask[:, 80:120].any()
+    apart = regions_from_labels(labels, rules=BoxRules(per_person=False))
+    assert [r.group for r in apart] == ["upper", "outer", "outer"]
+
+
+def test_the_same_group_on_two_people_stays_two_garments():
+    labels = np.zeros((300, 300), dtype=np.uint8)
+    for x in (20, 200):  # two people, background between them
+        labels[20:60, x:x + 60] = group("person")
+        labels[60:160, x:x + 60] = group("upper")
+        labels[160:260, x + 5:x + 55] = group("lower")
+    regions = regions_from_labels(labels)
+    assert [(r.group, r.box[0]) for r in regions] == [("upper", 20), ("upper", 200),
+                                                      ("lower", 25), ("lower", 205)]
+
+
+def test_a_thin_strip_at_the_photo_edge_is_dropped_but_a_garment_there_is_not():
+    labels = np.zeros((400, 300), dtype=np.uint8)
+    labels[60:300, 60:240] = group("upper")  # a hoodie on a model ...
+    labels[370:400, 100:200] = group("lower")  # ... and a strip of trousers at the bottom
+    assert [r.group for r in regions_from_labels(labels)] == ["upper"]
+    labels[300:400, 80:220] = group("lower")  # trousers reaching well into the photo
+    assert [r.group for r in regions_from_labels(labels)] == ["upper", "lower"]
+
+
+def test_footwear_keeps_two_substantial_shoes_at_most():
+    labels = np.zeros((300, 300), dtype=np.uint8)
+    labels[20:250, 100:200] = group("person")
+    labels[250:275, 60:110] = group("footwear")  # left shoe
+    labels[250:275, 190:240] = group("footwear")  # right shoe
+    labels[200:210, 150:160] = group("footwear")  # a 100-pixel speck read as a shoe
+    shoes = regions_from_labels(labels)
+    assert [r.box for r in shoes] == [(60, 250, 110, 275), (190, 250, 240, 275)]
+    labels[250:275, 190:240] = group("person")
+    labels[255:262, 200:210] = group("footwear")  # the other shoe mostly hidden
+    assert [r.box for r in regions_from_labels(labels)] == [(60, 250, 110, 275)]
+
+
+def test_real_photos_give_one_instance_per_garment(parser, held_out, data_dir):
+    """The hoodie product photo of the issue (was upper, two outer halves and a strip of
+    trousers) and held-out street photos: no group twice (footwear at most twice); each
+    instance's mask lies inside its group's pixels and instances of a group are disjoint."""
+    hoodie = require_data(data_dir / "luma" / "images" / "mh06-black_main.jpg")
+    photos = [hoodie] + [row.image for row in held_out[0][:12]]
+    extra = 0
+    for photo in photos:
+        parsing = parser.segment(photo, size=parser.input_size(Image.open(photo)))
+        regions = regions_from_labels(parsing.labels, parsing.probs, groups=parser.groups)
+        counts = {g: sum(r.group == g for r in regions) for g in GARMENT_GROUPS}
+        extra += sum(max(0, n - (2 if g == "footwear" else 1)) for g, n in counts.items())
+        for name in GARMENT_GROUPS:
+            masks = [r.mask for r in regions if r.group == name]
+            if masks:
+                assert not (np.sum(masks, axis=0) > 1).any()
+                assert not (np.any(masks, axis=0) & (parsing.labels != group(name))).any()
+    assert extra == 0
+    hoodie_groups = [g.group for g in parser.parse(hoodie)]
+    assert hoodie_groups.count("outer") <= 1 and len(hoodie_groups) <= 3, hoodie_groups
+
+
 # -- metrics --------------------------------------------------------------------------------
 def test_iou_is_one_for_a_perfect_prediction_and_matches_hand_counts_when_shifted():
     truth = np.zeros((40, 60), dtype=np.uint8)
@@ -155,6 +224,39 @@ def test_iou_is_one_for_a_perfect_prediction_and_matches_hand_counts_when_shifte
     ignored = truth.copy()
     ignored[:, :] = 255
     assert confusion(pred, ignored).sum() == 0
+
+
+def test_instance_metrics_count_groups_fragments_and_boxes_by_hand():
+    from vestis.detect.metrics import instance_metrics, photo_instances, true_instances
+
+    truth = np.zeros((400, 200), dtype=np.uint8)
+    truth[50:200, 40:160] = group("upper")
+    truth[200:350, 50:150] = group("lower")
+    truth[360:380, 40:80] = group("footwear")  # two shoes in the truth
+    truth[360:380, 120:160] = group("footwear")
+    truth[10:15, 10:15] = group("bag")  # 25 pixels, under 0.1 % of the photo: not present
+    assert true_instances(truth) == {"upper": 1, "lower": 1, "footwear": 2}
+
+    class Found:
+        def __init__(self, group, box, area):
+            self.group, self.box, self.area = group, box, area
+
+    found = [Found("upper", (40, 50, 160, 150), 12000), Found("upper", (40, 150, 160, 200), 6000),
+             Found("lower", (50, 200, 150, 350), 15000), Found("footwear", (40, 360, 80, 380), 800),
+             Found("footwear", (120, 360, 160, 380), 800), Found("headwear", (0, 0, 20, 20), 400)]
+    photo = photo_instances(found, truth)
+    assert photo.fragments == 1  # the second upper; two shoes are two, headwear is a miss
+    assert photo.full_body
+    assert photo.box_iou == {"upper": pytest.approx(100 / 150), "lower": 1.0}
+    alone = photo_instances([found[0]], truth)
+    metrics = instance_metrics([photo, alone])
+    assert metrics.group_precision == pytest.approx(4 / 5)  # 3 of 4 groups, then 1 of 1
+    assert metrics.group_recall == pytest.approx(4 / 6)
+    assert metrics.fragments == pytest.approx(0.5)
+    assert metrics.garments_full_body == pytest.approx((6 + 1) / 2)
+    assert metrics.full_body_two_plus == pytest.approx(0.5)
+    assert metrics.per_group["headwear"]["precision"] == 0.0
+    assert metrics.box_iou_50 == 1.0
 
 
 # -- the shipped parser on held-out photos --------------------------------------------------
@@ -245,6 +347,12 @@ def test_vestis_eval_parsing_on_a_small_ccp_format_split(held_out, ccp, tmp_path
     assert 0 < metrics["miou_garments"] <= 1 and 0.5 < metrics["pixel_accuracy"] <= 1
     present = [v for g, v in metrics["iou"].items() if g in GARMENT_GROUPS and v is not None]
     assert metrics["miou_garments"] == pytest.approx(np.mean(present), abs=1e-3)
+    assert "fragments (extra instances of a group) per photo" in result.output
+    instances = metrics["instances"]
+    assert instances["photos"] == 3
+    assert 0.5 <= instances["group_precision"] <= 1 and 0.5 <= instances["group_recall"] <= 1
+    assert 0 <= instances["fragments"] <= 1 and 0.3 < instances["box_iou"] <= 1
+    assert set(instances["per_group"]) == set(GARMENT_GROUPS)
     result = CliRunner().invoke(app, ["eval-parsing", str(tmp_path / "missing.csv")])
     assert result.exit_code == 2 and "no such CSV" in result.output
 

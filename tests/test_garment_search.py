@@ -224,6 +224,17 @@ def test_a_street_photo_gives_one_result_list_per_garment_from_compatible_groups
     assert by_group["footwear"].matches == []  # and no shoes
 
 
+def test_a_product_photo_of_one_hoodie_gives_one_result_list_per_garment(cropped_catalog,
+                                                                          data_dir):
+    """The issue's photo: it gave four lists (upper, outer twice for the jacket's halves,
+    lower for a strip of trousers at the photo's bottom edge)."""
+    with Catalog(cropped_catalog) as catalog:
+        hits = catalog.search_garments(data_dir / "luma" / "images" / "mh06-black_main.jpg",
+                                       k=3)
+    groups = [h.group for h in hits]
+    assert len(groups) == len(set(groups)) and 1 <= len(groups) <= 3, groups
+
+
 def test_any_group_and_one_group_options(cropped_catalog, ccp_photo):
     with Catalog(cropped_catalog) as catalog:
         everything = catalog.search_garments(ccp_photo, k=5, compatible=False)

@@ -19,8 +19,10 @@ from .metrics import (
     ParsingMetrics,
     confusion,
     dataset_lookup,
+    instance_metrics,
     load_group_mask,
     metrics_from_confusion,
+    photo_instances,
     read_parsing_csv,
 )
 from .model import ParserNet, input_shape, load_parser_net, to_input
@@ -129,19 +131,19 @@ class GarmentParser:
         if size is None:
             scale = min(1.0, WORK_SIDE / max(image.size))
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        logits = F.interpolate(self.logits(image), size=(size[1], size[0]), mode="bilinear",
-                               align_corners=False)
-        probs = logits.softmax(1)[0]
-        labels = probs.argmax(0).to(torch.uint8)
-        return Parsing(labels.numpy(), probs.numpy(), size[0] / image.width)
+        return _parsing(self.logits(image), size, image.width)
 
     def parse(self, image: ImageSource) -> list[Garment]:
-        """The garments of a photo (path, bytes or PIL image), one per instance.
+        """The garments of a photo (path, bytes or PIL image), one per instance (the rules of
+        :mod:`.boxes`: a group's fragments on one person are one garment).
 
         Regions are found at the network input's resolution (the parser's ``size`` on the
         long side); boxes and masks are then scaled to the photo."""
         image = load_image(image)
-        parsing = self.segment(image, size=self.input_size(image))
+        return self.garments(self.segment(image, size=self.input_size(image)), image)
+
+    def garments(self, parsing: Parsing, image: Image.Image) -> list[Garment]:
+        """The garment instances of ``parsing``, a parse of ``image``, in the photo's pixels."""
         regions = regions_from_labels(parsing.labels, parsing.probs, groups=self.groups,
                                       rules=self.rules)
         garments = []
@@ -161,19 +163,37 @@ class GarmentParser:
 
     def evaluate_rows(self, rows, lookup: np.ndarray, progress: bool = False) -> ParsingMetrics:
         """Parsing metrics over rows with ``image`` and ``mask`` paths; ``lookup`` maps mask
-        values to group indices (:func:`vestis.detect.groups.label_lookup`)."""
+        values to group indices (:func:`vestis.detect.groups.label_lookup`). One network pass
+        per photo gives both the per-pixel labels at the mask's resolution (IoU) and the
+        garments :meth:`parse` would return (instance metrics)."""
         from tqdm.auto import tqdm
 
         matrix = np.zeros((len(self.groups),) * 2, dtype=np.int64)
+        photos = []
         for row in tqdm(rows, desc="eval-parsing", unit="photo", disable=not progress):
             truth = load_group_mask(row.mask, lookup)
             image = load_image(row.image)
             if image.size != (truth.shape[1], truth.shape[0]):
                 raise ValueError(f"{row.mask}: mask size {truth.shape[::-1]} differs from "
                                  f"the photo's {image.size}")
-            pred = self.segment(image, size=image.size).labels
+            with torch.inference_mode():
+                logits = self.logits(image)
+            pred = _parsing(logits, image.size, image.width).labels
             matrix += confusion(pred, truth, len(self.groups))
-        return metrics_from_confusion(matrix, self.groups, images=len(rows))
+            found = self.garments(_parsing(logits, self.input_size(image), image.width), image)
+            photos.append(photo_instances(found, truth, self.groups))
+        metrics = metrics_from_confusion(matrix, self.groups, images=len(rows))
+        metrics.instances = instance_metrics(photos)
+        return metrics
+
+
+def _parsing(logits: torch.Tensor, size: tuple[int, int], photo_width: int) -> Parsing:
+    """Labels and probabilities of class ``logits`` (1 x G x h x w) resized to ``size``."""
+    logits = F.interpolate(logits, size=(size[1], size[0]), mode="bilinear",
+                           align_corners=False)
+    probs = logits.softmax(1)[0]
+    labels = probs.argmax(0).to(torch.uint8)
+    return Parsing(labels.numpy(), probs.numpy(), size[0] / photo_width)
 
 
 def _scale_box(box: Box, factor: float, size: tuple[int, int]) -> Box:
