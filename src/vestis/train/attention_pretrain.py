@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vestis.detect.groups import group_index
-from vestis.detect.metrics import dataset_lookup, load_group_mask, read_parsing_csv
+from vestis.detect.metrics import load_group_mask
+from vestis.train.masked_photos import masked_photos
 
 PRETRAIN_KEYS = frozenset({"masks", "epochs", "max_images", "lr", "batch_size"})
 PRETRAIN_DEFAULTS: dict[str, Any] = {"epochs": 10, "max_images": 200, "lr": 3e-3,
@@ -111,26 +112,16 @@ def masked_maps(model, csv_path: str | Path, max_images: int, seed: int = 0,
                 skip: int = 0) -> MaskedMaps:
     """The low-level maps and cell targets of ``max_images`` CCP photos with a mask (a seeded
     choice; ``skip`` leaves out the first ``skip`` of that order, for held-out photos)."""
-    rows = read_parsing_csv(csv_path)
-    order = np.random.default_rng(seed).permutation(len(rows))[skip:skip + max_images]
-    lookup = dataset_lookup(csv_path)
-    device = next(model.parameters()).device
     maps, targets, weights = [], [], []
-    was_training = model.training
-    model.eval()
-    for index in order:
-        row = rows[int(index)]
-        with Image.open(row.image) as photo:
-            pixels = torch.as_tensor(model.preprocess.to_array(photo.convert("RGB")))
+    for row, pixels, lookup in masked_photos(model, csv_path, max_images, seed, skip):
         with torch.no_grad():
-            entry = model.low_level_map(pixels[None].to(device))
+            entry = model.low_level_map(pixels)
         target, weight = cell_targets(
             letterbox_mask(foreground_mask(row.mask, lookup), model.preprocess.size),
             tuple(entry.shape[-2:]))
         maps.append(entry.cpu().contiguous())
         targets.append(target)
         weights.append(weight)
-    model.train(was_training)
     return MaskedMaps(torch.cat(maps), torch.stack(targets), torch.stack(weights))
 
 

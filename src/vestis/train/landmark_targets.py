@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from vestis.detect.landmarks import garment_landmarks
-from vestis.detect.metrics import dataset_lookup, load_group_mask, read_parsing_csv
+from vestis.detect.metrics import load_group_mask
 from vestis.losses.landmark import LandmarkLoss
 from vestis.train.attention_pretrain import pretrain_spec
+from vestis.train.masked_photos import masked_photos
 
 NAME = "landmark_pretrain"
 
@@ -71,23 +71,13 @@ def landmark_set(model, csv_path: str | Path, max_images: int, seed: int = 0,
                  skip: int = 0) -> LandmarkSet:
     """Stage maps and landmark targets of ``max_images`` CCP photos with a mask (a seeded
     choice; ``skip`` leaves out the first ``skip`` of that order, for held-out photos)."""
-    rows = read_parsing_csv(csv_path)
-    order = np.random.default_rng(seed).permutation(len(rows))[skip:skip + max_images]
-    lookup = dataset_lookup(csv_path)
-    device = next(model.parameters()).device
     maps, points, visible = [], [], []
-    was_training = model.training
-    model.eval()
-    for index in order:
-        row = rows[int(index)]
-        with Image.open(row.image) as photo:
-            pixels = torch.as_tensor(model.preprocess.to_array(photo.convert("RGB")))
+    for row, pixels, lookup in masked_photos(model, csv_path, max_images, seed, skip):
         with torch.no_grad():
-            maps.append(model.landmark_map(pixels[None].to(device)).cpu())
+            maps.append(model.landmark_map(pixels).cpu())
         target = photo_targets(row.mask, lookup, model.preprocess.size)
         points.append(torch.from_numpy(target[0]))
         visible.append(torch.from_numpy(target[1]))
-    model.train(was_training)
     return LandmarkSet(torch.cat(maps), torch.stack(points), torch.stack(visible))
 
 
