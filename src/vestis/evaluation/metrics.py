@@ -270,8 +270,8 @@ def _score_block(queries, codes, self_index, gallery, positives: _PositiveIndex,
 
     n_positives = valid.sum(axis=1)
     real = np.arange(pos_scores.shape[1])[None, :] < n_positives[:, None]  # sorted columns
-    above = _count_greater(sims, pos_scores)
-    tied = np.where(real, _count_greater(sims, pos_scores, or_equal=True) - above, 0)
+    above, tied = _count_above(sims, pos_scores)
+    tied = np.where(real, tied, 0)
     figures = _rank_metrics(above, n_positives)
     for row in np.flatnonzero(tied.any(axis=1)):
         count = n_positives[row]
@@ -288,19 +288,20 @@ def _top_indices(sims: np.ndarray, top_n: int) -> np.ndarray:
     return torch.topk(torch.from_numpy(sims), top_n, dim=1).indices.numpy()
 
 
-def _count_greater(sims: np.ndarray, thresholds: np.ndarray, *, or_equal: bool = False):
-    """``out[i, j]``: how many entries of ``sims[i]`` are above ``thresholds[i, j]`` (or equal
-    to it, with ``or_equal``)."""
-    greater = np.greater_equal if or_equal else np.greater
+def _count_above(sims: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(greater, tied)``: per ``[i, j]``, how many entries of ``sims[i]`` are above
+    ``thresholds[i, j]``, and how many equal it."""
     if thresholds.shape[1] <= _SORT_ABOVE_POSITIVES:
-        columns = [
-            np.count_nonzero(greater(sims, thresholds[:, j : j + 1]), axis=1)
-            for j in range(thresholds.shape[1])
-        ]
-        return np.stack(columns, axis=1)
+        greater = np.stack([np.count_nonzero(sims > thresholds[:, j:j + 1], axis=1)
+                            for j in range(thresholds.shape[1])], axis=1)
+        tied = np.stack([np.count_nonzero(sims == thresholds[:, j:j + 1], axis=1)
+                         for j in range(thresholds.shape[1])], axis=1)
+        return greater, tied
     ascending = torch.from_numpy(np.sort(sims, axis=1))
-    not_greater = torch.searchsorted(ascending, torch.from_numpy(thresholds), right=not or_equal)
-    return sims.shape[1] - not_greater.numpy()
+    edges = torch.from_numpy(thresholds)
+    below = torch.searchsorted(ascending, edges).numpy()
+    not_above = torch.searchsorted(ascending, edges, right=True).numpy()
+    return sims.shape[1] - not_above, not_above - below
 
 
 def _rank_metrics(negatives_above: np.ndarray, n_positives: np.ndarray) -> list[np.ndarray]:
