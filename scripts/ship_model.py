@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vestis.artifacts import artifact_path
 from vestis.models import load_checkpoint, save_checkpoint
 from vestis.models.checkpoint import BACKBONE_PREFIX, read_checkpoint
 from vestis.train.trainer import serving_preprocess
-
-WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "vestis" / "models" / "weights"
 
 
 def main() -> None:
@@ -37,7 +36,7 @@ def main() -> None:
     include = True if payload.get("includes_backbone") is True else trained
     model = load_checkpoint(args.checkpoint)
     meta = set_serving(model, payload["meta"], args.test_size, args.category_weight)
-    out = save_checkpoint(model, WEIGHTS / f"{args.name}.pt", include_backbone=include,
+    out = save_checkpoint(model, artifact_path(args.name, "retrieval"), include_backbone=include,
                           half=True, int8=not args.fp16, meta=meta)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB)")
 

@@ -178,4 +178,4 @@ class OutfitModel:
 
 
 def load_outfit_model(name: str | Path = DEFAULT_OUTFIT_MODEL) -> OutfitModel:
-    return OutfitModel.from_checkpoint(resolve_head_path(name, "outfit", "compnet-"))
+    return OutfitModel.from_checkpoint(resolve_head_path(name, "outfits"))

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from vestis.artifacts import artifacts
 from vestis.catalog.catalog import ModelMismatchError
 from vestis.data.products import Product, product_split, products_of, read_products
 from vestis.text.encoder import TEXT_MODEL_ID, embed_texts
 from vestis.text.texts import item_variants
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 FORMAT = "vestis-text-align/1"
 
 
@@ -118,20 +118,30 @@ def load_alignment(path: str | Path, model_id: str | None = None) -> TextAlignme
 _SHIPPED: dict[str, TextAlignment] = {}
 
 
-def alignment_for(model_id: str, weights_dir: str | Path = WEIGHTS_DIR) -> TextAlignment:
-    """The shipped head for an image model id (cached); a clear error when there is none."""
+def alignment_for(model_id: str, weights_dir: str | Path | None = None) -> TextAlignment:
+    """The shipped head for an image model id (cached); a clear error when there is none.
+
+    Shipped heads are the ``text`` artifacts of :data:`vestis.artifacts.ARTIFACTS`;
+    ``weights_dir`` looks among the ``text-align-*.pt`` files of a folder instead."""
     if model_id not in _SHIPPED:
-        for path in sorted(Path(weights_dir).glob("text-align-*.pt")):
+        for path in _head_files(weights_dir):
             head = load_alignment(path)
             if head.model_id == model_id:
                 _SHIPPED[model_id] = head
                 break
         else:
             raise ModelMismatchError(
-                f"no text-alignment head for model {model_id!r} in {weights_dir}; text search "
+                f"no text-alignment head for model {model_id!r} in "
+                f"{weights_dir or 'the shipped artifacts'}; text search "
                 "by embedding needs one (train it with vestis.text.train_alignment), or use "
                 "mode='bm25'")
     return _SHIPPED[model_id]
+
+
+def _head_files(weights_dir: str | Path | None) -> list[Path]:
+    if weights_dir is not None:
+        return sorted(Path(weights_dir).glob("text-align-*.pt"))
+    return [a.path for a in artifacts("text") if a.exists()]
 
 
 # -- training data ---------------------------------------------------------------------

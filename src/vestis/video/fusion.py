@@ -35,9 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 
-WEIGHTS = Path(__file__).parent / "weights"
-#: Shipped learned fusions, by name.
-SHIPPED = {"learned": WEIGHTS / "fusion.pt"}
+from vestis.artifacts import artifact_path
+
+#: Shipped learned fusions, by name (``learned``: the artifact ``fusion`` of
+#: :data:`vestis.artifacts.ARTIFACTS`).
+SHIPPED = {"learned": artifact_path("fusion", "video-fusion")}
 FUSIONS = ("max", "mean", "learned")
 #: Frames per window (level-1 node) of the fusion tree.
 WINDOW = 4
