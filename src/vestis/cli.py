@@ -484,34 +484,20 @@ def explain(
 def train_(
     recipe: Path = typer.Argument(..., help="Training recipe (YAML), e.g. configs/triplet.yaml."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Run folder (default runs/NAME)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (retrieval)."),
     epochs: int | None = typer.Option(None, help="Override the recipe's epochs."),
-    minutes: float | None = typer.Option(None, help="Override the time budget (minutes)."),
+    minutes: float | None = typer.Option(None, help="Override the time budget (minutes; "
+                                         "retrieval)."),
 ) -> None:
-    """Train an embedding model; writes best.pt, last.pt, config.yaml and log.csv.
+    """Train any recipe into --out, on the recipe's ``task``: retrieval (the default; best.pt,
+    last.pt, config.yaml, log.csv), parser, text, attributes, outfits or video-fusion.
 
-    Recipes with ``task: attributes`` or ``task: outfits`` train the small heads on frozen
-    features instead (best.pt, config.json, metrics.json)."""
-    from vestis.recipe_files import read_recipe
-    from vestis.train import train
-    from vestis.train.heads import is_head_recipe, train_heads
+    Nothing is written into the package: ``vestis ship RUN NAME`` stores a run as a named
+    artifact."""
+    from vestis.train.tasks import train_recipe
 
-    overrides: dict = {}
-    if epochs is not None:
-        overrides["epochs"] = epochs
-    if minutes is not None:
-        overrides["time_budget_minutes"] = minutes
-    out = out or Path("runs") / recipe.stem
-    if is_head_recipe(read_recipe(recipe)):
-        heads = train_heads(recipe, out, overrides)
-        typer.echo(f"trained in {heads.seconds:.0f} s; wrote {heads.path}; held-out metrics "
-                   f"in {out / 'metrics.json'}")
-        return
-    result = train(recipe, out, resume=resume, overrides=overrides)
-    typer.echo(
-        f"trained {result.epochs_run} epochs in {result.seconds / 60:.1f} min; "
-        f"best checkpoint {result.best_path} (score {result.best_score:.4f})"
-    )
+    typer.echo(train_recipe(recipe, out, epochs=epochs, minutes=minutes,
+                            resume=resume).message)
 
 
 @app.command()
@@ -790,16 +776,11 @@ def train_parser_(
     out: Path | None = typer.Option(None, "--out", "-o", help="Run folder (default runs/NAME)."),
     epochs: int | None = typer.Option(None, help="Override the recipe's epochs."),
 ) -> None:
-    """Train the garment parser (see the recipe); writes last.pt, log.csv, val.csv."""
-    from vestis.detect.train import train_parser
+    """Train the garment parser: an alias of ``vestis train`` for parser recipes; writes
+    last.pt, log.csv, val.csv."""
+    from vestis.train.tasks import train_recipe
 
-    overrides = {"train": {"epochs": epochs}} if epochs is not None else {}
-    out = out or Path("runs") / recipe.stem
-    result = train_parser(recipe, out, overrides)
-    typer.echo(f"trained {result.epochs} epochs in {result.seconds / 60:.1f} min; "
-               f"checkpoint {result.checkpoint} (validation mIoU {result.val_miou:.4f} at "
-               f"the training resolution; vestis eval-parsing {out / 'val.csv'} --parser "
-               f"{result.checkpoint} for the full-resolution figures)")
+    typer.echo(train_recipe(recipe, out, task="parser", epochs=epochs).message)
 
 
 @app.command()
@@ -837,8 +818,36 @@ def adapt(
 
 
 @app.command()
-def models() -> None:
-    """List the registered models."""
+@friendly_errors
+def ship(
+    run: Path = typer.Argument(..., help="Run folder (as vestis train wrote it) or checkpoint."),
+    name: str = typer.Argument(..., help="Artifact to store it as (vestis models --all), "
+                               "e.g. vestis-lite0 or parser-lite0."),
+    fp16: bool = typer.Option(False, "--fp16", help="Retrieval models: fp16 weights instead "
+                              "of int8."),
+) -> None:
+    """Store a training run as a named artifact inside the package: the one explicit step
+    between training (always into a run folder) and shipping."""
+    from vestis.train.ship import ship as ship_run
+
+    path = ship_run(run, name, fp16=fp16)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB)")
+
+
+@app.command()
+def models(
+    all_: bool = typer.Option(False, "--all", help="Every shipped artifact, with its kind, "
+                              "file and recipe."),
+) -> None:
+    """List the registered models (with --all, every shipped artifact)."""
+    if all_:
+        from vestis.artifacts import artifacts
+
+        for entry in artifacts():
+            missing = "" if entry.exists() else "  (missing)"
+            typer.echo(f"{entry.name:<18} {entry.kind:<12} {entry.file}  <- {entry.recipe}"
+                       f"{missing}")
+        return
     from vestis.models import list_models
 
     for name in list_models():

@@ -132,8 +132,8 @@ def alignment_for(model_id: str, weights_dir: str | Path | None = None) -> TextA
         else:
             raise ModelMismatchError(
                 f"no text-alignment head for model {model_id!r} in "
-                f"{weights_dir or 'the shipped artifacts'}; text search "
-                "by embedding needs one (train it with vestis.text.train_alignment), or use "
+                f"{weights_dir or 'the shipped artifacts'}; text search by embedding needs "
+                "one (vestis train configs/text_align.yaml, then vestis ship), or use "
                 "mode='bm25'")
     return _SHIPPED[model_id]
 
@@ -294,15 +294,32 @@ def train_alignment(
     return alignment
 
 
-def train_from_recipe(path: str | Path, root: str | Path | None = None) -> TextAlignment:
-    """:func:`train_alignment` with the settings of a YAML recipe (``configs/text_align.yaml``);
-    relative paths are relative to ``root`` (default: the current directory)."""
-    from vestis.recipe_files import read_recipe
+#: Every key a text-alignment recipe may set, with its default (anything else is refused).
+RECIPE_DEFAULTS: dict[str, Any] = {
+    "task": "text", "catalog": None, "products": None, "cache": None, "model": "vestis-lite0",
+    "kind": "linear", "hidden": 0, "steps": 400, "lr": 2e-3, "weight_decay": 0.05,
+    "templates": None, "seed": 0, "val_fraction": 0.2,
+}
+#: The head's file in a run folder (``vestis ship RUN text-align-lite0`` stores it).
+RUN_FILE = "text-align.pt"
+
+
+def train_from_recipe(path: str | Path, out: str | Path,
+                      root: str | Path | None = None) -> TextAlignment:
+    """:func:`train_alignment` with the settings of a YAML recipe (``configs/text_align.yaml``),
+    saved to ``out/text-align.pt``; relative paths are relative to ``root`` (default: the
+    current directory). An unknown key or a missing ``catalog`` is refused before any work."""
+    from vestis.recipe_files import read_recipe, refuse_unknown_keys, require_paths
 
     recipe = dict(read_recipe(path))
+    refuse_unknown_keys(recipe, RECIPE_DEFAULTS)
+    recipe = {**RECIPE_DEFAULTS, **recipe}
+    require_paths(recipe, ("catalog",), "recipe")
+    recipe.pop("task")
     root = Path(root or ".")
-    paths = {key: root / recipe.pop(key) if recipe.get(key) else None
-             for key in ("catalog", "products", "out", "cache")}
-    return train_alignment(paths["catalog"], paths["products"], paths["out"],
+    paths = {key: root / recipe.pop(key) if recipe.get(key) else recipe.pop(key)
+             for key in ("catalog", "products", "cache")}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return train_alignment(paths["catalog"], paths["products"], Path(out) / RUN_FILE,
                            cache=paths["cache"], **recipe)
 
