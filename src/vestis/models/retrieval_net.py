@@ -15,13 +15,14 @@ from torch import nn
 
 from vestis.images import Preprocess
 from vestis.models.efficientnet_lite import VARIANTS, efficientnet_lite
+from vestis.models.hooks import ModelHooks
 from vestis.models.pooling import create_pooling
 from vestis.models.registry import register_model
 
 HEAD_LEVEL = "head"
 
 
-class RetrievalNet(nn.Module):
+class RetrievalNet(ModelHooks):
     """Backbone → pooled levels → (adapter) → (linear projection) → embedding.
 
     ``levels`` lists the backbone outputs to pool: stage indices 0-6 (lower stages keep more
