@@ -40,10 +40,6 @@ def list_models() -> list[str]:
     return sorted(_ARCHITECTURES) + sorted(available)
 
 
-def is_architecture(name: str) -> bool:
-    return name in _ARCHITECTURES
-
-
 def needs_category_count(name: str) -> bool:
     """Whether architecture ``name`` is built with ``num_categories``, the number of training
     categories (its factory has a true ``needs_category_count``, e.g. capsnet's class capsules).

@@ -153,9 +153,6 @@ class RetrievalNet(ModelHooks):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed_features(self.extract(x))
 
-    def head_parameters(self) -> list[nn.Parameter]:
-        return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
-
 
 def _check_levels(levels: tuple, n_stages: int) -> tuple:
     if not levels:
