@@ -11,7 +11,15 @@ from pathlib import Path
 import typer
 
 from vestis._env import configure as configure_environment
-from vestis.defaults import DEFAULT_MODEL
+from vestis.defaults import (
+    BATCH_SIZE,
+    DEFAULT_ATTRIBUTE_MODEL,
+    DEFAULT_EVERY,
+    DEFAULT_MODEL,
+    DEFAULT_OUTFIT_MODEL,
+    DEFAULT_PARSER,
+    LINK_MODEL,
+)
 
 # Heavy modules (torch, FAISS, matplotlib, onnxruntime) are imported inside the commands, so
 # --help and argument errors answer at once.
@@ -105,7 +113,7 @@ def index(
     catalog: Path = CatalogOption,
     model: str | None = typer.Option(None, help="Model name or checkpoint (new catalogs)."),
     factory: str | None = typer.Option(None, "--index", help=INDEX_HELP),
-    batch_size: int = typer.Option(16, min=1, help="Images per embedding batch."),
+    batch_size: int = typer.Option(BATCH_SIZE, min=1, help="Images per embedding batch."),
     backend: str = BackendOption,
     crop: str | None = typer.Option(
         None, "--crop", help="garment: index each photo by the garment its item's category "
@@ -187,7 +195,8 @@ def search(
     fusion: str = typer.Option(
         "learned", "--fusion", help="Video: how a track's frames are fused (learned, max, "
         "mean)."),
-    every: int = typer.Option(25, "--every", min=1, help="Video: sample every Nth frame."),
+    every: int = typer.Option(DEFAULT_EVERY, "--every", min=1,
+                              help="Video: sample every Nth frame."),
     thumbnails: Path | None = typer.Option(
         None, "--thumbnails", help="Video: write each track's best frame crop here."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -373,7 +382,7 @@ def embed(
     source: Path = typer.Argument(..., help="CSV with image,item_id columns, or a folder."),
     model: str = typer.Option(DEFAULT_MODEL, help="Model name or checkpoint path."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .npz file."),
-    batch_size: int = typer.Option(16, min=1),
+    batch_size: int = typer.Option(BATCH_SIZE, min=1),
     backend: str = BackendOption,
 ) -> None:
     """Embed images into an .npz: embeddings, item_ids and paths, in row order."""
@@ -570,7 +579,7 @@ def is_loopback(host: str) -> bool:
 @friendly_errors
 def detect(
     image: Path = typer.Argument(..., help="Photo to parse."),
-    parser: str = typer.Option("parser-lite0", help="Parser name or checkpoint path."),
+    parser: str = typer.Option(DEFAULT_PARSER, help="Parser name or checkpoint path."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Draw masks and boxes (PNG)."),
     landmarks: bool = typer.Option(
@@ -606,7 +615,7 @@ def detect(
 @friendly_errors
 def describe(
     image: Path = typer.Argument(..., help="Photo of a garment."),
-    model: str = typer.Option("attributes-lite0", help="Attribute model name or checkpoint."),
+    model: str = typer.Option(DEFAULT_ATTRIBUTE_MODEL, help="Attribute model name or checkpoint."),
     threshold: float = typer.Option(0.5, min=0.0, max=1.0,
                                     help="Show values at least this likely (the best always)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -634,7 +643,7 @@ def eval_attributes(
                                        "category)."),
     products: Path = typer.Option(..., "--products", help="products.csv with the true "
                                   "attributes."),
-    model: str = typer.Option("attributes-lite0", help="Attribute model name or checkpoint."),
+    model: str = typer.Option(DEFAULT_ATTRIBUTE_MODEL, help="Attribute model name or checkpoint."),
     families: str = typer.Option("climate,pattern,material",
                                  help="Attribute families to report, comma-separated."),
     held_out: bool = typer.Option(False, "--held-out", help="Only the products the training "
@@ -668,7 +677,7 @@ def complete(
     image: Path = typer.Argument(..., help="Photo of a garment."),
     catalog: Path = CatalogOption,
     k: int = typer.Option(10, "-k", "--k", min=1, help="Number of items."),
-    model: str = typer.Option("compnet-lite0", help="Outfit model name or checkpoint."),
+    model: str = typer.Option(DEFAULT_OUTFIT_MODEL, help="Outfit model name or checkpoint."),
     same_category: bool = typer.Option(
         False, "--same-category", help="Also suggest items of the photo's own category."),
     where: list[str] | None = typer.Option(None, "--where", help="Filter key=value (AND)."),
@@ -699,7 +708,7 @@ def eval_outfits(
     related: Path = typer.Option(..., "--related", help="related.csv: product,related_product."),
     products: Path | None = typer.Option(None, "--products", help="products.csv: the catalog "
                                          "items' known climate and style labels."),
-    model: str = typer.Option("compnet-lite0", help="Outfit model name or checkpoint."),
+    model: str = typer.Option(DEFAULT_OUTFIT_MODEL, help="Outfit model name or checkpoint."),
     held_out: bool = typer.Option(False, "--held-out", help="Only the products the training "
                                   "recipes hold out query (split by product, 0.2, seed 0)."),
     as_json: Path | None = typer.Option(None, "--json", help="Also write the report here."),
@@ -734,9 +743,9 @@ def eval_outfits(
 def video_crops(
     videos: list[Path] = typer.Argument(..., help="Video files or folders of videos."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the crops and crops.csv."),
-    every: int = typer.Option(25, "--every", min=1, help="Sample every Nth frame."),
+    every: int = typer.Option(DEFAULT_EVERY, "--every", min=1, help="Sample every Nth frame."),
     parser: str | None = typer.Option(None, "--parser", help="Garment parser name or file."),
-    model: str = typer.Option("lite0", "--model", help="Model that links garments across "
+    model: str = typer.Option(LINK_MODEL, "--model", help="Model that links garments across "
                               "frames."),
 ) -> None:
     """Garment crops of unlabelled videos, one instance per tracked garment: the data of the
@@ -755,7 +764,7 @@ def video_crops(
 @friendly_errors
 def eval_parsing(
     dataset: Path = typer.Argument(..., help="CSV with image,mask columns (CCP format)."),
-    parser: str = typer.Option("parser-lite0", help="Parser name or checkpoint path."),
+    parser: str = typer.Option(DEFAULT_PARSER, help="Parser name or checkpoint path."),
     labels: Path | None = typer.Option(None, help="labels.txt (default: beside the CSV)."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write metrics as JSON."),
 ) -> None:

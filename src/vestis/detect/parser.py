@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from vestis.artifacts import artifacts
+from vestis.defaults import DEFAULT_PARSER
 from vestis.images import ImageSource, load_image
 
 from .boxes import Box, BoxRules, regions_from_labels
@@ -31,7 +32,6 @@ from .onnx import create_runner
 
 #: Parsers shipped in the package, by name (from :data:`vestis.artifacts.ARTIFACTS`).
 SHIPPED = {a.name: a.path for a in artifacts("parser")}
-DEFAULT_PARSER = "parser-lite0"
 #: ``segment`` computes label maps at most this many pixels on the long side by default.
 WORK_SIDE = 1024
 

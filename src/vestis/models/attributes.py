@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from vestis.artifacts import ARTIFACTS, artifacts
+from vestis.defaults import DEFAULT_ATTRIBUTE_MODEL
 from vestis.images import ImageError, ImageSource, describe_source, load_image
 
 #: The model whose pooled features the heads of this module (and Comp-Net) read.
 FEATURE_MODEL = "lite0"
-DEFAULT_ATTRIBUTE_MODEL = "attributes-lite0"
 #: Families whose predicted top value is stored as ``predicted.<family>`` catalog metadata.
 PREDICTED_PREFIX = "predicted."
 #: The smallest side, in pixels, of a photo the attribute heads will describe.

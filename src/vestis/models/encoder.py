@@ -18,13 +18,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vestis.defaults import BATCH_SIZE
 from vestis.images import Box, ImageError, ImageSource, Preprocess
 from vestis.models.backends import Backend, OnnxBackend, create_backend, physical_cores
 from vestis.models.hooks import ModelHooks
 from vestis.models.registry import create_model
-
-#: The default images per inference batch; small batches keep ONNX Runtime in cache.
-BATCH_SIZE = 16
 
 
 class BadImagesError(ImageError):
