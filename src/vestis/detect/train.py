@@ -67,6 +67,14 @@ DEFAULTS: dict = {
 }
 
 
+#: Photos per batch through the frozen backbone when caching views (full canvases: memory).
+CACHE_BATCH = 8
+#: Cached views per batch when scoring the validation split (decoder only).
+VALIDATION_BATCH = 32
+#: Cached maps per batch through the frozen stages below the fine-tuned one.
+STAGE_INPUT_BATCH = 64
+
+
 def load_recipe(path: str | Path, overrides: dict | None = None) -> dict:
     """The recipe and ``overrides`` over :data:`DEFAULTS`; an unknown key or a missing
     ``data.csv`` is refused before any work starts."""
@@ -140,7 +148,7 @@ def render_view(image: Image.Image, truth: np.ndarray, view: View, canvas: tuple
 
 @torch.inference_mode()
 def cache_views(net: ParserNet, rows: list[MaskedPhoto], lookup: np.ndarray, canvas, augment,
-                rng: np.random.Generator, desc: str, batch_size: int = 8
+                rng: np.random.Generator, desc: str, batch_size: int = CACHE_BATCH
                 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Stage maps (fp16) and group masks of every view of every row."""
     from tqdm.auto import tqdm
@@ -229,7 +237,8 @@ def parsing_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tens
 
 @torch.inference_mode()
 def validate(net: ParserNet, feats: list[torch.Tensor], masks: torch.Tensor,
-             stage_input: torch.Tensor | None = None, batch_size: int = 32) -> np.ndarray:
+             stage_input: torch.Tensor | None = None,
+             batch_size: int = VALIDATION_BATCH) -> np.ndarray:
     net.eval()
     matrix = np.zeros((len(GROUPS),) * 2, dtype=np.int64)
     for start in range(0, len(masks), batch_size):
@@ -252,7 +261,8 @@ def write_split_csv(rows: list[MaskedPhoto], path: Path) -> None:
                              os.path.relpath(row.mask.resolve(), path.parent.resolve())])
 
 
-def derive_stage_input(net: ParserNet, feats: list[torch.Tensor], batch_size: int = 64
+def derive_stage_input(net: ParserNet, feats: list[torch.Tensor],
+                       batch_size: int = STAGE_INPUT_BATCH
                        ) -> torch.Tensor | None:
     """For fine-tuning from stage F: the output of stage F - 1 (what enters F), computed by
     the frozen stages from the highest cached stage below F."""
