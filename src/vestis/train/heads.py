@@ -73,10 +73,6 @@ HEAD_DEFAULTS: dict[str, Any] = {
 TASKS = ("attributes", "outfits")
 
 
-def is_head_recipe(recipe: dict) -> bool:
-    return recipe.get("task") in TASKS
-
-
 def load_head_config(source: str | Path | dict, overrides: dict | None = None) -> dict:
     """The recipe and ``overrides`` over :data:`HEAD_DEFAULTS`; an unknown key, an unknown
     task or a missing data file is refused before any work starts."""
