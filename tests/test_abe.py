@@ -125,7 +125,7 @@ def test_m_heads_has_no_attention_and_one_g_per_learner():
     torch.manual_seed(0)
     model = create_model("m_heads_net", learners=3, embed_dim=48).eval()
     assert not any("attention" in name for name, _ in model.named_parameters())
-    assert not hasattr(model, "attention_maps")
+    assert not model.has_attention_maps()
     entry = entry_maps(4)
     with torch.no_grad():
         features = model.extract_upper(entry, entry.new_zeros(4, 0), 7).chunk(3, dim=1)

@@ -11,7 +11,15 @@ from pathlib import Path
 import typer
 
 from vestis._env import configure as configure_environment
-from vestis.defaults import DEFAULT_MODEL
+from vestis.defaults import (
+    BATCH_SIZE,
+    DEFAULT_ATTRIBUTE_MODEL,
+    DEFAULT_EVERY,
+    DEFAULT_MODEL,
+    DEFAULT_OUTFIT_MODEL,
+    DEFAULT_PARSER,
+    LINK_MODEL,
+)
 
 # Heavy modules (torch, FAISS, matplotlib, onnxruntime) are imported inside the commands, so
 # --help and argument errors answer at once.
@@ -105,7 +113,7 @@ def index(
     catalog: Path = CatalogOption,
     model: str | None = typer.Option(None, help="Model name or checkpoint (new catalogs)."),
     factory: str | None = typer.Option(None, "--index", help=INDEX_HELP),
-    batch_size: int = typer.Option(16, min=1, help="Images per embedding batch."),
+    batch_size: int = typer.Option(BATCH_SIZE, min=1, help="Images per embedding batch."),
     backend: str = BackendOption,
     crop: str | None = typer.Option(
         None, "--crop", help="garment: index each photo by the garment its item's category "
@@ -187,7 +195,8 @@ def search(
     fusion: str = typer.Option(
         "learned", "--fusion", help="Video: how a track's frames are fused (learned, max, "
         "mean)."),
-    every: int = typer.Option(25, "--every", min=1, help="Video: sample every Nth frame."),
+    every: int = typer.Option(DEFAULT_EVERY, "--every", min=1,
+                              help="Video: sample every Nth frame."),
     thumbnails: Path | None = typer.Option(
         None, "--thumbnails", help="Video: write each track's best frame crop here."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -373,7 +382,7 @@ def embed(
     source: Path = typer.Argument(..., help="CSV with image,item_id columns, or a folder."),
     model: str = typer.Option(DEFAULT_MODEL, help="Model name or checkpoint path."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .npz file."),
-    batch_size: int = typer.Option(16, min=1),
+    batch_size: int = typer.Option(BATCH_SIZE, min=1),
     backend: str = BackendOption,
 ) -> None:
     """Embed images into an .npz: embeddings, item_ids and paths, in row order."""
@@ -484,34 +493,20 @@ def explain(
 def train_(
     recipe: Path = typer.Argument(..., help="Training recipe (YAML), e.g. configs/triplet.yaml."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Run folder (default runs/NAME)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (retrieval)."),
     epochs: int | None = typer.Option(None, help="Override the recipe's epochs."),
-    minutes: float | None = typer.Option(None, help="Override the time budget (minutes)."),
+    minutes: float | None = typer.Option(None, help="Override the time budget (minutes; "
+                                         "retrieval)."),
 ) -> None:
-    """Train an embedding model; writes best.pt, last.pt, config.yaml and log.csv.
+    """Train any recipe into --out, on the recipe's ``task``: retrieval (the default; best.pt,
+    last.pt, config.yaml, log.csv), parser, text, attributes, outfits or video-fusion.
 
-    Recipes with ``task: attributes`` or ``task: outfits`` train the small heads on frozen
-    features instead (best.pt, config.json, metrics.json)."""
-    from vestis.recipe_files import read_recipe
-    from vestis.train import train
-    from vestis.train.heads import is_head_recipe, train_heads
+    Nothing is written into the package: ``vestis ship RUN NAME`` stores a run as a named
+    artifact."""
+    from vestis.train.tasks import train_recipe
 
-    overrides: dict = {}
-    if epochs is not None:
-        overrides["epochs"] = epochs
-    if minutes is not None:
-        overrides["time_budget_minutes"] = minutes
-    out = out or Path("runs") / recipe.stem
-    if is_head_recipe(read_recipe(recipe)):
-        heads = train_heads(recipe, out, overrides)
-        typer.echo(f"trained in {heads.seconds:.0f} s; wrote {heads.path}; held-out metrics "
-                   f"in {out / 'metrics.json'}")
-        return
-    result = train(recipe, out, resume=resume, overrides=overrides)
-    typer.echo(
-        f"trained {result.epochs_run} epochs in {result.seconds / 60:.1f} min; "
-        f"best checkpoint {result.best_path} (score {result.best_score:.4f})"
-    )
+    typer.echo(train_recipe(recipe, out, epochs=epochs, minutes=minutes,
+                            resume=resume).message)
 
 
 @app.command()
@@ -584,7 +579,7 @@ def is_loopback(host: str) -> bool:
 @friendly_errors
 def detect(
     image: Path = typer.Argument(..., help="Photo to parse."),
-    parser: str = typer.Option("parser-lite0", help="Parser name or checkpoint path."),
+    parser: str = typer.Option(DEFAULT_PARSER, help="Parser name or checkpoint path."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Draw masks and boxes (PNG)."),
     landmarks: bool = typer.Option(
@@ -620,7 +615,7 @@ def detect(
 @friendly_errors
 def describe(
     image: Path = typer.Argument(..., help="Photo of a garment."),
-    model: str = typer.Option("attributes-lite0", help="Attribute model name or checkpoint."),
+    model: str = typer.Option(DEFAULT_ATTRIBUTE_MODEL, help="Attribute model name or checkpoint."),
     threshold: float = typer.Option(0.5, min=0.0, max=1.0,
                                     help="Show values at least this likely (the best always)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -648,7 +643,7 @@ def eval_attributes(
                                        "category)."),
     products: Path = typer.Option(..., "--products", help="products.csv with the true "
                                   "attributes."),
-    model: str = typer.Option("attributes-lite0", help="Attribute model name or checkpoint."),
+    model: str = typer.Option(DEFAULT_ATTRIBUTE_MODEL, help="Attribute model name or checkpoint."),
     families: str = typer.Option("climate,pattern,material",
                                  help="Attribute families to report, comma-separated."),
     held_out: bool = typer.Option(False, "--held-out", help="Only the products the training "
@@ -682,7 +677,7 @@ def complete(
     image: Path = typer.Argument(..., help="Photo of a garment."),
     catalog: Path = CatalogOption,
     k: int = typer.Option(10, "-k", "--k", min=1, help="Number of items."),
-    model: str = typer.Option("compnet-lite0", help="Outfit model name or checkpoint."),
+    model: str = typer.Option(DEFAULT_OUTFIT_MODEL, help="Outfit model name or checkpoint."),
     same_category: bool = typer.Option(
         False, "--same-category", help="Also suggest items of the photo's own category."),
     where: list[str] | None = typer.Option(None, "--where", help="Filter key=value (AND)."),
@@ -713,7 +708,7 @@ def eval_outfits(
     related: Path = typer.Option(..., "--related", help="related.csv: product,related_product."),
     products: Path | None = typer.Option(None, "--products", help="products.csv: the catalog "
                                          "items' known climate and style labels."),
-    model: str = typer.Option("compnet-lite0", help="Outfit model name or checkpoint."),
+    model: str = typer.Option(DEFAULT_OUTFIT_MODEL, help="Outfit model name or checkpoint."),
     held_out: bool = typer.Option(False, "--held-out", help="Only the products the training "
                                   "recipes hold out query (split by product, 0.2, seed 0)."),
     as_json: Path | None = typer.Option(None, "--json", help="Also write the report here."),
@@ -748,9 +743,9 @@ def eval_outfits(
 def video_crops(
     videos: list[Path] = typer.Argument(..., help="Video files or folders of videos."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the crops and crops.csv."),
-    every: int = typer.Option(25, "--every", min=1, help="Sample every Nth frame."),
+    every: int = typer.Option(DEFAULT_EVERY, "--every", min=1, help="Sample every Nth frame."),
     parser: str | None = typer.Option(None, "--parser", help="Garment parser name or file."),
-    model: str = typer.Option("lite0", "--model", help="Model that links garments across "
+    model: str = typer.Option(LINK_MODEL, "--model", help="Model that links garments across "
                               "frames."),
 ) -> None:
     """Garment crops of unlabelled videos, one instance per tracked garment: the data of the
@@ -769,7 +764,7 @@ def video_crops(
 @friendly_errors
 def eval_parsing(
     dataset: Path = typer.Argument(..., help="CSV with image,mask columns (CCP format)."),
-    parser: str = typer.Option("parser-lite0", help="Parser name or checkpoint path."),
+    parser: str = typer.Option(DEFAULT_PARSER, help="Parser name or checkpoint path."),
     labels: Path | None = typer.Option(None, help="labels.txt (default: beside the CSV)."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write metrics as JSON."),
 ) -> None:
@@ -790,16 +785,11 @@ def train_parser_(
     out: Path | None = typer.Option(None, "--out", "-o", help="Run folder (default runs/NAME)."),
     epochs: int | None = typer.Option(None, help="Override the recipe's epochs."),
 ) -> None:
-    """Train the garment parser (see the recipe); writes last.pt, log.csv, val.csv."""
-    from vestis.detect.train import train_parser
+    """Train the garment parser: an alias of ``vestis train`` for parser recipes; writes
+    last.pt, log.csv, val.csv."""
+    from vestis.train.tasks import train_recipe
 
-    overrides = {"train": {"epochs": epochs}} if epochs is not None else {}
-    out = out or Path("runs") / recipe.stem
-    result = train_parser(recipe, out, overrides)
-    typer.echo(f"trained {result.epochs} epochs in {result.seconds / 60:.1f} min; "
-               f"checkpoint {result.checkpoint} (validation mIoU {result.val_miou:.4f} at "
-               f"the training resolution; vestis eval-parsing {out / 'val.csv'} --parser "
-               f"{result.checkpoint} for the full-resolution figures)")
+    typer.echo(train_recipe(recipe, out, task="parser", epochs=epochs).message)
 
 
 @app.command()
@@ -837,8 +827,36 @@ def adapt(
 
 
 @app.command()
-def models() -> None:
-    """List the registered models."""
+@friendly_errors
+def ship(
+    run: Path = typer.Argument(..., help="Run folder (as vestis train wrote it) or checkpoint."),
+    name: str = typer.Argument(..., help="Artifact to store it as (vestis models --all), "
+                               "e.g. vestis-lite0 or parser-lite0."),
+    fp16: bool = typer.Option(False, "--fp16", help="Retrieval models: fp16 weights instead "
+                              "of int8."),
+) -> None:
+    """Store a training run as a named artifact inside the package: the one explicit step
+    between training (always into a run folder) and shipping."""
+    from vestis.train.ship import ship as ship_run
+
+    path = ship_run(run, name, fp16=fp16)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB)")
+
+
+@app.command()
+def models(
+    all_: bool = typer.Option(False, "--all", help="Every shipped artifact, with its kind, "
+                              "file and recipe."),
+) -> None:
+    """List the registered models (with --all, every shipped artifact)."""
+    if all_:
+        from vestis.artifacts import artifacts
+
+        for entry in artifacts():
+            missing = "" if entry.exists() else "  (missing)"
+            typer.echo(f"{entry.name:<18} {entry.kind:<12} {entry.file}  <- {entry.recipe}"
+                       f"{missing}")
+        return
     from vestis.models import list_models
 
     for name in list_models():

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vestis.images import ImageSource, Preprocess, load_image
+from vestis.models.hooks import ModelHooks
 
 
 @dataclass
@@ -25,17 +26,16 @@ class Explanation:
     maps: np.ndarray  # (K, h, w) in [0, 1], over the model's letterboxed input
 
 
-def attention_maps(model: torch.nn.Module, image: Image.Image) -> np.ndarray:
+def attention_maps(model: ModelHooks, image: Image.Image) -> np.ndarray:
     """The model's (K, h, w) attention maps of ``image``; refused for a model without one."""
-    compute = getattr(model, "attention_maps", None)
-    if not callable(compute):
-        name = getattr(model, "model_name", type(model).__name__)
-        raise ValueError(f"model {name!r} has no attention map to show; explain needs a model "
-                         "with one, such as impdrop_net or abe_net (or a checkpoint of them)")
+    if not model.has_attention_maps():
+        raise ValueError(f"model {model.display_name!r} has no attention map to show; explain "
+                         "needs a model with one, such as impdrop_net or abe_net (or a "
+                         "checkpoint of them)")
     batch = torch.from_numpy(model.preprocess.to_array(image)[None])
     with torch.inference_mode():
         device = next(model.parameters()).device
-        return compute(batch.to(device))[0].float().cpu().numpy()
+        return model.attention_maps(batch.to(device))[0].float().cpu().numpy()
 
 
 def overlay(image: Image.Image, maps: np.ndarray, preprocess: Preprocess,

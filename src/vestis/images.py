@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 ImageSource = str | Path | bytes | bytearray | memoryview | Image.Image
+#: The one box type: (x1, y1, x2, y2) in pixels, x2/y2 exclusive.
 Box = tuple[int, int, int, int]
 
 #: Images with more pixels than this are refused as decompression bombs (about 11.5k x 11.5k,

@@ -1,9 +1,11 @@
-"""Reading YAML recipes: shared by model training and parser training."""
+"""Reading YAML recipes: shared by every training task (``vestis train RECIPE``)."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -28,3 +30,24 @@ def read_recipe(path: str | Path) -> dict:
     if not isinstance(recipe, dict):
         raise ValueError(f"{path}: a recipe must be a YAML mapping")
     return recipe
+
+
+def refuse_unknown_keys(recipe: Mapping[str, Any], known: Mapping[str, Any],
+                        where: str = "recipe") -> None:
+    """Refuse a key of ``recipe`` that ``known`` (the recipe kind's defaults) lacks, naming
+    it, before any work starts. Nested mappings are checked key by key wherever ``known``
+    holds a mapping too (a ``None`` default takes any value)."""
+    unknown = sorted(set(recipe) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {where} key(s): {', '.join(map(str, unknown))}")
+    for key, value in recipe.items():
+        if isinstance(value, Mapping) and isinstance(known[key], Mapping):
+            refuse_unknown_keys(value, known[key], key if where == "recipe" else f"{where}.{key}")
+
+
+def require_paths(section: Mapping[str, Any], keys: tuple[str, ...], where: str) -> None:
+    """Refuse a recipe that leaves a data path of ``keys`` unset (library defaults name no
+    data folder: recipes and command-line arguments do)."""
+    missing = [key for key in keys if not section.get(key)]
+    if missing:
+        raise ValueError(f"the recipe sets no {', '.join(f'{where}.{k}' for k in missing)}")

@@ -34,9 +34,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from vestis.images import Box  # re-exported: vestis.detect.boxes.Box is the same type
+
 from .groups import GARMENT_GROUPS, GROUPS
 
-Box = tuple[int, int, int, int]
 _EIGHT = np.ones((3, 3), dtype=bool)
 
 

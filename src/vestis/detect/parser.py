@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from vestis.artifacts import artifacts
+from vestis.defaults import DEFAULT_PARSER
 from vestis.images import ImageSource, load_image
 
 from .boxes import Box, BoxRules, regions_from_labels
@@ -28,10 +30,8 @@ from .metrics import (
 from .model import ParserNet, input_shape, load_parser_net, to_input
 from .onnx import create_runner
 
-WEIGHTS = Path(__file__).parent / "weights"
-#: Parsers shipped in the package, by name.
-SHIPPED = {"parser-lite0": WEIGHTS / "parser-lite0.pt"}
-DEFAULT_PARSER = "parser-lite0"
+#: Parsers shipped in the package, by name (from :data:`vestis.artifacts.ARTIFACTS`).
+SHIPPED = {a.name: a.path for a in artifacts("parser")}
 #: ``segment`` computes label maps at most this many pixels on the long side by default.
 WORK_SIDE = 1024
 

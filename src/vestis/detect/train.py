@@ -1,4 +1,5 @@
-"""Train the garment parser's decoder on Clothing Co-Parsing masks (``vestis train-parser``).
+"""Train the garment parser's decoder on Clothing Co-Parsing masks (``vestis train`` of a
+recipe with ``task: parser``).
 
 The backbone is frozen, so its stage maps for a few views of every photo (the photo, its
 mirror image, and seeded zoomed crops) are computed once and cached in memory; epochs then
@@ -22,7 +23,7 @@ from PIL import Image
 
 from vestis.atomic import atomic_path
 from vestis.images import load_image
-from vestis.recipe_files import deep_merge, read_recipe
+from vestis.recipe_files import deep_merge, read_recipe, refuse_unknown_keys, require_paths
 
 from .groups import GARMENT_GROUPS, GROUPS
 from .metrics import (
@@ -36,11 +37,15 @@ from .metrics import (
 )
 from .model import PIXEL_MEAN, PIXEL_STD, ParserConfig, ParserNet, save_parser
 
+#: Every key a parser recipe may set (anything else is refused, naming it). ``data.csv`` has
+#: no default: the recipe names it (configs/parser-lite0.yaml).
 DEFAULTS: dict = {
+    "task": "parser",
     "name": "parser",
     "seed": 0,
-    "data": {"csv": "../shared/data/ccp/annotations.csv", "labels": None, "val_count": 110},
-    "model": {"backbone": "lite0", "stages": [1, 2, 4, 6], "width": 64, "size": 384},
+    "data": {"csv": None, "labels": None, "val_count": 110},
+    "model": {"backbone": "lite0", "stages": [1, 2, 4, 6], "width": 64, "size": 384,
+              "finetune_from_stage": None},
     # Training canvas (height, width): photos are fitted inside it, padding is ignored.
     "canvas": [384, 256],
     "augment": {"flip": True, "zoom_views": 1, "zoom": [1.15, 1.5]},
@@ -62,8 +67,22 @@ DEFAULTS: dict = {
 }
 
 
+#: Photos per batch through the frozen backbone when caching views (full canvases: memory).
+CACHE_BATCH = 8
+#: Cached views per batch when scoring the validation split (decoder only).
+VALIDATION_BATCH = 32
+#: Cached maps per batch through the frozen stages below the fine-tuned one.
+STAGE_INPUT_BATCH = 64
+
+
 def load_recipe(path: str | Path, overrides: dict | None = None) -> dict:
-    return deep_merge(deep_merge(DEFAULTS, read_recipe(path)), overrides or {})
+    """The recipe and ``overrides`` over :data:`DEFAULTS`; an unknown key or a missing
+    ``data.csv`` is refused before any work starts."""
+    recipe = deep_merge(read_recipe(path), overrides or {})
+    refuse_unknown_keys(recipe, DEFAULTS)
+    merged = deep_merge(DEFAULTS, recipe)
+    require_paths(merged["data"], ("csv",), "data")
+    return merged
 
 
 def split_rows(rows: list[MaskedPhoto], val_count: int, seed: int
@@ -129,7 +148,7 @@ def render_view(image: Image.Image, truth: np.ndarray, view: View, canvas: tuple
 
 @torch.inference_mode()
 def cache_views(net: ParserNet, rows: list[MaskedPhoto], lookup: np.ndarray, canvas, augment,
-                rng: np.random.Generator, desc: str, batch_size: int = 8
+                rng: np.random.Generator, desc: str, batch_size: int = CACHE_BATCH
                 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Stage maps (fp16) and group masks of every view of every row."""
     from tqdm.auto import tqdm
@@ -218,7 +237,8 @@ def parsing_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tens
 
 @torch.inference_mode()
 def validate(net: ParserNet, feats: list[torch.Tensor], masks: torch.Tensor,
-             stage_input: torch.Tensor | None = None, batch_size: int = 32) -> np.ndarray:
+             stage_input: torch.Tensor | None = None,
+             batch_size: int = VALIDATION_BATCH) -> np.ndarray:
     net.eval()
     matrix = np.zeros((len(GROUPS),) * 2, dtype=np.int64)
     for start in range(0, len(masks), batch_size):
@@ -241,7 +261,8 @@ def write_split_csv(rows: list[MaskedPhoto], path: Path) -> None:
                              os.path.relpath(row.mask.resolve(), path.parent.resolve())])
 
 
-def derive_stage_input(net: ParserNet, feats: list[torch.Tensor], batch_size: int = 64
+def derive_stage_input(net: ParserNet, feats: list[torch.Tensor],
+                       batch_size: int = STAGE_INPUT_BATCH
                        ) -> torch.Tensor | None:
     """For fine-tuning from stage F: the output of stage F - 1 (what enters F), computed by
     the frozen stages from the highest cached stage below F."""

@@ -146,10 +146,6 @@ class ClassTree:
         """``s_c``: the mean squared distance between two images of class ``c``."""
         return float(self.within[c])
 
-    def class_distance(self, a: int, b: int) -> float:
-        """Average squared distance between the images of two (present) classes."""
-        return float(np.clip(2.0 - 2.0 * self.centres[a] @ self.centres[b], 0.0, D_MAX))
-
     def neighbours(self, c: int, limit: int | None = None) -> list[int]:
         """Other present classes, closest in the tree first: by merge level, then distance."""
         if not 0 <= c < self.num_classes or not self.present[c]:

@@ -1,7 +1,6 @@
 """Encoders behind a registry: ``create_model(name)`` is the one way in."""
 
-from pathlib import Path as _Path
-
+from vestis.artifacts import artifacts as _artifacts
 from vestis.defaults import DEFAULT_MODEL
 from vestis.models import retrieval_net as _retrieval_net  # noqa: F401  (registers lite0/1/2)
 from vestis.models.abe import ABENet, MHeadsNet  # registers "abe_net", "m_heads_net"
@@ -18,8 +17,9 @@ from vestis.models.impdrop import ImpdropNet  # registers "impdrop_net"
 from vestis.models.registry import create_model, list_models, register_checkpoint, register_model
 from vestis.models.retrieval_net import RetrievalNet
 
-# The trained default (configs/vestis-lite0.yaml): Lite0 stages 5-6 fine-tuned plus a head, fp16.
-register_checkpoint(DEFAULT_MODEL, _Path(__file__).parent / "weights" / f"{DEFAULT_MODEL}.pt")
+# The shipped retrieval models of vestis.artifacts (the default: configs/vestis-lite0.yaml).
+for _artifact in _artifacts("retrieval"):
+    register_checkpoint(_artifact.name, _artifact.path)
 
 __all__ = [
     "ABENet",

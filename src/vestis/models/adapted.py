@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vestis.models.hooks import ModelHooks
 from vestis.models.registry import create_model, register_model
 
 
-class AdaptedNet(nn.Module):
+class AdaptedNet(ModelHooks):
     """``W · normalise(base(x))``; ``W`` starts as the identity."""
 
     architecture = "adapted"
@@ -36,7 +37,7 @@ class AdaptedNet(nn.Module):
         self.transform = nn.Linear(self.embed_dim, self.embed_dim, bias=False)
         with torch.no_grad():
             self.transform.weight.copy_(torch.eye(self.embed_dim))
-        self.onnx_exportable = getattr(self.backbone, "onnx_exportable", True)
+        self.onnx_exportable = self.backbone.onnx_exportable
         self.config = {"base": base}
 
     def _base_dim(self) -> int:

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from vestis.artifacts import ARTIFACTS, artifacts
+from vestis.defaults import DEFAULT_ATTRIBUTE_MODEL
 from vestis.images import ImageError, ImageSource, describe_source, load_image
 
 #: The model whose pooled features the heads of this module (and Comp-Net) read.
 FEATURE_MODEL = "lite0"
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-DEFAULT_ATTRIBUTE_MODEL = "attributes-lite0"
 #: Families whose predicted top value is stored as ``predicted.<family>`` catalog metadata.
 PREDICTED_PREFIX = "predicted."
 #: The smallest side, in pixels, of a photo the attribute heads will describe.
@@ -236,19 +236,19 @@ def read_head(path: str | Path, kind: str, what: str) -> tuple[dict, dict, Label
     return blob, state, LabelSpace(blob["labels"])
 
 
-def resolve_head_path(name: str | Path, kind: str, prefix: str) -> Path:
-    """A shipped head by name (``weights/<name>.pt``) or a path to a checkpoint; ``prefix``
-    names the shipped heads of this kind in errors."""
+def resolve_head_path(name: str | Path, kind: str) -> Path:
+    """A shipped head by name (an artifact of ``kind``, ``attributes`` or ``outfits``, in
+    :data:`vestis.artifacts.ARTIFACTS`) or a path to a checkpoint."""
     path = Path(name)
     if path.suffix == ".pt" and path.is_file():
         return path
-    shipped = WEIGHTS_DIR / f"{name}.pt"
-    if shipped.is_file():
-        return shipped
-    known = sorted(p.stem for p in WEIGHTS_DIR.glob(f"{prefix}*.pt"))
-    raise ValueError(f"unknown {kind} model {str(name)!r}: not a file, nor one of "
-                     f"{', '.join(known)}")
+    shipped = ARTIFACTS.get(str(name))
+    if shipped is not None and shipped.kind == kind and shipped.exists():
+        return shipped.path
+    known = sorted(a.name for a in artifacts(kind) if a.exists())
+    raise ValueError(f"unknown {kind.removesuffix('s')} model {str(name)!r}: not a file, nor "
+                     f"one of {', '.join(known)}")
 
 
 def load_attribute_model(name: str | Path = DEFAULT_ATTRIBUTE_MODEL) -> AttributeModel:
-    return AttributeModel.from_checkpoint(resolve_head_path(name, "attribute", "attributes-"))
+    return AttributeModel.from_checkpoint(resolve_head_path(name, "attributes"))

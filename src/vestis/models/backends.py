@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from vestis.models import onnx_export
+from vestis.models.hooks import ModelHooks
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def onnx_for(
 
 
 def create_backend(
-    model: nn.Module,
+    model: ModelHooks,
     kind: str = "auto",
     *,
     device: str | None = None,
@@ -151,7 +152,7 @@ def create_backend(
     on_cpu = device is None or torch.device(device).type == "cpu"
     # A model whose forward leaves torch (FashionNet's landmarks are found in numpy) would be
     # traced with that part frozen into constants.
-    exportable = getattr(model, "onnx_exportable", True)
+    exportable = model.onnx_exportable
     if kind == "torch" or (kind == "auto" and not (on_cpu and onnxruntime_available()
                                                     and exportable)):
         return TorchBackend(model, device or "cpu")
@@ -159,12 +160,12 @@ def create_backend(
         if not on_cpu:
             raise ValueError("the ONNX Runtime backend runs on the CPU only")
         if not exportable:
-            raise ValueError(f"{getattr(model, 'model_name', type(model).__name__)} does not "
+            raise ValueError(f"{model.display_name} does not "
                              "export to ONNX; use the torch backend")
         return onnx_for(model, threads=threads, streams=streams)
     try:
         return onnx_for(model, threads=threads, streams=streams)
     except Exception as exc:  # an architecture that does not export still embeds, in torch
         log.warning("ONNX Runtime unavailable for %s, using torch: %s",
-                    getattr(model, "model_name", type(model).__name__), exc)
+                    model.display_name, exc)
         return TorchBackend(model, device or "cpu")

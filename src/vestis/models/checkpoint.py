@@ -107,8 +107,7 @@ def load_checkpoint(path: str | Path) -> nn.Module:
             f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
     model.preprocess = Preprocess.from_dict(payload["preprocess"])
-    model.model_name = str(path)
-    model.model_id = f"{path.stem}@{file_digest(path)[:12]}"
+    model.identify(str(path), f"{path.stem}@{file_digest(path)[:12]}")
     model.checkpoint_meta = payload.get("meta", {})
     return model.eval()
 

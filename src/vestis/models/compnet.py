@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vestis.defaults import DEFAULT_OUTFIT_MODEL
 from vestis.models.attributes import (
     FEATURE_MODEL,
     LabelSpace,
@@ -35,7 +36,6 @@ from vestis.models.attributes import (
     save_head,
 )
 
-DEFAULT_OUTFIT_MODEL = "compnet-lite0"
 #: The semantic label families Comp-Net composes with (products.csv columns).
 SEMANTIC_COLUMNS = ("climate", "style_general", "style_bottom")
 
@@ -178,4 +178,4 @@ class OutfitModel:
 
 
 def load_outfit_model(name: str | Path = DEFAULT_OUTFIT_MODEL) -> OutfitModel:
-    return OutfitModel.from_checkpoint(resolve_head_path(name, "outfit", "compnet-"))
+    return OutfitModel.from_checkpoint(resolve_head_path(name, "outfits"))

@@ -18,12 +18,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vestis.defaults import BATCH_SIZE
 from vestis.images import Box, ImageError, ImageSource, Preprocess
 from vestis.models.backends import Backend, OnnxBackend, create_backend, physical_cores
+from vestis.models.hooks import ModelHooks
 from vestis.models.registry import create_model
-
-#: The default images per inference batch; small batches keep ONNX Runtime in cache.
-BATCH_SIZE = 16
 
 
 class BadImagesError(ImageError):
@@ -67,7 +66,7 @@ class Encoder:
 
     def __init__(
         self,
-        model: nn.Module | str,
+        model: ModelHooks | str,
         *,
         batch_size: int = BATCH_SIZE,
         device: str | None = None,
@@ -80,8 +79,8 @@ class Encoder:
         self.model: nn.Module | None = model
         self.device = torch.device(device or "cpu")
         identity = (
-            getattr(model, "model_name", type(model).__name__),
-            getattr(model, "model_id", None),
+            model.display_name,
+            model.model_id,
             int(getattr(model, "output_dim", getattr(model, "embed_dim", 0))),
         )
         self._setup(create_backend(model, backend, device=device, threads=threads,

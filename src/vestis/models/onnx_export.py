@@ -22,6 +22,7 @@ from torch import nn
 
 from vestis import atomic
 from vestis.images import Preprocess
+from vestis.models.hooks import ModelHooks
 
 OPSET = 17
 INPUT_NAME = "images"
@@ -41,13 +42,13 @@ class NormalisedModel(nn.Module):
         return F.normalize(self.model(images).float(), dim=-1)
 
 
-def model_metadata(model: nn.Module) -> dict[str, str]:
+def model_metadata(model: ModelHooks) -> dict[str, str]:
     """The facts about ``model`` written into its ONNX file."""
-    name = str(getattr(model, "model_name", type(model).__name__))
+    name = str(model.display_name)
     dim = int(getattr(model, "output_dim", getattr(model, "embed_dim", 0)))
     return {
         "vestis_model_name": name,
-        "vestis_model_id": str(getattr(model, "model_id", name)),
+        "vestis_model_id": str(model.model_id or name),
         "vestis_dim": str(dim),
         "vestis_preprocess": json.dumps(model.preprocess.to_dict()),
     }

@@ -40,10 +40,6 @@ def list_models() -> list[str]:
     return sorted(_ARCHITECTURES) + sorted(available)
 
 
-def is_architecture(name: str) -> bool:
-    return name in _ARCHITECTURES
-
-
 def needs_category_count(name: str) -> bool:
     """Whether architecture ``name`` is built with ``num_categories``, the number of training
     categories (its factory has a true ``needs_category_count``, e.g. capsnet's class capsules).
@@ -62,15 +58,12 @@ def create_model(name: str | Path, *, pretrained: bool = True, **kwargs) -> nn.M
     key = str(name)
     if key in _ARCHITECTURES:
         model = _ARCHITECTURES[key](pretrained=pretrained, **kwargs)
-        model.model_name = key
-        model.model_id = key if pretrained else f"{key}-random"
-        return model.eval()
+        return model.identify(key, key if pretrained else f"{key}-random").eval()
     if key in _TRAINED:
         if not _TRAINED[key].exists():
             raise FileNotFoundError(f"the weights of model {key!r} are missing: {_TRAINED[key]}")
         model = load_checkpoint(_TRAINED[key])
-        model.model_name = key
-        return model
+        return model.identify(key, model.model_id)
     path = Path(key).expanduser()
     if path.is_file():
         return load_checkpoint(path)

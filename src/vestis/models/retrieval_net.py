@@ -15,13 +15,14 @@ from torch import nn
 
 from vestis.images import Preprocess
 from vestis.models.efficientnet_lite import VARIANTS, efficientnet_lite
+from vestis.models.hooks import ModelHooks
 from vestis.models.pooling import create_pooling
 from vestis.models.registry import register_model
 
 HEAD_LEVEL = "head"
 
 
-class RetrievalNet(nn.Module):
+class RetrievalNet(ModelHooks):
     """Backbone → pooled levels → (adapter) → (linear projection) → embedding.
 
     ``levels`` lists the backbone outputs to pool: stage indices 0-6 (lower stages keep more
@@ -151,9 +152,6 @@ class RetrievalNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed_features(self.extract(x))
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
 
 
 def _check_levels(levels: tuple, n_stages: int) -> tuple:

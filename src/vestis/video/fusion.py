@@ -35,9 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 
-WEIGHTS = Path(__file__).parent / "weights"
-#: Shipped learned fusions, by name.
-SHIPPED = {"learned": WEIGHTS / "fusion.pt"}
+from vestis.artifacts import artifact_path
+
+#: Shipped learned fusions, by name (``learned``: the artifact ``fusion`` of
+#: :data:`vestis.artifacts.ARTIFACTS`).
+SHIPPED = {"learned": artifact_path("fusion", "video-fusion")}
 FUSIONS = ("max", "mean", "learned")
 #: Frames per window (level-1 node) of the fusion tree.
 WINDOW = 4
@@ -177,7 +179,8 @@ def load_fusion(name: str | Path = "learned") -> Fusion:
     if not path.is_file():
         if key in SHIPPED:
             raise FileNotFoundError(f"the learned fusion's weights are missing: {path}; "
-                                    "train them with vestis.video.fusion.train_fusion")
+                                    "train them with vestis train "
+                                    "configs/video_fusion.yaml, then vestis ship")
         raise ValueError(f"unknown fusion {key!r}: one of {', '.join(FUSIONS)} or a checkpoint")
     tree, meta = load_tree(path)
     return LearnedFusion(tree, meta)
@@ -286,7 +289,7 @@ def recall_at_1(examples: Sequence[TrackExample], fusion: Fusion) -> float:
     return hits / max(1, len(examples))
 
 
-def train_fusion(catalog_csv: str | Path, out: str | Path = SHIPPED["learned"], *,
+def train_fusion(catalog_csv: str | Path, out: str | Path, *,
                  max_items: int | None = None, clips_per_item: int = 1, seconds: float = 6.0,
                  size: tuple[int, int] = (320, 240), every: int = 25, epochs: int = 300,
                  negatives: int = 20, loss: str = "softmax", seed: int = 0,
@@ -328,6 +331,33 @@ def train_fusion(catalog_csv: str | Path, out: str | Path = SHIPPED["learned"], 
     if progress:
         print(f"fusion: {len(examples)} tracks; held-back R@1 {report}; saved {out}")
     return final
+
+
+#: Every key a video-fusion recipe may set, with its default (anything else is refused).
+RECIPE_DEFAULTS: dict[str, Any] = {
+    "task": "video-fusion", "catalog": None, "model": "vestis-lite0", "max_items": None,
+    "clips_per_item": 1, "seconds": 6.0, "size": [320, 240], "every": 25, "epochs": 300,
+    "negatives": 20, "loss": "softmax", "seed": 0, "cache": None,
+}
+#: The tree's file in a run folder (``vestis ship RUN fusion`` stores it).
+RUN_FILE = "fusion.pt"
+
+
+def train_from_recipe(path: str | Path, out: str | Path,
+                      overrides: dict | None = None) -> FusionTree:
+    """:func:`train_fusion` with the settings of a YAML recipe (configs/video_fusion.yaml),
+    saved to ``out/fusion.pt``. An unknown key or a missing ``catalog`` is refused before
+    any work starts."""
+    from vestis.recipe_files import read_recipe, refuse_unknown_keys, require_paths
+
+    recipe = {**read_recipe(path), **(overrides or {})}
+    refuse_unknown_keys(recipe, RECIPE_DEFAULTS)
+    recipe = {**RECIPE_DEFAULTS, **recipe}
+    require_paths(recipe, ("catalog",), "recipe")
+    del recipe["task"]
+    catalog, size = recipe.pop("catalog"), tuple(recipe.pop("size"))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return train_fusion(catalog, Path(out) / RUN_FILE, size=size, **recipe)
 
 
 def save_examples(examples: Sequence[TrackExample], path: str | Path) -> None:

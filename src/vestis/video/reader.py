@@ -33,13 +33,13 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from vestis.defaults import DEFAULT_EVERY  # re-exported: keep every Nth decoded frame
+
 try:
     import av
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("vestis.video needs PyAV: pip install av") from exc
 
-#: Keep every Nth decoded frame (Video2Shop samples every 25th).
-DEFAULT_EVERY = 25
 #: Seconds of the opening skipped by default ...
 DEFAULT_SKIP = 0.5
 #: ... but never more than this share of a video whose duration is known.

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
-from vestis.catalog.garments import WHOLE_IMAGE, garment_vectors, query_views
+from vestis.catalog.garments import garment_vectors, query_views
 from vestis.images import Box
 from vestis.video.reader import VideoFrame
 
@@ -226,7 +226,3 @@ def track_garments(frames: Iterable[VideoFrame], parser, encoder, *,
     for frame in frames:
         tracker.update(frame)
     return tracker.finish()
-
-
-def is_whole_image(track: Track) -> bool:
-    return track.group == WHOLE_IMAGE
