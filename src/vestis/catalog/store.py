@@ -296,7 +296,7 @@ class Store:
                 "CAST(COALESCE(json_extract(images.metadata, ?), json_extract(items.metadata, ?))"
                 f" AS TEXT) {test}"
             )
-            params.extend([path, path, *(_as_text(v) for v in values)])
+            params.extend([path, path, *(filter_text(v) for v in values)])
         sql = "SELECT images.image_id FROM images JOIN items ON items.item_id = images.item_id" + (
             " WHERE " + " AND ".join(clauses) if clauses else ""
         )
@@ -427,7 +427,8 @@ def _catalog_dir(db: sqlite3.Connection) -> str:
     return str(Path(rows[0][2]).parent) if rows and rows[0][2] else "(memory)"
 
 
-def _as_text(value: Any) -> str:
+def filter_text(value: Any) -> str:
+    """A metadata value as filters compare it: text, booleans as ``1``/``0``."""
     if isinstance(value, bool):
         return "1" if value else "0"
     return str(value)

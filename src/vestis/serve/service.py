@@ -32,8 +32,10 @@ from PIL import Image
 
 from vestis.atomic import write_atomic
 from vestis.catalog import Catalog, GarmentHits, Item, ReadOnlyCatalogError
+from vestis.catalog.backend import filter_text
 from vestis.catalog.catalog import DB_NAME, RESERVED_KEYS, content_hash
-from vestis.catalog.garments import GARMENT_KEY, WHOLE_IMAGE
+from vestis.catalog.garments import WHOLE_IMAGE
+from vestis.catalog.ingest import photo_view
 from vestis.catalog.store import ImageRow
 from vestis.images import (
     SERVER_MAX_PIXELS,
@@ -314,7 +316,7 @@ class CatalogService:
                 continue
             for metadata in (item.metadata, *(image.metadata for image in item.images)):
                 for key, value in metadata.items():
-                    values[key].add(_filter_text(value))
+                    values[key].add(filter_text(value))
         facets = {
             key: {
                 "values": sorted(found)[:MAX_FACET_VALUES],
@@ -380,11 +382,8 @@ class CatalogService:
         group, when known). Only this photo's pixels are in memory meanwhile."""
         catalog = self.catalog
         photo = self.decode(upload.data, upload.filename or "upload")
-        group = catalog.cropper.group_of(metadata)
-        box, found = (catalog.cropper.locate(photo.image, group)
-                      if catalog.crop_mode == "garment" else (None, group))
-        vector = catalog.encoder.embed_in_context([photo.image], [box])[0]
-        fields = {**metadata, GARMENT_KEY: found} if found else dict(metadata)
+        vector, box, fields = photo_view(catalog.encoder, catalog.cropper, photo.image,
+                                         metadata, catalog.crop_mode)
         return vector, photo.full_box(box) if box is not None else None, fields
 
     def update_item(self, item_id: str, metadata: dict[str, Any]) -> Item:
@@ -478,9 +477,3 @@ def _read_file(path: Path, image_id: int) -> bytes:
     except OSError:
         raise KeyError(f"the file of image {image_id} is missing") from None
 
-
-def _filter_text(value: Any) -> str:
-    """A metadata value as the text a filter compares against (booleans are 1/0 in SQLite)."""
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    return str(value)
