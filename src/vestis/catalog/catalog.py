@@ -173,10 +173,10 @@ class Catalog:
         return self._store.read_only
 
     @property
-    def outside_changes(self) -> int:
-        """A number that changes whenever another process commits to the store (metadata
-        included); caches of this catalog's contents key on it."""
-        return self._store.data_version
+    def generation(self) -> int:
+        """Grows with every write to the catalog (vectors, metadata, settings), by this or
+        any other process: caches of its contents key on it and are fresh while it holds."""
+        return self._store.generation
 
     @property
     def model_name(self) -> str:

@@ -88,8 +88,8 @@ class LocalStore:
             return self._sql.create_meta(values, key)
 
     @property
-    def data_version(self) -> int:
-        return self._sql.data_version
+    def generation(self) -> int:
+        return self._sql.generation
 
     @property
     def dim(self) -> int:

@@ -118,8 +118,7 @@ class CatalogService:
         self._catalog: Catalog | None = None
         self._loaded = threading.Event()
         self._write_lock = threading.Lock()
-        self._generation = 0
-        self._facets: tuple[tuple[int, int], dict[str, dict[str, Any]]] | None = None
+        self._facets: tuple[int, dict[str, dict[str, Any]]] | None = None  # by generation
         self._heads: dict[str, Any] = {}  # attribute and outfit heads, loaded on first use
 
     # -- life cycle --------------------------------------------------------------------
@@ -303,7 +302,7 @@ class CatalogService:
 
     def facets(self) -> dict[str, dict[str, Any]]:
         """Each metadata field with its distinct values (at most MAX_FACET_VALUES)."""
-        generation = (self._generation, self.catalog.outside_changes)
+        generation = self.catalog.generation
         cached = self._facets
         if cached is not None and cached[0] == generation:
             return cached[1]
@@ -366,7 +365,6 @@ class CatalogService:
                 for path in paths:
                     path.unlink(missing_ok=True)
                 raise
-            self._generation += 1
             item = catalog.get(item_id)
         # Two files with the same pixels give one image: drop the file that was not kept.
         kept = {image.path for image in item.images}
@@ -391,7 +389,6 @@ class CatalogService:
         self._writable()
         with self._write_lock:
             self.catalog.update(item_id, metadata)
-            self._generation += 1
         return self.catalog.get(item_id)
 
     def remove_item(self, item_id: str) -> int:
@@ -400,7 +397,6 @@ class CatalogService:
         with self._write_lock:
             item = self.catalog.get(item_id)
             removed = self.catalog.remove(item_id)
-            self._generation += 1
         uploads = self.uploads.resolve()
         for image in item.images:
             path = self._file_of(image)

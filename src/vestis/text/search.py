@@ -77,10 +77,10 @@ def _front_first(images: Sequence[ImageRow]) -> list[ImageRow]:
 
 def catalog_texts(catalog: Catalog, products: Mapping[str, Product] | None = None,
                   colour_weight: int = COLOUR_WEIGHT, refresh: bool = False) -> _CatalogTexts:
-    """The catalog's BM25 index, cached per process; rebuilt when the catalog's item or
-    image count changes (``refresh`` forces it, after metadata-only updates)."""
-    key = (str(Path(catalog.path).resolve()), len(catalog), catalog.num_images,
-           id(products), colour_weight)
+    """The catalog's BM25 index, cached per process and keyed on the catalog's
+    :attr:`~vestis.catalog.Catalog.generation`: any write (a metadata update too, by any
+    process) makes the next search rebuild it. ``refresh`` forces a rebuild."""
+    key = (str(Path(catalog.path).resolve()), catalog.generation, id(products), colour_weight)
     with _LOCK:
         if refresh or key not in _LEXICAL:
             stale = [k for k in _LEXICAL if k[0] == key[0]]
