@@ -31,7 +31,7 @@ from vestis.catalog.sources import IngestRecord
 from vestis.catalog.store import NewImage
 from vestis.images import Box, ImageSource
 from vestis.models import Encoder
-from vestis.models.encoder import in_context
+from vestis.views import context_vectors, product_view
 
 OnError = Callable[[str, str], None] | None
 
@@ -98,9 +98,8 @@ def photo_view(encoder: Encoder, cropper: GarmentCropper, image: ImageSource,
     """One photo as a catalog image: its vector, its box (the garment its metadata names,
     with ``crop="garment"``; none otherwise or when no garment is found) and its metadata
     (with the ``garment`` group, when known). What uploads are ingested by."""
-    group = cropper.group_of(metadata)
-    box, found = cropper.locate(image, group) if crop == "garment" else (None, group)
-    vector = encoder.embed_in_context([image], [box])[0]
+    parser = cropper.parser if crop == "garment" else None
+    found, box, vector = product_view(encoder, parser, image, cropper.group_of(metadata))
     fields = {**metadata, GARMENT_KEY: found} if found else dict(metadata)
     return vector, box, fields
 
@@ -174,7 +173,7 @@ class Indexer:
 
     def _embed_and_store(self, todo, report, on_error, progress, parsed_box) -> None:
         """Embed and store ``todo``, one transaction per batch; rows flagged ``parsed_box``
-        (boxes found by the garment parser) get :meth:`Encoder.embed_in_context` vectors,
+        (boxes found by the garment parser) get :func:`vestis.views.context_vectors`,
         the others their box's own."""
         if not todo:
             return
@@ -203,9 +202,10 @@ class Indexer:
         rows = [n for n, position in enumerate(batch.indices) if parsed_box[position]]
         if not rows:
             return
-        crops = self.encoder.embed([todo[batch.indices[n]][0].path for n in rows],
-                                   [todo[batch.indices[n]][0].box for n in rows])
-        batch.vectors[rows] = in_context(batch.vectors[rows], crops)
+        records = [todo[batch.indices[n]][0] for n in rows]
+        batch.vectors[rows] = context_vectors(self.encoder, [r.path for r in records],
+                                              [r.box for r in records],
+                                              whole=batch.vectors[rows])
 
 
 def _item_metadata(images: Sequence[NewImage]) -> dict[str, dict[str, Any]]:
