@@ -290,3 +290,22 @@ def test_every_write_bumps_the_generation_and_reads_do_not(tmp_path, encoder):
         reader.info()
         assert reader.generation == seen[-1]
         assert seen == sorted(set(seen)), seen
+
+
+def test_the_local_store_implements_the_whole_store_interface():
+    """Every operation of :class:`CatalogStore` (what a second backend must provide) is
+    one :class:`LocalStore` has, with the same parameters."""
+    import inspect
+
+    from vestis.catalog.backend import CatalogStore
+    from vestis.catalog.local import LocalStore
+
+    wanted = {name for name in vars(CatalogStore) if not name.startswith("_")}
+    assert wanted >= {"add_images", "remove_item", "update_item", "images_by_id",
+                      "iter_vectors", "filtered_image_ids", "generation", "search_items"}
+    for name in wanted - {"read_only"}:
+        ours, theirs = getattr(LocalStore, name, None), getattr(CatalogStore, name)
+        assert ours is not None, name
+        if callable(theirs):
+            assert list(inspect.signature(ours).parameters) == \
+                list(inspect.signature(theirs).parameters), name
