@@ -268,3 +268,44 @@ def test_temporary_files_left_by_a_killed_process_are_removed(tmp_path, encoder)
     with Catalog(path, encoder=encoder) as catalog:
         catalog.add_vectors(["b"], vectors[1:], model_id=encoder.model_id)
     assert not any(tmp.exists() for tmp in stale) and fresh.exists()
+
+
+def test_every_write_bumps_the_generation_and_reads_do_not(tmp_path, encoder):
+    """One counter for every cache: adds, metadata updates, settings and removals each
+    move it, as seen by another catalog object (another process); reads never do."""
+    path, model = tmp_path / "cat", encoder.model_id
+    vectors = unit_vectors(2, encoder.dim, seed=6)
+    with Catalog(path, encoder=encoder) as writer, Catalog(path, encoder=encoder) as reader:
+        seen = [reader.generation]
+        writer.add_vectors(["a", "b"], vectors, model_id=model)
+        seen.append(reader.generation)
+        writer.update("a", {"colour": "red"})
+        seen.append(reader.generation)
+        writer.rebuild_index("hnsw")
+        seen.append(reader.generation)
+        writer.remove("b")
+        seen.append(reader.generation)
+        reader.search(vectors[0], k=1)
+        reader.get("a")
+        reader.info()
+        assert reader.generation == seen[-1]
+        assert seen == sorted(set(seen)), seen
+
+
+def test_the_local_store_implements_the_whole_store_interface():
+    """Every operation of :class:`CatalogStore` (what a second backend must provide) is
+    one :class:`LocalStore` has, with the same parameters."""
+    import inspect
+
+    from vestis.catalog.backend import CatalogStore
+    from vestis.catalog.local import LocalStore
+
+    wanted = {name for name in vars(CatalogStore) if not name.startswith("_")}
+    assert wanted >= {"add_images", "remove_item", "update_item", "images_by_id",
+                      "iter_vectors", "filtered_image_ids", "generation", "search_items"}
+    for name in wanted - {"read_only"}:
+        ours, theirs = getattr(LocalStore, name, None), getattr(CatalogStore, name)
+        assert ours is not None, name
+        if callable(theirs):
+            assert list(inspect.signature(ours).parameters) == \
+                list(inspect.signature(theirs).parameters), name

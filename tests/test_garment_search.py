@@ -307,3 +307,26 @@ def test_eval_crops_box_every_image_by_its_category(data_dir, tmp_path, parser):
     assert 0 <= cropped.metrics["R@1"] <= 1
     with pytest.raises(ValueError, match="crop must be one of"):
         evaluate(dataset, "lite0", progress=False, crop="tight")
+
+
+def test_ingest_uploads_and_queries_embed_a_garment_by_one_rule(cropped_catalog):
+    """A cropped catalog image's stored vector (``vestis index --crop garment``) is what the
+    upload path (:func:`vestis.views.product_view`) gives for its photo, with the same box
+    and group, and what :func:`vestis.views.context_vectors` gives for that box."""
+    from vestis.catalog.ingest import photo_view
+    from vestis.views import context_vectors, in_context
+
+    with Catalog(cropped_catalog) as catalog:
+        row = next(image for item_id in catalog.item_ids()
+                   for image in catalog.get(item_id).images if image.box is not None)
+        metadata = catalog.get(row.item_id).metadata
+        stored = catalog._store.vectors_by_id([row.image_id])[0]
+        vector, box, fields = photo_view(catalog.encoder, catalog.cropper, row.path,
+                                         metadata, "garment")
+        assert box == row.box and fields["garment"] == row.metadata["garment"]
+        np.testing.assert_allclose(vector, stored, atol=1e-5)
+        whole, crop = catalog.encoder.embed([row.path, row.path], [None, row.box])
+        np.testing.assert_allclose(in_context(whole, crop[None])[0], stored, atol=1e-5)
+        both = context_vectors(catalog.encoder, [row.path, row.path], [row.box, None])
+        np.testing.assert_allclose(both[0], stored, atol=1e-5)
+        np.testing.assert_allclose(both[1], whole, atol=1e-5)

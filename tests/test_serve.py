@@ -741,6 +741,27 @@ def test_facets_follow_metadata_changed_by_another_process(tmp_path_factory, lum
         assert client.get("/facets").json()["season"]["values"] == ["winter"]
 
 
+def test_text_search_follows_metadata_changed_by_patch_and_by_another_process(
+        tmp_path_factory, luma_rows, data_dir, photos):
+    """A ``PATCH`` and a ``vestis update`` are each searched by the next text query."""
+    catalog = small_catalog(tmp_path_factory, luma_rows, data_dir)
+    first, second = sorted(photos)[:2]
+
+    def bm25(words: str) -> list[str]:
+        response = client.post("/search/text", data={"text": words, "mode": "bm25"})
+        assert response.status_code == 200, response.text
+        return [m["item_id"] for m in response.json()["matches"]]
+
+    with serving(create_app(catalog, token=TOKEN)) as client:
+        assert bm25("vermilion") == []
+        patched = client.patch(f"/items/{first}", json={"metadata": {"colour": "vermilion"}},
+                               headers=AUTH)
+        assert patched.status_code == 200, patched.text
+        assert bm25("vermilion") == [first]
+        vestis_cli("update", second, "--catalog", catalog, "--set", "colour=cerulean")
+        assert bm25("cerulean") == [second]
+
+
 # -- memory: the server's pixel cap, working size and bounded pool (issue item 3) ---------
 def test_a_big_photo_is_searched_at_working_size_and_boxes_come_back_in_its_pixels(
         client, data_dir):

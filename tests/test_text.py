@@ -140,3 +140,23 @@ def test_photo_plus_colour_moves_results_to_that_colour(small_catalog, rows, mod
         image_only)
     top = search_image_text(small_catalog, photo, "red", 3, 0.6, mode=mode)
     assert "mj03-red" in [m.item_id for m in top]
+
+
+def test_a_metadata_update_is_visible_to_text_search_at_once(small_catalog):
+    """The BM25 texts key on the catalog's generation: an update by another catalog object
+    (``vestis update`` in another process) is searched by the next query, no refresh."""
+    item_id = small_catalog.item_ids()[0]
+    old = small_catalog.get(item_id).metadata["colour"]
+    assert item_id not in [m.item_id for m in search_text(small_catalog, "vermilion", 3,
+                                                          mode="bm25")]
+    with Catalog(small_catalog.path) as other:
+        other.update(item_id, {"colour": "vermilion"})
+    try:
+        found = search_text(small_catalog, "vermilion", 3, mode="bm25")
+        assert found[0].item_id == item_id
+        assert [m.item_id for m in search_text(small_catalog, "vermilion", 3, mode="bm25",
+                                               where={"colour": "vermilion"})] == [item_id]
+    finally:
+        small_catalog.update(item_id, {"colour": old})
+    assert all(m.item_id != item_id
+               for m in search_text(small_catalog, "vermilion", 3, mode="bm25"))

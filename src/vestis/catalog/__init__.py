@@ -1,5 +1,7 @@
-"""The catalog: a directory holding an SQLite store and a vector index."""
+"""The catalog: a store (SQLite + FAISS in a directory today) composed with a model and
+ingest."""
 
+from vestis.catalog.backend import CatalogStore
 from vestis.catalog.catalog import (
     Catalog,
     IngestReport,
@@ -10,17 +12,20 @@ from vestis.catalog.catalog import (
 )
 from vestis.catalog.garments import GarmentCropper, GarmentHits
 from vestis.catalog.index import DEFAULT_FACTORY, FaissIndex, VectorIndex, create_index
+from vestis.catalog.local import LocalStore
 from vestis.catalog.sources import IngestRecord, read_source
 
 __all__ = [
     "DEFAULT_FACTORY",
     "Catalog",
+    "CatalogStore",
     "FaissIndex",
     "GarmentCropper",
     "GarmentHits",
     "IngestRecord",
     "IngestReport",
     "Item",
+    "LocalStore",
     "Match",
     "ModelMismatchError",
     "ReadOnlyCatalogError",

@@ -1,72 +1,52 @@
-"""A catalog is a directory: an SQLite store (truth) plus a vector index (a cache of it).
+"""A catalog: a store (rows, vectors, metadata, filters: :mod:`vestis.catalog.backend`)
+composed with a model (its identity checked on open and on every write) and ingest
+(:mod:`vestis.catalog.ingest`).
 
-Crash safety: each ingest batch is one SQLite transaction, and images are unique per
-(item, content hash), so re-running an interrupted ingest adds exactly what is missing.
-The index file is written atomically, under the directory's write lock, and stamped with
-the ``vector_epoch`` it was built from (never a later one). It is used only when its stamp
-is the store's epoch and it holds exactly the stored image ids; otherwise (a crash between
-commit and save, another process's writes) it is caught up or rebuilt from the store.
-Every search and write first checks the epoch, so a long-running process (the server) sees
-what other processes (the CLI) changed.
+The store is a :class:`vestis.catalog.local.LocalStore` today (SQLite + FAISS in the
+catalog directory; its docstring states the crash-safety and index-stamp invariants). The
+catalog adds what needs a model: its identity (``model_name``, ``model_id``, ``dim``, set
+once, in one transaction with the index choice), embedding queries, and ingest.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from vestis.atomic import write_atomic
+from vestis.catalog.backend import ItemHit, ReadOnlyCatalogError
 from vestis.catalog.garments import (
-    GARMENT_KEY,
     GarmentCropper,
     GarmentHits,
     check_crop_mode,
     search_garments,
 )
-from vestis.catalog.index import (
-    AUTO,
-    TRAIN_SAMPLE,
-    FaissIndex,
-    VectorIndex,
-    create_index,
-    default_search_params,
-    exact_top_k,
-    is_sized,
-    recall_at_k,
-    resolve_factory,
+from vestis.catalog.index import AUTO, create_index, default_search_params, resolve_factory
+from vestis.catalog.ingest import (
+    Indexer,
+    IngestReport,
+    content_hash,
+    store_images,
+    vector_hash,
+    vector_rows,
 )
+from vestis.catalog.local import DB_NAME, INDEX_NAME, INDEX_STAMP_NAME, LOCK_NAME, LocalStore
 from vestis.catalog.sources import IngestRecord, read_source, unique_records
-from vestis.catalog.store import ImageRow, ModelMismatchError, NewImage, Store
+from vestis.catalog.store import ImageRow, ModelMismatchError
 from vestis.images import Box, ImageSource
 from vestis.models import DEFAULT_MODEL, Encoder
-from vestis.models.encoder import in_context
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+__all__ = ["DB_NAME", "INDEX_NAME", "INDEX_STAMP_NAME", "LOCK_NAME", "Catalog", "IngestReport",
+           "Item", "Match", "ModelMismatchError", "ReadOnlyCatalogError", "content_hash",
+           "vector_hash"]
 
-DB_NAME = "catalog.db"
-INDEX_NAME = "index.faiss"
-INDEX_STAMP_NAME = "index.json"
-LOCK_NAME = "write.lock"
 #: Keys that are not metadata: filters use ``item_id`` for the item itself.
 RESERVED_KEYS = frozenset({"item_id"})
-
-
-class ReadOnlyCatalogError(PermissionError):
-    """A write to a catalog that can only be read (a read-only mount or files)."""
 
 
 @dataclass(frozen=True)
@@ -89,18 +69,6 @@ class Match:
             "box": list(self.box) if self.box else None,
             "metadata": self.metadata,
         }
-
-
-@dataclass
-class IngestReport:
-    added: int = 0
-    skipped: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def images_per_second(self) -> float:
-        return self.added / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -139,15 +107,9 @@ class Catalog:
         self.path = Path(path).expanduser()
         self._backend = backend
         self.cropper = cropper or GarmentCropper()
-        if not (self.path / DB_NAME).exists():
+        if not LocalStore.exists(self.path):
             encoder = self._check_new(model, factory, encoder)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
-        self._write_depth = 0
-        self._index: VectorIndex | None = None
-        self._index_epoch: int | None = None  # the store epoch self._index reflects
-        self._index_dirty = False
-        self._store = Store(self.path / DB_NAME)
+        self._store = LocalStore(self.path)
         self._encoder = encoder
         self._init_model(model or (encoder.name if encoder else None), factory)
 
@@ -172,8 +134,7 @@ class Catalog:
             wanted = {"model_name": name, "model_id": encoder.model_id, "dim": str(encoder.dim),
                       "index_choice": choice or AUTO, "factory": factory,
                       "search_params": default_search_params(factory)}
-            with self._lock, self._write_lock():
-                stored = self._store.create_meta(wanted, key="model_name")
+            stored = self._store.create_meta(wanted, key="model_name")
             if stored == wanted:
                 self._encoder = encoder
                 return
@@ -198,13 +159,7 @@ class Catalog:
     def _init_factory(self, choice: str | None) -> None:
         """An existing catalog refuses another index (``rebuild_index`` changes it); one
         made before the index was stored gets ``choice`` (default ``auto``)."""
-        if self._store.get_meta("factory") is None:
-            choice = choice or AUTO
-            factory = resolve_factory(choice, 0, self.dim)
-            with self._lock, self._write_lock():
-                self._store.create_meta({"index_choice": choice, "factory": factory,
-                                         "search_params": default_search_params(factory)},
-                                        key="factory")
+        self._store.init_index(choice)
         stored = self.factory
         if choice is not None and choice not in (stored, self.index_choice):
             raise ValueError(
@@ -218,10 +173,10 @@ class Catalog:
         return self._store.read_only
 
     @property
-    def outside_changes(self) -> int:
-        """A number that changes whenever another process commits to the store (metadata
-        included); caches of this catalog's contents key on it."""
-        return self._store.data_version
+    def generation(self) -> int:
+        """Grows with every write to the catalog (vectors, metadata, settings), by this or
+        any other process: caches of its contents key on it and are fresh while it holds."""
+        return self._store.generation
 
     @property
     def model_name(self) -> str:
@@ -233,23 +188,22 @@ class Catalog:
 
     @property
     def dim(self) -> int:
-        return int(self._store.get_meta("dim"))
+        return self._store.dim
 
     @property
     def factory(self) -> str:
         """The FAISS factory string of the index now (``index_choice`` resolved)."""
-        return self._store.get_meta("factory")
+        return self._store.factory
 
     @property
     def index_choice(self) -> str:
         """What the user asked for: ``auto``, a preset or a factory string."""
-        return self._store.get_meta("index_choice") or self.factory
+        return self._store.index_choice
 
     @property
     def search_params(self) -> str:
         """FAISS search parameters applied after every load (``efSearch=128``)."""
-        stored = self._store.get_meta("search_params")
-        return default_search_params(self.factory) if stored is None else stored
+        return self._store.search_params
 
     @property
     def crop_mode(self) -> str:
@@ -296,13 +250,7 @@ class Catalog:
 
     def close(self) -> None:
         """Save the index if it changed, then close the store (also when the save fails)."""
-        with self._lock:
-            try:
-                if self._index_dirty:
-                    with self._write_lock():
-                        self._save_index()
-            finally:
-                self._store.close()
+        self._store.close()
 
     def __len__(self) -> int:
         return self._store.count_items()
@@ -315,11 +263,6 @@ class Catalog:
         """Counts, model and index; with ``recall_queries`` > 0 also the index's recall@10
         against exact search over that many stored vectors (see :meth:`measure_recall`).
         ``index_in_sync`` compares the ids the index holds with the store's, not counts."""
-        with self._lock, self._store.snapshot():
-            index = self._vector_index()
-            in_sync = bool(np.array_equal(index.ids(), self._store.image_ids()))
-        index_file = self.path / INDEX_NAME
-        size = index_file.stat().st_size if index_file.exists() else 0
         details = {
             "path": str(self.path),
             "items": len(self),
@@ -330,9 +273,7 @@ class Catalog:
             "index_choice": self.index_choice,
             "index": self.factory,
             "search_params": self.search_params,
-            "indexed_vectors": len(index),
-            "index_in_sync": in_sync,
-            "index_bytes_per_vector": round(size / len(index), 1) if len(index) else 0,
+            **self._store.index_info(),
             "metadata_fields": self._store.metadata_keys(),
         }
         if recall_queries > 0:
@@ -342,92 +283,12 @@ class Catalog:
     def measure_recall(self, k: int = 10, *, queries: int = 200, seed: int = 0) -> float:
         """Recall@``k`` of the index against exact (Flat) search: stored vectors, sampled
         uniformly, query the index and an exact scan of the store."""
-        with self._lock:
-            index = self._vector_index()
-            ids = self._store.sample_image_ids(queries, seed)
-            if not len(ids):
-                return 1.0
-            vectors = self._store.vectors_by_id(ids)
-            k = min(k, len(index))
-            _, exact = exact_top_k(vectors, self._store.iter_vectors(), k)
-            _, found = index.search(vectors, k)
-        return recall_at_k(found, exact)
+        return self._store.measure_recall(k, queries=queries, seed=seed)
 
     # -- the vector index ------------------------------------------------------------
-    def _vector_index(self) -> VectorIndex:
-        """The index, in step with the store: when another process (or catalog object) has
-        changed the vectors since (a new ``vector_epoch``), it is brought up to date first."""
-        with self._lock:
-            if self._index is None or self._index_epoch != self._store.vector_epoch:
-                self._sync_index()
-            return self._index
-
-    def _sync_index(self) -> None:
-        """Bring the index to the store's vectors, read in one snapshot: the saved index
-        when its stamp and ids match the store, else the index in memory with the missing
-        vectors added and the removed ones taken out, else a rebuild. The index is labelled
-        with the epoch of that snapshot, never a later one."""
-        with self._store.snapshot():
-            epoch = self._store.vector_epoch
-            ids = self._store.image_ids()
-            index = self._load_saved(epoch, ids)
-            if index is None and self._index is not None and self._index.factory == self.factory:
-                index = self._catch_up(self._index, ids)
-            changed = index is None or index is self._index
-            self._index = index or self._build_index()
-            self._index_epoch = epoch
-        if changed:
-            self._save_if_free()
-
-    def _load_saved(self, epoch: int, ids: np.ndarray) -> VectorIndex | None:
-        """The saved index, if its stamp is this epoch and it holds exactly ``ids``."""
-        stamp = self._read_stamp()
-        index_file = self.path / INDEX_NAME
-        if stamp.get("epoch") != epoch or stamp.get("factory") != self.factory \
-                or not index_file.exists():
-            return None
-        with contextlib.suppress(RuntimeError, ValueError):
-            index = FaissIndex.load(index_file, self.factory, self.search_params)
-            if index.dim == self.dim and np.array_equal(index.ids(), ids):
-                return index
-        return None
-
-    def _catch_up(self, index: VectorIndex, ids: np.ndarray) -> VectorIndex:
-        """Add the stored vectors ``index`` lacks and remove the ids the store no longer has
-        (image ids are never reused and their vectors never change)."""
-        held = index.ids()
-        index.remove(held[~np.isin(held, ids)])
-        missing = ids[~np.isin(ids, held)]
-        if len(missing):
-            index.add(missing, self._store.vectors_by_id(missing))
-        return index
-
-    def _build_index(self) -> VectorIndex:
-        """Build the index from the stored vectors: train on a sample, then add them all."""
-        index = create_index(self.dim, self.factory, self.search_params)
-        need = index.training_size() if isinstance(index, FaissIndex) else 0
-        if need > 1 and self._store.count_images() >= need:
-            sample = self._store.sample_image_ids(max(TRAIN_SAMPLE, need))
-            index.train(self._store.vectors_by_id(sample))
-        for ids, vectors in self._store.iter_vectors(batch=16384):
-            index.add(ids, vectors)
-        return index
-
-    def _rebuild_index(self) -> VectorIndex:
-        """Rebuild from the store and save (the caller holds the write lock)."""
-        with self._store.snapshot():
-            epoch = self._store.vector_epoch
-            self._index = self._build_index()
-            self._index_epoch = epoch
-        self._save_index()
-        return self._index
-
-    def _wrote(self) -> None:
-        """After this catalog's own change to the store, under the write lock: the index
-        was in step before it (see :meth:`_vector_index`) and took the same change, and no
-        other process writes while the lock is held, so it reflects the epoch now."""
-        self._index_epoch = self._store.vector_epoch
-        self._index_dirty = True
+    def _vector_index(self):
+        """The store's index, in step with the stored vectors."""
+        return self._store._vector_index()
 
     def rebuild_index(self, index: str | None = None, search_params: str | None = None) -> None:
         """Rebuild the vector index from the stored vectors (no re-embedding).
@@ -435,106 +296,12 @@ class Catalog:
         ``index`` changes the choice (``auto``, a preset or a FAISS factory string);
         ``search_params`` (``efSearch=256``, ``nprobe=32``) alone only re-tunes the index.
         """
-        with self._lock, self._write_lock():
-            choice = index or self.index_choice
-            factory = resolve_factory(choice, self._store.count_images(), self.dim)
-            if factory == self.factory and index is None and search_params is not None:
-                self._tune(search_params)
-                return
-            params = default_search_params(factory) if search_params is None else search_params
-            create_index(self.dim, factory, params)  # a bad string fails before anything changes
-            self._store.set_meta({"index_choice": choice, "factory": factory,
-                                  "search_params": params})
-            self._rebuild_index()
-
-    def _tune(self, search_params: str) -> None:
-        index = self._vector_index()
-        index.set_search_params(search_params)
-        self._store.set_meta({"search_params": search_params})
-        self._save_index()
-
-    def _follow_size(self) -> None:
-        """A size-dependent choice (``auto``, ``ivfpq``) moves to the factory its catalog has
-        grown (or shrunk) into, rebuilding from the stored vectors."""
-        if not is_sized(self.index_choice):
-            return
-        factory = resolve_factory(self.index_choice, self._store.count_images(), self.dim)
-        if factory != self.factory:
-            self._store.set_meta({"factory": factory,
-                                  "search_params": default_search_params(factory)})
-            self._rebuild_index()
-
-    def _read_stamp(self) -> dict[str, Any]:
-        try:
-            return json.loads((self.path / INDEX_STAMP_NAME).read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def _save_index(self) -> None:
-        """Write the index, then the stamp that vouches for it: the epoch the index was
-        brought to (never the store's epoch read now). The caller holds the write lock, so
-        two processes never interleave the two files."""
-        self._remove_stale_tmp()
-        self._index.save(self.path / INDEX_NAME)
-        stamp = {"epoch": self._index_epoch, "count": len(self._index), "factory": self.factory}
-        write_atomic(self.path / INDEX_STAMP_NAME, json.dumps(stamp))
-        self._index_dirty = False
-
-    def _remove_stale_tmp(self) -> None:
-        """Temporary files left by a killed process: the index's (written only under the
-        write lock, which this process holds) at once; others (server uploads, feature
-        caches, written outside it) once they are an hour old."""
-        now = time.time()
-        for pattern, max_age in [(f".{INDEX_NAME}*.tmp", 0.0), (f".{INDEX_STAMP_NAME}*.tmp", 0.0),
-                                 ("uploads/.*.tmp", 3600.0), ("*.tmp.npz", 3600.0)]:
-            for tmp in self.path.glob(pattern):
-                with contextlib.suppress(OSError):
-                    if now - tmp.stat().st_mtime >= max_age:
-                        tmp.unlink()
-
-    def _save_if_free(self) -> None:
-        """Save an index a read brought up to date, if no other process is writing (the
-        writer saves its own) and the store has not moved on meanwhile."""
-        with self._write_lock(blocking=False) as locked:
-            if locked and self._index_epoch == self._store.vector_epoch:
-                self._save_index()
+        self._store.rebuild_index(index, search_params)
 
     def save(self) -> None:
         """Persist the vector index now (it is also saved after each write operation)."""
-        with self._lock, self._write_lock():
-            if self._index is not None:
-                self._vector_index()
-                self._save_index()
+        self._store.save()
 
-    @contextlib.contextmanager
-    def _write_lock(self, blocking: bool = True) -> Iterator[bool]:
-        """One writing process at a time per catalog directory; yields whether it is held
-        (always, when ``blocking``). Re-entrant within this catalog; taken under
-        ``self._lock``."""
-        if self.read_only:
-            if blocking:
-                raise ReadOnlyCatalogError(f"catalog {self.path} is read-only: it can be "
-                                           "searched but not changed")
-            yield False
-            return
-        if self._write_depth:
-            self._write_depth += 1
-            try:
-                yield True
-            finally:
-                self._write_depth -= 1
-            return
-        with open(self.path / LOCK_NAME, "a") as handle:
-            if not _flock(handle, blocking):
-                yield False
-                return
-            self._write_depth = 1
-            try:
-                yield True
-            finally:
-                self._write_depth = 0
-                if fcntl is not None:
-                    fcntl.flock(handle, fcntl.LOCK_UN)
 
     # -- writes ----------------------------------------------------------------------
     def add(
@@ -567,110 +334,12 @@ class Catalog:
                 )
                 for r in records
             ]
-        report = IngestReport()
-        with self._lock, self._write_lock():
+        with self._store.writing():
             self._check_model(self.encoder.model_id)
-            hashed = self._hash_records(records, report, on_error, progress)
-            known = self._store.known_hashes((r.item_id, sha) for r, sha in hashed)
-            todo = [(r, sha) for r, sha in hashed if (r.item_id, sha) not in known]
-            report.skipped = len(hashed) - len(todo)
-            located = self._locate_garments(todo, crop, progress)
-            parsed_box = [new.box is not None and old.box is None
-                          for (new, _), (old, _) in zip(located, todo, strict=True)]
-            if crop != self.crop_mode:
-                self._store.set_meta({"crop": crop})
-            self._embed_and_store(located, report, on_error, progress, parsed_box)
-            if report.added:
-                self._follow_size()
-            if self._index_dirty:
-                self._save_index()
+            indexer = Indexer(self._store, self.encoder, self.cropper)
+            report = indexer.add(records, crop, progress=progress, on_error=on_error)
         report.seconds = time.perf_counter() - started
         return report
-
-    def _locate_garments(self, todo, crop: str, progress: bool) -> list[tuple[IngestRecord, str]]:
-        """Each record's garment group and, with ``crop="garment"``, its garment's box. The
-        content hash stays the one of the photo as given, so a re-run skips it unparsed."""
-        records = [record for record, _ in todo]
-        if crop == "garment":
-            records = self.cropper.crop(records, progress=progress)
-        else:
-            records = self.cropper.label(records)
-        if any(GARMENT_KEY in r.metadata for r in records) and not self.has_garment_groups:
-            self._store.set_meta({"garment_groups": "1"})
-        return [(record, sha) for record, (_, sha) in zip(records, todo, strict=True)]
-
-    def _hash_records(self, records, report, on_error, progress) -> list[tuple[IngestRecord, str]]:
-        def digest(record: IngestRecord) -> tuple[IngestRecord, str | None, str | None]:
-            try:
-                data = Path(record.path).read_bytes()
-            except OSError as exc:
-                return record, None, f"cannot be read ({exc.strerror or exc})"
-            if not data:
-                return record, None, "empty file (0 bytes)"
-            return record, content_hash(data, record.box), None
-
-        hashed, seen = [], set()
-        with ThreadPoolExecutor(4) as pool:
-            results = pool.map(digest, records)
-            bar = tqdm(
-                results, total=len(records), desc="hashing", unit="img", disable=not progress
-            )
-            for record, sha, error in bar:
-                if error:
-                    self._fail(report, on_error, str(record.path), error)
-                elif (record.item_id, sha) not in seen:
-                    seen.add((record.item_id, sha))
-                    hashed.append((record, sha))
-        return hashed
-
-    @staticmethod
-    def _fail(report: IngestReport, on_error, path: str, reason: str) -> None:
-        report.failed.append((path, reason))
-        if on_error is not None:
-            on_error(path, reason)
-
-    def _embed_and_store(self, todo, report, on_error, progress, parsed_box=None) -> None:
-        """Embed and store ``todo``; rows flagged ``parsed_box`` (boxes found by the garment
-        parser) get :meth:`Encoder.embed_in_context` vectors, the others their box's own."""
-        if not todo:
-            return
-        index = self._vector_index()
-        paths = [record.path for record, _ in todo]
-        parsed_box = parsed_box or [False] * len(todo)
-        boxes = [None if context else record.box
-                 for (record, _), context in zip(todo, parsed_box, strict=True)]
-        for batch in self.encoder.iter_batches(paths, boxes, progress=progress, desc="indexing"):
-            for position, error in batch.errors:
-                self._fail(report, on_error, str(paths[position]), error.reason)
-            if not batch.indices:
-                continue
-            self._add_context(batch, todo, parsed_box)
-            new_images, item_metadata = [], {}
-            for position, vector in zip(batch.indices, batch.vectors, strict=False):
-                record, sha = todo[position]
-                new_images.append(
-                    NewImage(
-                        record.item_id, str(record.path), sha, vector, record.metadata, record.box
-                    )
-                )
-                item_metadata.setdefault(record.item_id, {}).update(record.metadata)
-            ids = self._store.add_images(new_images, item_metadata,
-                                         model_id=self.encoder.model_id)
-            added = [(i, v) for i, v in zip(ids, batch.vectors, strict=False) if i != -1]
-            if added:
-                index.add(np.array([i for i, _ in added]), np.stack([v for _, v in added]))
-            self._wrote()
-            report.added += len(added)
-            report.skipped += len(ids) - len(added)
-
-    def _add_context(self, batch, todo, parsed_box) -> None:
-        """Fuse the whole-photo vectors of a batch's parser-boxed rows with their crops'."""
-        rows = [n for n, position in enumerate(batch.indices) if parsed_box[position]]
-        if not rows:
-            return
-        crops = self.encoder.embed([todo[batch.indices[n]][0].path for n in rows],
-                                   [todo[batch.indices[n]][0].box for n in rows])
-        batch.vectors[rows] = in_context(batch.vectors[rows], crops)
 
     def add_vectors(
         self,
@@ -694,41 +363,19 @@ class Catalog:
             raise ValueError(f"vectors must have shape (n, {self.dim}), got {vectors.shape}")
         if len(item_ids) != len(vectors):
             raise ValueError(f"{len(item_ids)} item ids for {len(vectors)} vectors")
-        paths = paths or [""] * len(vectors)
-        metadata = metadata or [{} for _ in vectors]
-        boxes = boxes or [None] * len(vectors)
-        hashes = hashes or [vector_hash(vector) for vector in vectors]
-        new_images, item_metadata = [], {}
-        rows = zip(item_ids, vectors, paths, metadata, boxes, hashes, strict=False)
-        for item_id, vector, path, meta, box, sha in rows:
-            new_images.append(NewImage(str(item_id), str(path), sha, vector, dict(meta), box))
-            item_metadata.setdefault(str(item_id), {}).update(meta)
-        with self._lock, self._write_lock():
-            index = self._vector_index()
-            ids = self._store.add_images(new_images, item_metadata, model_id=model_id)
-            if any(GARMENT_KEY in meta for meta in metadata) and not self.has_garment_groups:
-                self._store.set_meta({"garment_groups": "1"})
-            keep = [n for n, i in enumerate(ids) if i != -1]
-            if keep:
-                index.add(np.array([ids[n] for n in keep]), vectors[keep])
-                self._wrote()
-                self._save_index()
-                self._follow_size()
-        return len(keep)
+        rows = vector_rows(item_ids, vectors, paths=paths, metadata=metadata, boxes=boxes,
+                           hashes=hashes)
+        with self._store.writing():
+            ids = store_images(self._store, rows, model_id)
+            self._store.commit()
+        return sum(1 for i in ids if i != -1)
 
     def remove(self, item_id: str) -> int:
         """Remove an item and all its images; returns the number of images removed."""
-        with self._lock, self._write_lock():
-            index = self._vector_index()
-            try:
-                ids = self._store.remove_item(item_id)
-            except KeyError:
-                raise KeyError(f"no item {item_id!r} in catalog {self.path}") from None
-            index.remove(np.array(ids, dtype=np.int64))
-            self._wrote()
-            self._save_index()
-            if getattr(index, "needs_compaction", False):
-                self._rebuild_index()
+        try:
+            ids = self._store.remove_item(item_id)
+        except KeyError:
+            raise KeyError(f"no item {item_id!r} in catalog {self.path}") from None
         return len(ids)
 
     def update(self, item_id: str, metadata: dict[str, Any]) -> dict[str, Any]:
@@ -737,11 +384,10 @@ class Catalog:
         reserved = RESERVED_KEYS.intersection(metadata)
         if reserved:
             raise ValueError(f"metadata key {sorted(reserved)[0]!r} is reserved")
-        with self._lock, self._write_lock():
-            try:
-                return self._store.update_item(item_id, metadata)
-            except KeyError:
-                raise KeyError(f"no item {item_id!r} in catalog {self.path}") from None
+        try:
+            return self._store.update_item(item_id, metadata)
+        except KeyError:
+            raise KeyError(f"no item {item_id!r} in catalog {self.path}") from None
 
     # -- reads -----------------------------------------------------------------------
     def get(self, item_id: str) -> Item:
@@ -821,59 +467,17 @@ class Catalog:
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"query vectors must have shape (n, {self.dim}), got {vectors.shape}")
-        with self._lock:
-            index = self._vector_index()
-            allowed = self._store.filtered_image_ids(where) if where else None
-            if allowed is not None and not len(allowed):
-                return [[] for _ in vectors]
-            available = len(index) if allowed is None else len(allowed)
-            return [self._top_items(index, row, k, allowed, available) for row in vectors]
-
-    def _top_items(self, index, vector, k, allowed, available) -> list[Match]:
-        # Items have several images: widen the image search until k distinct items appear.
-        fetch = min(available, k * 4)
-        while True:
-            scores, ids = index.search(vector[None], fetch, allowed)
-            best: dict[str, tuple[float, int]] = {}
-            hits = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=False) if i != -1]
-            rows = self._store.images_by_id([i for _, i in hits])
-            for score, image_id in hits:
-                row = rows.get(image_id)
-                if row is not None and row.item_id not in best:
-                    best[row.item_id] = (score, image_id)
-            if len(best) >= k or fetch >= available:
-                break
-            fetch = min(available, fetch * 4)
-        return [self._match(rows[i], score) for score, i in list(best.values())[:k]]
-
-    def _match(self, row: ImageRow, score: float) -> Match:
-        metadata = {**(self._store.item_metadata(row.item_id) or {}), **row.metadata}
-        return Match(row.item_id, score, row.image_id, row.path, metadata, row.box)
+        hits = self._store.search_items(vectors, k, where)
+        return [[_match(hit) for hit in row] for row in hits]
 
 
-def _flock(handle, blocking: bool) -> bool:
-    if fcntl is None:
-        return True
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-    except BlockingIOError:
-        return False
-    return True
+def _match(hit: ItemHit) -> Match:
+    row = hit.row
+    return Match(row.item_id, hit.score, row.image_id, row.path,
+                 {**hit.item_metadata, **row.metadata}, row.box)
 
 
 def _model_reference(model: str) -> str:
     """Registry names stay names; checkpoint paths are stored absolute."""
     path = Path(model).expanduser()
     return str(path.resolve()) if path.is_file() else model
-
-
-def vector_hash(vector: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(vector, dtype=np.float32).tobytes()).hexdigest()
-
-
-def content_hash(data: bytes, box: Box | None = None) -> str:
-    """The hash an image row keeps of its file's bytes (and its box, when it has one)."""
-    digest = hashlib.sha256(data)
-    if box is not None:
-        digest.update(repr(tuple(box)).encode())
-    return digest.hexdigest()

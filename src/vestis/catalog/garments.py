@@ -10,8 +10,8 @@ Query side: :func:`search_garments` parses the photo, embeds each garment and se
 the catalog once per garment, among catalog images of compatible groups only
 (:data:`vestis.detect.categories.COMPATIBLE_GROUPS`) when the catalog has ``garment`` values.
 
-Both embed a garment in its photo's context: the normalised sum of the whole photo's vector
-and the crop's (:meth:`vestis.models.Encoder.embed_in_context`).
+Both embed a garment in its photo's context, by the one rule of :mod:`vestis.views`
+(which also locates the garments).
 """
 
 from __future__ import annotations
@@ -20,15 +20,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
 from vestis.catalog.sources import IngestRecord
-from vestis.detect.categories import category_mapping, compatible_groups, product_box
+from vestis.detect.categories import category_mapping, compatible_groups
 from vestis.detect.groups import GARMENT_GROUPS
 from vestis.images import Box, ImageError, ImageSource, load_image
-from vestis.models.encoder import in_context
+from vestis.views import WHOLE_IMAGE, garment_vectors, locate, query_views
 
 if TYPE_CHECKING:
     from vestis.catalog.catalog import Catalog, Match
@@ -42,8 +40,9 @@ CATEGORY_KEYS = ("category", "label")
 #: How the pixels of a garment's box outside its mask are painted before embedding.
 MASK_FILLS: dict[str, tuple[int, int, int] | None] = {
     "none": None, "grey": (127, 127, 127), "white": (255, 255, 255)}
-#: The group reported for a query searched as a whole (no garment found, or asked for).
-WHOLE_IMAGE = "whole image"
+__all__ = ["CATEGORY_KEYS", "CROP_MODES", "GARMENT_KEY", "MASK_FILLS", "WHOLE_IMAGE",
+           "GarmentCropper", "GarmentHits", "check_crop_mode", "garment_vectors", "mask_fill",
+           "query_views", "search_garments"]
 
 
 def check_crop_mode(crop: str) -> str:
@@ -102,9 +101,7 @@ class GarmentCropper:
     def locate(self, image: ImageSource, group: str | None) -> tuple[Box | None, str | None]:
         """The box and group of the garment a photo of a ``group`` product is about; no box
         when the parser finds no garment."""
-        image = load_image(image)
-        found = product_box(self.parser.parse(image), group, image.size)
-        return found if found is not None else (None, group)
+        return locate(self.parser, image, group)
 
     def label(self, records: Sequence[IngestRecord]) -> list[IngestRecord]:
         """Records with their category's ``garment`` group in their metadata (no parsing)."""
@@ -133,34 +130,6 @@ class GarmentCropper:
         if group is None or record.metadata.get(GARMENT_KEY) == group:
             return record
         return replace(record, metadata={**record.metadata, GARMENT_KEY: group})
-
-
-def query_views(image: Image.Image, parser: GarmentParser, *, garment: str | None = None,
-                fill: tuple[int, int, int] | None = None
-                ) -> list[tuple[str, Box, float, Image.Image]]:
-    """(group, box, score, view to embed) per garment of a query photo, largest first; only
-    garments of group ``garment`` when given. A photo with no garment found is searched
-    whole (group :data:`WHOLE_IMAGE`), unless a group was asked for."""
-    if garment is not None and garment not in GARMENT_GROUPS:
-        raise ValueError(f"unknown garment group {garment!r}; one of {', '.join(GARMENT_GROUPS)}")
-    found = parser.parse(image)
-    if garment is not None:
-        found = [g for g in found if g.group == garment]
-    elif not found:
-        return [(WHOLE_IMAGE, (0, 0, image.width, image.height), 1.0, image)]
-    found.sort(key=lambda g: g.area, reverse=True)
-    return [(g.group, g.box, g.score, g.crop(image, fill)) for g in found]
-
-
-def garment_vectors(encoder, image: Image.Image,
-                    views: list[tuple[str, Box, float, Image.Image]]) -> np.ndarray:
-    """Each view's vector in the photo's context, as catalog crops are embedded
-    (:meth:`vestis.models.Encoder.embed_in_context`): the whole photo's vector (computed
-    once) plus the crop's, normalised."""
-    if len(views) == 1 and views[0][0] == WHOLE_IMAGE:
-        return encoder.embed([image])
-    vectors = encoder.embed([image] + [view for *_, view in views])
-    return in_context(vectors[0], vectors[1:])
 
 
 def search_garments(catalog: Catalog, query: ImageSource, k: int = 10, *,

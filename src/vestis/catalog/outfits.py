@@ -4,15 +4,18 @@ Every catalog image is mapped into Comp-Net's compatibility space from its ``lit
 features and its item's semantic labels (``climate``, ``style_*`` metadata when the shop gave
 them, predicted ones otherwise). The features are cached next to the catalog
 (``outfit-features-<model>.npz``, keyed by image id and content hash), so only new images are
-computed. The query's own kind of garment (its nearest catalog item's category, last
-segment) is left out by default: a hoodie is completed with pants and tees, not with more
-hoodies. Each design (``product`` metadata, else item) appears once, in its best colour.
+computed, and kept in memory while the catalog's ``generation`` holds (any write makes the
+next request re-read the rows). The query's own kind of garment (its nearest catalog item's
+category, last segment) is left out by default: a hoodie is completed with pants and tees,
+not with more hoodies. Each design (``product`` metadata, else item) appears once, in its
+best colour.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -33,6 +36,10 @@ log = logging.getLogger(__name__)
 
 #: A nearest catalog image this close is the query's own item, which is never suggested.
 SAME_ITEM_SCORE = 0.95
+
+#: (catalog directory, feature model) -> (generation, catalog_features' result).
+_FEATURES: dict[tuple[str, str], tuple[int, tuple]] = {}
+_FEATURES_LOCK = threading.Lock()
 
 
 @dataclass
@@ -64,7 +71,24 @@ def _labels(metadata: dict, families) -> dict[str, list[str]]:
 
 def catalog_features(catalog: Catalog, feature_model: str, progress: bool = False):
     """(image rows, item metadata by item, features) of every catalog image, with features
-    read from the cache where the image is unchanged."""
+    read from the cache where the image is unchanged. The result is kept in memory under
+    the catalog's generation (read before the rows, so a write meanwhile makes it stale);
+    one that skipped unreadable files is not kept, so a restored file is tried again."""
+    key = (str(catalog.path.resolve()), feature_model)
+    generation = catalog.generation
+    with _FEATURES_LOCK:
+        kept = _FEATURES.get(key)
+    if kept is not None and kept[0] == generation:
+        return kept[1]
+    result, complete = _read_features(catalog, feature_model, progress)
+    if complete:
+        with _FEATURES_LOCK:
+            _FEATURES[key] = (generation, result)
+    return result
+
+
+def _read_features(catalog: Catalog, feature_model: str, progress: bool) -> tuple[tuple, bool]:
+    """``catalog_features``' result, and whether every image's features were read."""
     rows, metadata = [], {}
     for item_id in catalog.item_ids():
         item = catalog.get(item_id)
@@ -88,7 +112,7 @@ def catalog_features(catalog: Catalog, feature_model: str, progress: bool = Fals
             np.savez(tmp, image_ids=np.array([r.image_id for r in rows], dtype=np.int64),
                      sha256=np.array([r.sha256 for r in rows]),
                      features=features.astype(np.float16))
-    return rows, metadata, features
+    return (rows, metadata, features), not unreadable
 
 
 def _compute_features(catalog: Catalog, feature_model: str, rows, cached: dict,

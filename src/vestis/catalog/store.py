@@ -1,7 +1,12 @@
 """SQLite store of a catalog: items, their images, content hashes, metadata and vectors.
 
-SQLite is the source of truth. The vector index is a cache rebuilt from the stored vectors
-whenever it is missing or older than the store (``vector_epoch`` counts vector changes).
+SQLite is the source of truth. Two counters in ``meta`` say how old a cache of it is:
+
+* ``generation`` grows in every write transaction (vectors, metadata, meta), committed with
+  it: a cache of anything stored (BM25 texts, facets, outfit features) is fresh while it
+  was built at the store's generation;
+* ``vector_epoch`` grows only when vectors are added or removed: the vector index is rebuilt
+  or caught up from the stored vectors whenever it is older than that.
 """
 
 from __future__ import annotations
@@ -104,6 +109,7 @@ class Store:
                 "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
             db.execute("INSERT OR IGNORE INTO meta VALUES ('vector_epoch', '0')")
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('generation', '0')")
             db.execute("COMMIT")
         except BaseException:
             db.close()
@@ -130,10 +136,12 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; it bumps ``generation`` as it commits (every write does)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._bump_generation(self._db)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -178,13 +186,18 @@ class Store:
         return dict(rows)
 
     @property
-    def data_version(self) -> int:
-        """Changes whenever another connection (another process) commits a change."""
-        return self._query("PRAGMA data_version")[0][0]
-
-    @property
     def vector_epoch(self) -> int:
         return int(self.get_meta("vector_epoch", "0"))
+
+    @property
+    def generation(self) -> int:
+        """The number of committed write transactions (from any process)."""
+        return int(self.get_meta("generation", "0"))
+
+    @staticmethod
+    def _bump_generation(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO meta VALUES ('generation', '1') ON CONFLICT(key) DO UPDATE "
+                   "SET value = CAST(value AS INTEGER) + 1")
 
     @staticmethod
     def _bump_epoch(db: sqlite3.Connection) -> None:
@@ -296,7 +309,7 @@ class Store:
                 "CAST(COALESCE(json_extract(images.metadata, ?), json_extract(items.metadata, ?))"
                 f" AS TEXT) {test}"
             )
-            params.extend([path, path, *(_as_text(v) for v in values)])
+            params.extend([path, path, *(filter_text(v) for v in values)])
         sql = "SELECT images.image_id FROM images JOIN items ON items.item_id = images.item_id" + (
             " WHERE " + " AND ".join(clauses) if clauses else ""
         )
@@ -427,7 +440,8 @@ def _catalog_dir(db: sqlite3.Connection) -> str:
     return str(Path(rows[0][2]).parent) if rows and rows[0][2] else "(memory)"
 
 
-def _as_text(value: Any) -> str:
+def filter_text(value: Any) -> str:
+    """A metadata value as filters compare it: text, booleans as ``1``/``0``."""
     if isinstance(value, bool):
         return "1" if value else "0"
     return str(value)

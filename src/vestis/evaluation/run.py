@@ -23,7 +23,7 @@ from vestis.evaluation.uncertainty import (
     compare_results,
 )
 from vestis.models import DEFAULT_MODEL, Encoder
-from vestis.models.encoder import in_context
+from vestis.views import in_context, locate_groups
 
 #: How ``evaluate`` crops images without a box: see :func:`evaluate`.
 CROPS = ("none", "garment", "largest")
@@ -168,8 +168,7 @@ def with_garment_boxes(dataset: EvalDataset, *, use_category: bool = True, parse
     from tqdm.auto import tqdm
 
     from vestis.detect import load_parser
-    from vestis.detect.categories import category_group, product_box
-    from vestis.images import load_image
+    from vestis.detect.categories import category_group
 
     parser = parser or load_parser()
 
@@ -183,11 +182,8 @@ def with_garment_boxes(dataset: EvalDataset, *, use_category: bool = True, parse
     boxes: dict[tuple[Path, str | None], tuple[int, int, int, int] | None] = {}
     for path, wanted in tqdm(groups.items(), desc="finding garments", unit="img",
                              disable=not progress):
-        image = load_image(path)
-        garments = parser.parse(image)
-        for group in wanted:
-            found = product_box(garments, group, image.size)
-            boxes[(path, group)] = found[0] if found else None
+        for group, (box, _) in locate_groups(parser, path, wanted).items():
+            boxes[(path, group)] = box
 
     def boxed(sample: Sample) -> Sample:
         if sample.bbox is not None:

@@ -47,13 +47,6 @@ class EncodedBatch:
     errors: list[tuple[int, ImageError]] = field(default_factory=list)
 
 
-def in_context(whole: np.ndarray, crops: np.ndarray) -> np.ndarray:
-    """Garment vectors in their photos' context: ``whole + crops``, rows L2-normalised
-    (``whole`` may be one row shared by every crop)."""
-    fused = crops + whole
-    return fused / np.linalg.norm(fused, axis=-1, keepdims=True).clip(1e-12)
-
-
 class Encoder:
     """Embeds images with a model from the registry.
 
@@ -166,29 +159,6 @@ class Encoder:
         if errors:
             raise BadImagesError(errors)
         return out
-
-    def embed_in_context(
-        self,
-        sources: Sequence[ImageSource],
-        boxes: Sequence[Box | None],
-        *,
-        progress: bool = False,
-    ) -> np.ndarray:
-        """A garment in its photo: the normalised sum of the whole photo's vector and the
-        garment box's; rows without a box get the whole photo's vector.
-
-        Catalog crops (``crop="garment"``) and query garments use it: the default model was
-        trained on whole photos, and a bare crop lands away from them (BENCHMARKS.md,
-        "Garment crops")."""
-        if len(boxes) != len(sources):
-            raise ValueError(f"{len(boxes)} boxes for {len(sources)} images")
-        vectors = self.embed(sources, progress=progress)
-        boxed = [i for i, box in enumerate(boxes) if box is not None]
-        if boxed:
-            crops = self.embed([sources[i] for i in boxed], [boxes[i] for i in boxed],
-                               progress=progress)
-            vectors[boxed] = in_context(vectors[boxed], crops)
-        return vectors
 
     def embed_one(self, source: ImageSource, box: Box | None = None) -> np.ndarray:
         return self.embed([source], [box])[0]

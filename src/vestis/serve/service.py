@@ -32,8 +32,10 @@ from PIL import Image
 
 from vestis.atomic import write_atomic
 from vestis.catalog import Catalog, GarmentHits, Item, ReadOnlyCatalogError
+from vestis.catalog.backend import filter_text
 from vestis.catalog.catalog import DB_NAME, RESERVED_KEYS, content_hash
-from vestis.catalog.garments import GARMENT_KEY, WHOLE_IMAGE
+from vestis.catalog.garments import WHOLE_IMAGE
+from vestis.catalog.ingest import photo_view
 from vestis.catalog.store import ImageRow
 from vestis.images import (
     SERVER_MAX_PIXELS,
@@ -116,8 +118,7 @@ class CatalogService:
         self._catalog: Catalog | None = None
         self._loaded = threading.Event()
         self._write_lock = threading.Lock()
-        self._generation = 0
-        self._facets: tuple[tuple[int, int], dict[str, dict[str, Any]]] | None = None
+        self._facets: tuple[int, dict[str, dict[str, Any]]] | None = None  # by generation
         self._heads: dict[str, Any] = {}  # attribute and outfit heads, loaded on first use
 
     # -- life cycle --------------------------------------------------------------------
@@ -301,7 +302,7 @@ class CatalogService:
 
     def facets(self) -> dict[str, dict[str, Any]]:
         """Each metadata field with its distinct values (at most MAX_FACET_VALUES)."""
-        generation = (self._generation, self.catalog.outside_changes)
+        generation = self.catalog.generation
         cached = self._facets
         if cached is not None and cached[0] == generation:
             return cached[1]
@@ -314,7 +315,7 @@ class CatalogService:
                 continue
             for metadata in (item.metadata, *(image.metadata for image in item.images)):
                 for key, value in metadata.items():
-                    values[key].add(_filter_text(value))
+                    values[key].add(filter_text(value))
         facets = {
             key: {
                 "values": sorted(found)[:MAX_FACET_VALUES],
@@ -364,7 +365,6 @@ class CatalogService:
                 for path in paths:
                     path.unlink(missing_ok=True)
                 raise
-            self._generation += 1
             item = catalog.get(item_id)
         # Two files with the same pixels give one image: drop the file that was not kept.
         kept = {image.path for image in item.images}
@@ -380,11 +380,8 @@ class CatalogService:
         group, when known). Only this photo's pixels are in memory meanwhile."""
         catalog = self.catalog
         photo = self.decode(upload.data, upload.filename or "upload")
-        group = catalog.cropper.group_of(metadata)
-        box, found = (catalog.cropper.locate(photo.image, group)
-                      if catalog.crop_mode == "garment" else (None, group))
-        vector = catalog.encoder.embed_in_context([photo.image], [box])[0]
-        fields = {**metadata, GARMENT_KEY: found} if found else dict(metadata)
+        vector, box, fields = photo_view(catalog.encoder, catalog.cropper, photo.image,
+                                         metadata, catalog.crop_mode)
         return vector, photo.full_box(box) if box is not None else None, fields
 
     def update_item(self, item_id: str, metadata: dict[str, Any]) -> Item:
@@ -392,7 +389,6 @@ class CatalogService:
         self._writable()
         with self._write_lock:
             self.catalog.update(item_id, metadata)
-            self._generation += 1
         return self.catalog.get(item_id)
 
     def remove_item(self, item_id: str) -> int:
@@ -401,7 +397,6 @@ class CatalogService:
         with self._write_lock:
             item = self.catalog.get(item_id)
             removed = self.catalog.remove(item_id)
-            self._generation += 1
         uploads = self.uploads.resolve()
         for image in item.images:
             path = self._file_of(image)
@@ -478,9 +473,3 @@ def _read_file(path: Path, image_id: int) -> bytes:
     except OSError:
         raise KeyError(f"the file of image {image_id} is missing") from None
 
-
-def _filter_text(value: Any) -> str:
-    """A metadata value as the text a filter compares against (booleans are 1/0 in SQLite)."""
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    return str(value)

@@ -47,17 +47,21 @@ class _CatalogTexts:
     def __init__(self, catalog: Catalog, products: Mapping[str, Product] | None,
                  colour_weight: int):
         self.items: dict[str, tuple[dict[str, Any], list[ImageRow]]] = {}
+        self.item_of: dict[int, str] = {}
         for item_id in catalog.item_ids():
             item = catalog.get(item_id)
             self.items[item_id] = (item.metadata, _front_first(item.images))
+            self.item_of.update((image.image_id, item_id) for image in item.images)
         metadata = ((item_id, meta) for item_id, (meta, _) in self.items.items())
         self.index = LexicalIndex.from_items(metadata, products, colour_weight)
 
-    def allowed(self, where: Mapping[str, Any] | None) -> set[str] | None:
+    def allowed(self, catalog: Catalog, where: Mapping[str, Any] | None) -> set[str] | None:
+        """The items with an image the catalog's ``where`` filter keeps (the store's
+        semantics, :meth:`vestis.catalog.backend.CatalogStore.filtered_image_ids`)."""
         if not where:
             return None
-        return {item_id for item_id, (meta, images) in self.items.items()
-                if any(_passes(where, item_id, image.metadata, meta) for image in images)}
+        kept = catalog.image_ids_where(dict(where))
+        return {self.item_of[i] for i in kept.tolist() if i in self.item_of}
 
     def match(self, item_id: str, score: float) -> Match:
         metadata, images = self.items[item_id]
@@ -71,27 +75,12 @@ def _front_first(images: Sequence[ImageRow]) -> list[ImageRow]:
     return sorted(images, key=lambda row: (row.metadata.get("view") != "main", row.image_id))
 
 
-def _passes(where: Mapping[str, Any], item_id: str, image_meta: Mapping[str, Any],
-            item_meta: Mapping[str, Any]) -> bool:
-    """The catalog's ``where`` semantics: equality (AND), a list means any of its values."""
-    for key, value in where.items():
-        values = value if isinstance(value, (list, tuple, set, frozenset)) else [value]
-        have = item_id if key == "item_id" else image_meta.get(key, item_meta.get(key))
-        if have is None or _text(have) not in {_text(v) for v in values}:
-            return False
-    return True
-
-
-def _text(value: Any) -> str:
-    return ("1" if value else "0") if isinstance(value, bool) else str(value)
-
-
 def catalog_texts(catalog: Catalog, products: Mapping[str, Product] | None = None,
                   colour_weight: int = COLOUR_WEIGHT, refresh: bool = False) -> _CatalogTexts:
-    """The catalog's BM25 index, cached per process; rebuilt when the catalog's item or
-    image count changes (``refresh`` forces it, after metadata-only updates)."""
-    key = (str(Path(catalog.path).resolve()), len(catalog), catalog.num_images,
-           id(products), colour_weight)
+    """The catalog's BM25 index, cached per process and keyed on the catalog's
+    :attr:`~vestis.catalog.Catalog.generation`: any write (a metadata update too, by any
+    process) makes the next search rebuild it. ``refresh`` forces a rebuild."""
+    key = (str(Path(catalog.path).resolve()), catalog.generation, id(products), colour_weight)
     with _LOCK:
         if refresh or key not in _LEXICAL:
             stale = [k for k in _LEXICAL if k[0] == key[0]]
@@ -170,7 +159,7 @@ def search_text(
         if mode == "embedding":
             return hits
     texts = catalog_texts(catalog, products)
-    lexical = texts.index.search(text, depth, texts.allowed(where))
+    lexical = texts.index.search(text, depth, texts.allowed(catalog, where))
     if mode == "bm25":
         return [texts.match(item_id, score) for item_id, score in lexical]
     return _fuse(catalog, hits, lexical, texts, k, rrf_k)

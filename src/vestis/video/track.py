@@ -2,9 +2,9 @@
 
 Each sampled frame is parsed (:mod:`vestis.detect`) and each garment embedded in its
 frame's context, exactly as a query photo's garments are
-(:func:`vestis.catalog.garments.query_views` and :func:`~vestis.catalog.garments.garment_vectors`);
-a frame where the parser finds nothing is one whole-image observation (group
-:data:`~vestis.catalog.garments.WHOLE_IMAGE`). Observations are linked to the open tracks
+(:func:`vestis.views.query_views` and :func:`~vestis.views.garment_vectors`); a frame where
+the parser finds nothing is one whole-image observation (group
+:data:`~vestis.views.WHOLE_IMAGE`). Observations are linked to the open tracks
 of the same group by an optimal assignment (Hungarian) on an affinity that mixes box overlap
 (IoU with the track's last box) and appearance (cosine with the track's running mean
 vector). Sampled frames are a second or so apart, so appearance carries most of the weight:
@@ -24,9 +24,9 @@ import numpy as np
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
-from vestis.catalog.garments import garment_vectors, query_views
 from vestis.images import Box
 from vestis.video.reader import VideoFrame
+from vestis.views import garment_vectors, query_views
 
 #: Weight of box overlap in the affinity; the rest is cosine similarity of appearance.
 IOU_WEIGHT = 0.3
