@@ -35,9 +35,10 @@ import numpy as np
 from vestis.catalog import Catalog
 from vestis.data.products import product_split, products_of, read_products
 from vestis.models import Encoder
+from vestis.taxonomy import category_leaf
 from vestis.text import alignment_for, search_image_text, search_text
 from vestis.text.align import image_vectors, read_rows
-from vestis.text.texts import category_leaf, leaf_word, strip_name
+from vestis.text.texts import leaf_word, strip_name
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "luma"

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from vestis.cli import app
-from vestis.evaluation.outfits import category_leaf, outfit_report, related_map
+from vestis.evaluation.outfits import outfit_report, related_map
 from vestis.losses.compnet import CostSensitiveOutfitLoss, SemanticLabelLoss
 from vestis.models.attributes import LabelSpace
 from vestis.models.compnet import (
@@ -22,6 +22,7 @@ from vestis.models.compnet import (
     family_softmax,
     load_outfit_model,
 )
+from vestis.taxonomy import category_leaf, leaf_key
 
 LABELS = LabelSpace({"style": ["hoodie", "tank"], "climate": ["cool", "hot", "mild"]})
 # hoodies are cool, tanks hot
@@ -99,7 +100,9 @@ def test_outfit_report_ranks_products_and_leaves_out_the_same_kind():
                            ["Women/Tops/Hoodies", "Men/Bottoms/Pants", "Men/Tops/Tees"],
                            related, ks=(1,))
     assert report["R@1"] == 1.0 and report["mAP"] == 1.0  # the other hoodie is left out
-    assert category_leaf("Men/Tops/Hoodies ") == "hoodies"
+    assert leaf_key("Men/Tops/Hoodies ") == "hoodies"
+    assert category_leaf("Men/Tops/Hoodies ") == "Hoodies"
+    assert leaf_key("Men/Tops/") == "tops" and leaf_key(None) is None and leaf_key("/") is None
 
 
 @pytest.mark.train
@@ -143,8 +146,8 @@ def test_complete_command_suggests_other_kinds_of_garment(tmp_path, mixed_csv, d
                                  "3"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output[result.output.index("{"):])
-    leaves = {category_leaf(m["metadata"]["category"]) for m in payload["results"]}
-    assert payload["results"] and category_leaf(payload["category"]) not in leaves
+    leaves = {leaf_key(m["metadata"]["category"]) for m in payload["results"]}
+    assert payload["results"] and leaf_key(payload["category"]) not in leaves
     again = runner.invoke(app, ["complete", photo, "--catalog", str(catalog), "--json",
                                 "--same-category", "-k", "50"])
     assert again.exit_code == 0

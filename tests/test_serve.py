@@ -200,16 +200,16 @@ def test_a_street_photo_is_searched_garment_by_garment_in_compatible_groups(clie
 
 
 def test_complete_the_look_and_describe_over_http(client, photos):
-    from vestis.evaluation.outfits import category_leaf
+    from vestis.taxonomy import leaf_key
 
     item_id, path = sorted(photos.items())[0]
     response = client.post("/complete", files={"image": ("q.jpg", path.read_bytes())},
                            data={"k": "4"})
     assert response.status_code == 200, response.text
     body = response.json()
-    own = category_leaf(body["category"])
+    own = leaf_key(body["category"])
     assert body["matches"] and len(body["matches"]) <= 4
-    assert all(category_leaf(m["metadata"]["category"]) != own for m in body["matches"])
+    assert all(leaf_key(m["metadata"]["category"]) != own for m in body["matches"])
     assert item_id not in {m["item_id"] for m in body["matches"]}
     described = client.post("/describe", files={"image": ("q.jpg", path.read_bytes())})
     assert described.status_code == 200

@@ -25,8 +25,8 @@ import numpy as np
 from vestis.atomic import atomic_path
 from vestis.catalog.annotate import PRODUCT_KEY
 from vestis.catalog.garments import CATEGORY_KEYS
-from vestis.evaluation.outfits import category_leaf
 from vestis.images import ImageSource, load_image
+from vestis.taxonomy import leaf_key
 
 if TYPE_CHECKING:
     from vestis.catalog.catalog import Catalog, Match
@@ -158,7 +158,7 @@ def complete_outfit(catalog: Catalog, image: ImageSource, k: int = 10, *,
     itself = nearest[0].item_id if nearest and nearest[0].score >= SAME_ITEM_SCORE else None
     scores = gallery @ query
     best: dict[str, Match] = {}
-    leaf = category_leaf(category)
+    leaf = leaf_key(category)
     for i in np.argsort(-scores, kind="stable"):
         row = rows[i]
         item_meta = {**metadata[row.item_id], **row.metadata}
@@ -166,7 +166,7 @@ def complete_outfit(catalog: Catalog, image: ImageSource, k: int = 10, *,
         if design in best or row.item_id == itself or (
                 allowed is not None and row.image_id not in allowed):
             continue
-        if exclude_category and leaf is not None and category_leaf(_category(item_meta)) == leaf:
+        if exclude_category and leaf is not None and leaf_key(_category(item_meta)) == leaf:
             continue
         best[design] = Match(row.item_id, float(scores[i]), row.image_id, row.path,
                              item_meta, row.box)

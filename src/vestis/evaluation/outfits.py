@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from vestis.taxonomy import leaf_key
+
 
 def related_map(links: Iterable[tuple[str, str]]) -> dict[str, set[str]]:
     related: dict[str, set[str]] = defaultdict(set)
@@ -26,25 +28,18 @@ def related_map(links: Iterable[tuple[str, str]]) -> dict[str, set[str]]:
     return dict(related)
 
 
-def category_leaf(category: str | None) -> str | None:
-    """The kind of garment a category names: its last ``/`` segment, case-folded."""
-    if category is None:
-        return None
-    return str(category).rsplit("/", 1)[-1].strip().casefold() or None
-
-
 def rank_products(scores: np.ndarray, products: Sequence[str], categories: Sequence[str | None],
                   own_product: str, own_category: str | None,
                   exclude_category: bool = True) -> list[str]:
     """Products by their best image's score, best first, without the query's own product
     (and category)."""
     best: dict[str, float] = {}
-    own_leaf = category_leaf(own_category)
+    own_leaf = leaf_key(own_category)
     for i in np.argsort(-scores, kind="stable"):
         product = products[i]
         if product == own_product or product in best:
             continue
-        if exclude_category and own_leaf is not None and category_leaf(categories[i]) == own_leaf:
+        if exclude_category and own_leaf is not None and leaf_key(categories[i]) == own_leaf:
             continue
         best[product] = float(scores[i])
     return list(best)

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from vestis.data.products import Product
+from vestis.taxonomy import category_leaf
 
 #: Words that are plural in their singular sense: a "pants" query stays "pants".
 PLURALE_TANTUM = {"pants", "shorts", "leggings", "tights", "jeans", "trousers", "capris"}
@@ -29,12 +30,6 @@ def field(metadata: Mapping[str, Any], name: str) -> str:
 def category_words(category: str) -> str:
     """``Men/Tops/Hoodies & Sweatshirts`` → ``Men Tops Hoodies & Sweatshirts``."""
     return " ".join(part.strip() for part in category.split("/") if part.strip())
-
-
-def category_leaf(category: str) -> str:
-    """The last level of a category path: ``Hoodies & Sweatshirts``."""
-    parts = [part.strip() for part in category.split("/") if part.strip()]
-    return parts[-1] if parts else ""
 
 
 def leaf_word(category: str) -> str:

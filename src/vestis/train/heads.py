@@ -24,11 +24,12 @@ import torch.nn.functional as F
 from vestis.data.datasets import TrainSample, read_luma, split_by_group
 from vestis.data.products import Product, read_products, read_related
 from vestis.evaluation.attributes import attribute_report
-from vestis.evaluation.outfits import category_leaf, outfit_report, related_map
+from vestis.evaluation.outfits import outfit_report, related_map
 from vestis.losses.compnet import CostSensitiveOutfitLoss, SemanticLabelLoss
 from vestis.models.attributes import FEATURE_MODEL, AttributeHead, AttributeModel, LabelSpace
 from vestis.models.compnet import CompNet, OutfitModel, cooccurrence, known_distribution
 from vestis.recipe_files import deep_merge, read_recipe, refuse_unknown_keys, require_paths
+from vestis.taxonomy import leaf_key
 
 #: Every key a head recipe may set (anything else is refused, naming it). The data files
 #: have no default: the recipe names them (configs/attributes.yaml, configs/compnet.yaml).
@@ -336,7 +337,7 @@ def _pair_tables(products: list[str], links, category: dict, beta: float,
     cats = [category[p] for p in products]
     negatives = ~positives & ~torch.eye(n, dtype=torch.bool)
     if not same_kind:
-        leaves = [category_leaf(c) for c in cats]
+        leaves = [leaf_key(c) for c in cats]
         negatives &= ~torch.tensor([[a == b for b in leaves] for a in leaves])
     cost = torch.tensor([[1.0 + beta * ((ci, cj) not in outfit_pairs) for cj in cats]
                          for ci in cats])
