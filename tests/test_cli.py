@@ -233,3 +233,14 @@ def test_a_bad_model_or_index_leaves_no_half_created_catalog(tmp_path, data_dir)
         result = vestis("index", photo, "--catalog", catalog, *option, check=False)
         assert result.returncode == 2 and result.stderr.startswith("error:")
         assert not catalog.exists()
+
+
+def test_a_milvus_uri_is_refused_in_one_line_and_creates_no_folder(tmp_path, data_dir):
+    photo = data_dir / "luma" / "images" / "mh06-blue_main.jpg"
+    for uri in ("milvus://localhost:19530/shop", "milvus-lite:shop.db"):
+        result = subprocess.run([sys.executable, "-m", "vestis.cli", "index", str(photo),
+                                 "--catalog", uri, "--model", "lite0"], cwd=tmp_path,
+                                capture_output=True, text=True)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("error:") and "not supported yet" in result.stderr
+        assert list(tmp_path.iterdir()) == []

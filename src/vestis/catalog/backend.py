@@ -28,7 +28,9 @@ import numpy as np
 
 from vestis.catalog.store import ImageRow, NewImage, filter_text
 
-MILVUS_PREFIXES = ("milvus://", "milvus-lite:")
+# "milvus:" alone, not "milvus://": a URI that went through ``pathlib.Path`` (the CLI's
+# --catalog) has lost one of its slashes.
+MILVUS_PREFIXES = ("milvus:", "milvus-lite:")
 __all__ = ["CatalogStore", "ItemHit", "ReadOnlyCatalogError", "filter_text", "store_kind"]
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from vestis.catalog.backend import ItemHit, ReadOnlyCatalogError
+from vestis.catalog.backend import ItemHit, ReadOnlyCatalogError, store_kind
 from vestis.catalog.garments import (
     GarmentCropper,
     GarmentHits,
@@ -104,6 +104,9 @@ class Catalog:
         ``cropper``: how shop photos are cropped to their garment and categories mapped to
         garment groups (default: the shipped parser and :data:`CATEGORY_KEYWORDS`).
         """
+        if store_kind(str(path)) != "local":
+            raise ValueError(f"{path}: Milvus catalogs (milvus://HOST:PORT/COLLECTION, "
+                             "milvus-lite:PATH) are not supported yet; use a directory")
         self.path = Path(path).expanduser()
         self._backend = backend
         self.cropper = cropper or GarmentCropper()
