@@ -35,7 +35,7 @@ from bench_perf import run as perf_section  # noqa: E402
 from kfold import load_scores  # noqa: E402
 from kfold import table as kfold_table  # noqa: E402
 from recipes import recipes_section, replace_section  # noqa: E402
-from transfer import default_shops, recipe_runs, score_models  # noqa: E402
+from transfer import default_shops, interval_cell, recipe_runs, score_models  # noqa: E402
 from transfer import section as transfer_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,8 +72,8 @@ def baseline_section() -> list[str]:
     ]
     for model in ("lite0", "lite1", "lite2"):
         result = evaluate(DATA / "luma" / "catalog.csv", model, progress=False)
-        cells = [f"{result.metrics[name]:.3f} ({result.intervals[name][0]:.2f}-"
-                 f"{result.intervals[name][1]:.2f})" for name in BASELINE_METRICS]
+        cells = [interval_cell(result.metrics[name], *result.intervals[name])
+                 for name in BASELINE_METRICS]
         lines.append(f"| {model} | " + " | ".join(cells) + f" | {result.metrics['n_queries']} "
                      f"| {result.metrics['n_gallery']} |")
     return lines
@@ -108,8 +108,8 @@ def held_out_section() -> list[str]:
             groups = None if split.name == "clothing" else [labels[i]
                                                             for i in result.query_indices]
             intervals = bootstrap_intervals(result.per_query(), groups)
-            cells = [f"{result.metrics[name]:.3f} ({intervals[name][0]:.2f}-"
-                     f"{intervals[name][1]:.2f})" for name in HELD_OUT_METRICS]
+            cells = [interval_cell(result.metrics[name], *intervals[name])
+                     for name in HELD_OUT_METRICS]
             lines.append(f"| {model} | {split.name} | {result.metrics['n_queries']} | "
                          + " | ".join(cells) + f" | {result.metrics['n_queries_tied']} |")
     return lines

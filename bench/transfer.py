@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
+from vestis.artifacts import ARTIFACTS
 from vestis.evaluation import EvalDataset, Sample, load_dataset
 from vestis.evaluation.datasets import leave_one_out
 from vestis.evaluation.run import score_dataset
 from vestis.models import Encoder
-from vestis.models.registry import _TRAINED
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipes import RECIPES, SCORED_CHECKPOINT, replace_section  # noqa: E402
@@ -84,7 +84,7 @@ def shop_dataset(shop: Shop) -> EvalDataset:
 
 def trained_kinds(model: str) -> set[str]:
     """The data source kinds a model's recipe trained on (none for ImageNet weights)."""
-    path = _TRAINED.get(model, Path(model))
+    path = ARTIFACTS[model].path if model in ARTIFACTS else Path(model)
     if not path.is_file():
         return set()
     meta = torch.load(path, map_location="cpu", weights_only=True).get("meta", {})
@@ -149,7 +149,7 @@ def section(table: dict, shops: list[Shop]) -> list[str]:
         for shop in shops:
             cell = cells[shop.name]
             for metric in shop.metrics:
-                values.append("trained on" if cell == "trained" else _cell(cell[metric]))
+                values.append("trained on" if cell == "trained" else interval_cell(*cell[metric]))
         lines.append(f"| {row} | " + " | ".join(values) + " |")
     return lines
 
@@ -159,8 +159,8 @@ def _tied(table: dict) -> int:
                if isinstance(cell, dict))
 
 
-def _cell(value: list[float]) -> str:
-    mean, low, high = value
+def interval_cell(mean: float, low: float, high: float) -> str:
+    """A table cell: the figure and its interval."""
     return f"{mean:.3f} ({low:.2f}-{high:.2f})"
 
 

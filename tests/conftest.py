@@ -41,16 +41,20 @@ def luma_rows(data_dir) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def write_luma_subset(rows, data_dir: Path, out: Path, n_products: int) -> Path:
-    """A Luma-format CSV (absolute image paths) with every image of the first products."""
-    products = sorted({row["product"] for row in rows})[:n_products]
-    chosen = [row for row in rows if row["product"] in products]
+def write_luma_rows(rows, data_dir: Path, out: Path) -> Path:
+    """A Luma-format CSV of ``rows`` with absolute image paths."""
     with open(out, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
-        for row in chosen:
+        for row in rows:
             writer.writerow({**row, "image": str(data_dir / "luma" / row["image"])})
     return out
+
+
+def write_luma_subset(rows, data_dir: Path, out: Path, n_products: int) -> Path:
+    """A Luma-format CSV (absolute image paths) with every image of the first products."""
+    products = sorted({row["product"] for row in rows})[:n_products]
+    return write_luma_rows([row for row in rows if row["product"] in products], data_dir, out)
 
 
 @pytest.fixture(scope="session")

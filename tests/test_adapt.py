@@ -12,28 +12,17 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from tests.conftest import write_luma_subset
 from vestis.cli import app
 from vestis.models import Encoder
 from vestis.train.adapt import adapt, fit_map
-
-
-def luma_products_csv(luma_rows, data_dir: Path, out: Path, n_products: int) -> Path:
-    products = sorted({row["product"] for row in luma_rows})[:n_products]
-    with out.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "item_id", "product"])
-        for row in luma_rows:
-            if row["product"] in products:
-                writer.writerow([data_dir / "luma" / row["image"], row["item_id"],
-                                 row["product"]])
-    return out
 
 
 def test_adapting_imagenet_features_to_a_shop_separates_its_unseen_items(
         luma_rows, data_dir, tmp_path):
     """ImageNet Lite0 confuses the views of Luma's items; the map learnt on some products
     must make products it never saw easier to tell apart."""
-    source = luma_products_csv(luma_rows, data_dir, tmp_path / "shop.csv", n_products=24)
+    source = write_luma_subset(luma_rows, data_dir, tmp_path / "shop.csv", n_products=24)
     out = tmp_path / "shop.pt"
     report = adapt(source, out, base="lite0", holdout=0.4, views=2, progress=False)
     assert report.kept

@@ -3,7 +3,6 @@ and the reliability suite). Small generated images and the lite0 model keep it s
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import subprocess
@@ -11,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import write_luma_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,13 +24,7 @@ def vestis(*args, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
 
 
 def luma_csv(luma_rows, data_dir, out: Path, rows: slice) -> Path:
-    chosen = luma_rows[rows]
-    with open(out, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(chosen[0]))
-        writer.writeheader()
-        for row in chosen:
-            writer.writerow({**row, "image": str(data_dir / "luma" / row["image"])})
-    return out
+    return write_luma_rows(luma_rows[rows], data_dir, out)
 
 
 # -- item 10: a full disk ----------------------------------------------------------------------
