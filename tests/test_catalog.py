@@ -189,10 +189,10 @@ def test_two_creators_with_different_models_exactly_one_wins(tmp_path):
     start = threading.Barrier(2)
     results: dict[str, object] = {}
 
-    def create(model: str, factory: str | None) -> None:
+    def create(model: str, index: str | None) -> None:
         start.wait()
         try:
-            results[model] = Catalog(path, model=model, factory=factory)
+            results[model] = Catalog(path, model=model, index=index)
         except ValueError as exc:  # ModelMismatchError is one
             results[model] = exc
 

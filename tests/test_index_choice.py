@@ -131,7 +131,10 @@ def test_new_catalog_records_auto_choice(luma_catalog):
         assert catalog.index_choice == "auto" and catalog.factory == "Flat"
         assert catalog.info(recall_queries=20)["recall@10_vs_flat"] == 1.0
         with pytest.raises(ValueError, match="vestis reindex"):
-            Catalog(path, factory="HNSW32")
+            Catalog(path, index="HNSW32")
+        with pytest.warns(DeprecationWarning, match="index="), \
+                pytest.raises(ValueError, match="vestis reindex"):
+            Catalog(path, factory="HNSW32")  # the old keyword still works, with a warning
 
 
 def test_rebuild_changes_index_without_reembedding(luma_catalog):

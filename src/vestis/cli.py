@@ -85,7 +85,7 @@ def parse_where(pairs: list[str] | None, option: str = "--where") -> dict[str, s
 def open_catalog(
     path: Path,
     model: str | None = None,
-    factory: str | None = None,
+    index: str | None = None,
     *,
     create: bool = False,
     backend: str = "auto",
@@ -94,7 +94,7 @@ def open_catalog(
 
     if not create and not (path / "catalog.db").exists():
         raise FileNotFoundError(f"{path}: not a vestis catalog (no catalog.db); run vestis index")
-    return Catalog(path, model=model, factory=factory, backend=backend)
+    return Catalog(path, model=model, index=index, backend=backend)
 
 
 INDEX_HELP = (
@@ -112,7 +112,7 @@ def index(
     source: Path = typer.Argument(..., help="Folder of photos or CSV with image,item_id columns."),
     catalog: Path = CatalogOption,
     model: str | None = typer.Option(None, help="Model name or checkpoint (new catalogs)."),
-    factory: str | None = typer.Option(None, "--index", help=INDEX_HELP),
+    index_choice: str | None = typer.Option(None, "--index", help=INDEX_HELP),
     batch_size: int = typer.Option(BATCH_SIZE, min=1, help="Images per embedding batch."),
     backend: str = BackendOption,
     crop: str | None = typer.Option(
@@ -135,7 +135,7 @@ def index(
     def report_bad(path: str, reason: str) -> None:
         tqdm.write(f"failed: {path}: {reason}", file=sys.stderr)
 
-    with open_catalog(catalog, model, factory, create=True, backend=backend) as cat:
+    with open_catalog(catalog, model, index_choice, create=True, backend=backend) as cat:
         cat.encoder.batch_size = batch_size
         report = cat.add(source, progress=True, on_error=report_bad, crop=crop)
         typer.echo(
@@ -334,7 +334,7 @@ def update(
 @friendly_errors
 def reindex(
     catalog: Path = CatalogOption,
-    factory: str | None = typer.Option(
+    index_choice: str | None = typer.Option(
         None, "--index", help="New index (default: the catalog's own choice). " + INDEX_HELP
     ),
     search_params: str | None = typer.Option(
@@ -346,7 +346,7 @@ def reindex(
 
     started = time.perf_counter()
     with open_catalog(catalog) as cat:
-        cat.rebuild_index(factory, search_params)
+        cat.rebuild_index(index_choice, search_params)
         typer.echo(
             f"index {cat.factory} ({cat.index_choice}; {cat.search_params or 'no parameters'}) "
             f"over {cat.num_images} vectors in {time.perf_counter() - started:.1f} s"

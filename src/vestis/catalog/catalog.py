@@ -91,30 +91,34 @@ class Catalog:
         path: str | Path,
         *,
         model: str | None = None,
-        factory: str | None = None,
+        index: str | None = None,
         encoder: Encoder | None = None,
         backend: str = "auto",
         cropper: GarmentCropper | None = None,
+        factory: str | None = None,
     ):
         """Open or create the catalog at ``path``.
 
         ``model``: a registered model, checkpoint or ONNX file (new catalogs; default
-        ``vestis-lite0``). ``factory``: the index choice of a new catalog (``auto``, a preset
-        or a FAISS factory string). ``backend``: ``auto``, ``onnx`` or ``torch`` inference.
+        ``vestis-lite0``). ``index``: the index choice of a new catalog (``auto``, a preset
+        or a FAISS factory string; ``--index`` on the command line, stored as
+        :attr:`index_choice`; ``factory=`` is its deprecated old name). ``backend``:
+        ``auto``, ``onnx`` or ``torch`` inference.
         ``cropper``: how shop photos are cropped to their garment and categories mapped to
         garment groups (default: the shipped parser and :data:`CATEGORY_KEYWORDS`).
         """
         if store_kind(str(path)) != "local":
             raise ValueError(f"{path}: Milvus catalogs (milvus://HOST:PORT/COLLECTION, "
                              "milvus-lite:PATH) are not supported yet; use a directory")
+        index = _deprecated_factory(index, factory)
         self.path = Path(path).expanduser()
         self._backend = backend
         self.cropper = cropper or GarmentCropper()
         if not LocalStore.exists(self.path):
-            encoder = self._check_new(model, factory, encoder)
+            encoder = self._check_new(model, index, encoder)
         self._store = LocalStore(self.path)
         self._encoder = encoder
-        self._init_model(model or (encoder.name if encoder else None), factory)
+        self._init_model(model or (encoder.name if encoder else None), index)
 
     def _check_new(self, model: str | None, choice: str | None,
                    encoder: Encoder | None) -> Encoder:
@@ -144,7 +148,7 @@ class Catalog:
             self._encoder = self._encoder or encoder
             model = name
         self._check_stored_model(model)
-        self._init_factory(choice)
+        self._init_index(choice)
 
     def _check_stored_model(self, model: str | None) -> None:
         stored = self._store.get_meta("model_name")
@@ -159,7 +163,7 @@ class Catalog:
             )
         self._encoder = candidate
 
-    def _init_factory(self, choice: str | None) -> None:
+    def _init_index(self, choice: str | None) -> None:
         """An existing catalog refuses another index (``rebuild_index`` changes it); one
         made before the index was stored gets ``choice`` (default ``auto``)."""
         self._store.init_index(choice)
@@ -484,3 +488,16 @@ def _model_reference(model: str) -> str:
     """Registry names stay names; checkpoint paths are stored absolute."""
     path = Path(model).expanduser()
     return str(path.resolve()) if path.is_file() else model
+
+
+def _deprecated_factory(index: str | None, factory: str | None) -> str | None:
+    """``Catalog(factory=...)``, the old name of ``index=``: accepted with a warning."""
+    if factory is None:
+        return index
+    import warnings
+
+    warnings.warn("Catalog(factory=...) is deprecated; use Catalog(index=...)",
+                  DeprecationWarning, stacklevel=3)
+    if index is not None and index != factory:
+        raise TypeError("Catalog() got both index= and its deprecated name factory=")
+    return factory

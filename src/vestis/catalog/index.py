@@ -3,11 +3,13 @@
 Vectors are L2-normalised, so inner product is cosine similarity. Ids are int64 image ids
 owned by the catalog's store.
 
-An index is chosen by a *choice*: ``auto`` (by catalog size, see :func:`auto_factory`), a
-preset (``flat``, ``fp16``, ``hnsw``, ``hnsw-fp16``, ``ivfpq``) or any FAISS factory string.
-:func:`resolve_factory` turns a choice and a catalog size into the concrete factory string
-the catalog stores. Search parameters (``efSearch=128``, ``nprobe=32``) are applied at build
-and again after every load.
+An index is chosen by an *index choice*: ``auto`` (by catalog size, see
+:func:`auto_factory`), a preset (``flat``, ``fp16``, ``hnsw``, ``hnsw-fp16``, ``ivfpq``) or
+any FAISS factory string. It is given as ``--index`` on the command line and ``index=`` in
+the API, and stored (meta key and ``Catalog.index_choice``) as ``index_choice``.
+:func:`resolve_factory` turns a choice and a catalog size into the concrete FAISS *factory
+string* the catalog stores (meta key and ``Catalog.factory``: ``factory``). Search
+parameters (``efSearch=128``, ``nprobe=32``) are applied at build and again after every load.
 """
 
 from __future__ import annotations
