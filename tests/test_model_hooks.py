@@ -39,3 +39,24 @@ def test_method_models_override_only_what_differs(name, hooks):
     assert model.has_attention_maps() == hooks["attention"]
     assert model.onnx_exportable == hooks.get("onnx", True)
     assert model.cache_tag == hooks.get("cache_tag")
+
+
+def test_output_dim_defaults_to_the_embedding_width_and_a_model_can_widen_it():
+    class Bare(ModelHooks):
+        embed_dim = 8
+
+    bare = Bare()
+    assert bare.output_dim == 8 and bare.config is None
+    bare.output_dim = 11
+    assert bare.output_dim == 11
+    model = create_model("lite0")
+    assert model.output_dim >= model.embed_dim > 0
+    assert model.config is not None
+
+
+def test_losses_declare_neighbours():
+    from vestis.losses import create_loss
+
+    dims = {"num_labels": 4, "num_categories": 2, "feature_dim": 16, "embed_dim": 8}
+    assert create_loss({"name": "triplet"}, **dims).neighbours is None
+    assert callable(create_loss({"name": "htl"}, **dims).neighbours)

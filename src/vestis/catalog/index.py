@@ -115,6 +115,11 @@ class VectorIndex(Protocol):
     dim: int
     factory: str
 
+    @property
+    def needs_compaction(self) -> bool:
+        """Removed ids weigh on the index enough that it should be rebuilt."""
+        ...
+
     def __len__(self) -> int: ...
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None: ...

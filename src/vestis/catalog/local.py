@@ -237,7 +237,7 @@ class LocalStore:
             index.remove(np.array(ids, dtype=np.int64))
             self._wrote()
             self._save_index()
-            if getattr(index, "needs_compaction", False):
+            if index.needs_compaction:
                 self._rebuild_index()
         return ids
 

@@ -11,7 +11,7 @@ A method loss is an ``nn.Module`` (it may own parameters, such as a classifier) 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +54,11 @@ class EpochContext:
 
 class MethodLoss(nn.Module):
     """Base class: subclasses implement ``forward``; hooks default to doing nothing."""
+
+    #: ``neighbours(label) -> Sequence[int]``: classes to sample next to ``label`` in a P×K
+    #: batch (HTL defines it as a method). ``None``: the sampler's own group and category
+    #: neighbours.
+    neighbours: Callable[[int], Sequence[int]] | None = None
 
     def forward(self, batch: TrainBatch) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError

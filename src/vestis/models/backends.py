@@ -27,6 +27,8 @@ BACKENDS = ("auto", "onnx", "torch")
 
 class Backend(Protocol):
     name: str
+    #: Batches that may run at once (the encoder runs that many inference threads).
+    streams: int
 
     def __call__(self, batch: np.ndarray) -> np.ndarray: ...
 
@@ -63,6 +65,7 @@ class TorchBackend:
     """Torch eager inference on ``device``."""
 
     name = "torch"
+    streams = 1  # one batch at a time: torch parallelises inside each operation
 
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu"):
         self.device = torch.device(device)

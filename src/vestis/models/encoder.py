@@ -74,7 +74,7 @@ class Encoder:
         identity = (
             model.display_name,
             model.model_id,
-            int(getattr(model, "output_dim", getattr(model, "embed_dim", 0))),
+            int(model.output_dim),
         )
         self._setup(create_backend(model, backend, device=device, threads=threads,
                                    streams=streams),
@@ -176,7 +176,7 @@ class Encoder:
             raise ValueError(f"{len(boxes)} boxes for {len(sources)} images")
         boxes = boxes if boxes is not None else [None] * len(sources)
         bar = tqdm(total=len(sources), desc=desc, unit="img", disable=not progress)
-        streams = max(1, getattr(self.backend, "streams", 1))
+        streams = max(1, self.backend.streams)
         with ThreadPoolExecutor(self.workers) as decoders, ThreadPoolExecutor(streams) as runners:
             in_flight: deque[Future] = deque()
             for start in range(0, len(sources), self.batch_size):

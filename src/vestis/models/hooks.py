@@ -34,6 +34,23 @@ class ModelHooks(nn.Module):
     cache_tag: str | None = None
     #: Whether the forward pass traces to ONNX (False: the torch backend always).
     onnx_exportable: bool = True
+    #: The constructor settings a checkpoint records to rebuild the model (part of the ONNX
+    #: export's fingerprint). ``None``: none.
+    config: dict | None = None
+    #: Width of the embedding head (every model sets it; 0 on a bare ``ModelHooks``).
+    embed_dim: int = 0
+    _output_dim: int | None = None
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the vectors the forward pass returns (what catalogs and ONNX files record
+        as the dimension). Default: ``embed_dim``; a model that appends more (blended
+        category scores) sets it."""
+        return self.embed_dim if self._output_dim is None else self._output_dim
+
+    @output_dim.setter
+    def output_dim(self, value: int) -> None:
+        self._output_dim = value
 
     def identify(self, name: str, model_id: str | None = None) -> ModelHooks:
         """Set the model's identity (``model_id`` defaults to ``name``); returns the model."""

@@ -45,7 +45,7 @@ class NormalisedModel(nn.Module):
 def model_metadata(model: ModelHooks) -> dict[str, str]:
     """The facts about ``model`` written into its ONNX file."""
     name = str(model.display_name)
-    dim = int(getattr(model, "output_dim", getattr(model, "embed_dim", 0)))
+    dim = int(model.output_dim)
     return {
         "vestis_model_name": name,
         "vestis_model_id": str(model.model_id or name),
@@ -105,12 +105,12 @@ def describe(data: bytes | str | Path) -> str:
     return f"<{len(data)} bytes of ONNX>" if isinstance(data, bytes) else str(data)
 
 
-def fingerprint(model: nn.Module, opset: int = OPSET) -> str:
+def fingerprint(model: ModelHooks, opset: int = OPSET) -> str:
     """A digest of everything the exported graph depends on: weights, config, exporter."""
     digest = hashlib.sha256()
     header = {**model_metadata(model), "class": type(model).__qualname__, "opset": opset,
               "check": 2,  # exports from before the batch-size check are not reused
-              "torch": torch.__version__, "config": repr(getattr(model, "config", None))}
+              "torch": torch.__version__, "config": repr(model.config)}
     digest.update(json.dumps(header, sort_keys=True).encode())
     for key, value in model.state_dict().items():
         digest.update(key.encode())

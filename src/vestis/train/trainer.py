@@ -152,7 +152,7 @@ class Trainer:
             groups=self.dataset.groups,
             categories=self.dataset.categories,
             hard_negative_fraction=sampler_config.get("hard_negative_fraction", 0.0),
-            neighbours=getattr(self.loss, "neighbours", None),
+            neighbours=self.loss.neighbours,
             min_per_label=1 if self.frozen else 2,
             batches_per_epoch=sampler_config.get("batches_per_epoch"),
             label_weights=self._label_weights(),
