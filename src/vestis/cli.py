@@ -18,6 +18,7 @@ from vestis.defaults import (
     DEFAULT_MODEL,
     DEFAULT_OUTFIT_MODEL,
     DEFAULT_PARSER,
+    EVAL_BATCH_SIZE,
     LINK_MODEL,
 )
 
@@ -445,7 +446,7 @@ def eval_(
     split: str = typer.Option("test", help="Split to evaluate (c2s)."),
     json_out: Path | None = typer.Option(None, "--json", help="Write metrics as JSON."),
     report: Path | None = typer.Option(None, "--report", help="Write a Markdown report."),
-    batch_size: int = typer.Option(32, min=1),
+    batch_size: int = typer.Option(EVAL_BATCH_SIZE, min=1),
     crop: str = typer.Option(
         "none", "--crop", help="Images without a box: none (whole photo), garment (the garment "
         "each image's category names, as vestis index --crop garment does) or largest (the "

@@ -17,5 +17,7 @@ DEFAULT_OUTFIT_MODEL = "compnet-lite0"
 LINK_MODEL = "lite0"
 #: The default images per inference batch; small batches keep ONNX Runtime in cache.
 BATCH_SIZE = 16
+#: Images per batch when ``vestis eval`` embeds a whole benchmark set (throughput, not latency).
+EVAL_BATCH_SIZE = 32
 #: Keep every Nth decoded frame of a video (Video2Shop samples every 25th).
 DEFAULT_EVERY = 25

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from vestis.catalog.store import ImageRow, NewImage, filter_text
+from vestis.catalog.store import VECTOR_BATCH, ImageRow, NewImage, filter_text
 
 # "milvus:" alone, not "milvus://": a URI that went through ``pathlib.Path`` (the CLI's
 # --catalog) has lost one of its slashes.
@@ -110,11 +110,11 @@ class CatalogStore(Protocol):
 
     def image_ids(self) -> np.ndarray: ...
 
-    def iter_vectors(self, batch: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def iter_vectors(self, batch: int = VECTOR_BATCH) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """All (image ids, vectors) in id order, in chunks: what an index is rebuilt from."""
         ...
 
-    def vectors_by_id(self, image_ids: Sequence[int], batch: int = 4096) -> np.ndarray: ...
+    def vectors_by_id(self, image_ids: Sequence[int], batch: int = VECTOR_BATCH) -> np.ndarray: ...
 
     def sample_image_ids(self, limit: int, seed: int = 0) -> np.ndarray: ...
 

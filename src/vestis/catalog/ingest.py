@@ -34,6 +34,9 @@ from vestis.models import Encoder
 from vestis.views import context_vectors, product_view
 
 OnError = Callable[[str, str], None] | None
+#: Threads reading and hashing source files before embedding (file reads and SHA-256 release
+#: the GIL; a few keep a disk busy without starving the encoder's decoders).
+HASH_THREADS = 4
 
 
 @dataclass
@@ -158,7 +161,7 @@ class Indexer:
             return record, content_hash(data, record.box), None
 
         hashed, seen = [], set()
-        with ThreadPoolExecutor(4) as pool:
+        with ThreadPoolExecutor(HASH_THREADS) as pool:
             results = pool.map(digest, records)
             bar = tqdm(
                 results, total=len(records), desc="hashing", unit="img", disable=not progress

@@ -36,7 +36,7 @@ from vestis.catalog.index import (
     recall_at_k,
     resolve_factory,
 )
-from vestis.catalog.store import ImageRow, NewImage, Store
+from vestis.catalog.store import VECTOR_BATCH, ImageRow, NewImage, Store
 
 try:
     import fcntl
@@ -47,6 +47,9 @@ DB_NAME = "catalog.db"
 INDEX_NAME = "index.faiss"
 INDEX_STAMP_NAME = "index.json"
 LOCK_NAME = "write.lock"
+#: Items have several images: a search for k items fetches k x this many images, then this
+#: many times more, until k distinct items are found (or the index is exhausted).
+ITEM_SEARCH_WIDENING = 4
 
 
 class LocalStore:
@@ -136,10 +139,10 @@ class LocalStore:
     def image_ids(self) -> np.ndarray:
         return self._sql.image_ids()
 
-    def iter_vectors(self, batch: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def iter_vectors(self, batch: int = VECTOR_BATCH) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         return self._sql.iter_vectors(batch)
 
-    def vectors_by_id(self, image_ids: Sequence[int], batch: int = 4096) -> np.ndarray:
+    def vectors_by_id(self, image_ids: Sequence[int], batch: int = VECTOR_BATCH) -> np.ndarray:
         return self._sql.vectors_by_id(image_ids, batch)
 
     def sample_image_ids(self, limit: int, seed: int = 0) -> np.ndarray:
@@ -163,7 +166,7 @@ class LocalStore:
 
     def _top_items(self, index, vector, k, allowed, available) -> list[ItemHit]:
         # Items have several images: widen the image search until k distinct items appear.
-        fetch = min(available, k * 4)
+        fetch = min(available, k * ITEM_SEARCH_WIDENING)
         while True:
             scores, ids = index.search(vector[None], fetch, allowed)
             best: dict[str, tuple[float, int]] = {}
@@ -175,7 +178,7 @@ class LocalStore:
                     best[row.item_id] = (score, image_id)
             if len(best) >= k or fetch >= available:
                 break
-            fetch = min(available, fetch * 4)
+            fetch = min(available, fetch * ITEM_SEARCH_WIDENING)
         return [ItemHit(score, rows[i], self._sql.item_metadata(rows[i].item_id) or {})
                 for score, i in list(best.values())[:k]]
 

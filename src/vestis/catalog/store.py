@@ -24,6 +24,9 @@ from typing import Any
 import numpy as np
 
 SCHEMA_VERSION = 1
+#: Rows per SQLite read of vectors: bounds a chunk's memory (4096 x 285 floats, 4.7 MB) and
+#: an ``IN (?, ...)`` list's placeholders (SQLite allows 32,766).
+VECTOR_BATCH = 4096
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -251,7 +254,7 @@ class Store:
     def item_ids(self) -> list[str]:
         return [row[0] for row in self._query("SELECT item_id FROM items ORDER BY item_id")]
 
-    def iter_vectors(self, batch: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def iter_vectors(self, batch: int = VECTOR_BATCH) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """All (image ids, vectors) in id order, in chunks."""
         last = -1
         while True:
@@ -266,7 +269,7 @@ class Store:
             yield ids, vectors
             last = int(ids[-1])
 
-    def vectors_by_id(self, image_ids: Sequence[int], batch: int = 4096) -> np.ndarray:
+    def vectors_by_id(self, image_ids: Sequence[int], batch: int = VECTOR_BATCH) -> np.ndarray:
         """The stored vectors of ``image_ids``, in that order (all ids must exist)."""
         rows: dict[int, bytes] = {}
         wanted = [int(i) for i in image_ids]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vestis.defaults import EVAL_BATCH_SIZE
 from vestis.evaluation.datasets import EvalDataset, Sample, load_dataset
 from vestis.evaluation.metrics import RetrievalResult, retrieval_metrics
 from vestis.evaluation.report import (
@@ -35,7 +36,7 @@ def evaluate(
     *,
     format: str | None = None,
     split: str = "test",
-    batch_size: int = 32,
+    batch_size: int = EVAL_BATCH_SIZE,
     progress: bool = True,
     report_dir: str | Path | None = None,
     json_path: str | Path | None = None,
@@ -69,7 +70,7 @@ def compare(
     *,
     format: str | None = None,
     split: str = "test",
-    batch_size: int = 32,
+    batch_size: int = EVAL_BATCH_SIZE,
     progress: bool = True,
     report_dir: str | Path | None = None,
     json_path: str | Path | None = None,

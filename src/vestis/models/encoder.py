@@ -24,6 +24,10 @@ from vestis.models.backends import Backend, OnnxBackend, create_backend, physica
 from vestis.models.hooks import ModelHooks
 from vestis.models.registry import create_model
 
+#: Fewest decoding threads an encoder runs: even on one core, decoding the next batch while
+#: the current one runs overlaps I/O and decompression with inference.
+MIN_DECODE_WORKERS = 2
+
 
 class BadImagesError(ImageError):
     """Several images could not be used: ``errors`` holds each one's ImageError; the
@@ -89,7 +93,7 @@ class Encoder:
         self._identity = identity
         self.batch_size = batch_size
         # Decoding threads overlap inference; PIL releases the GIL while it decodes.
-        self.workers = workers or max(2, physical_cores())
+        self.workers = workers or max(MIN_DECODE_WORKERS, physical_cores())
 
     @classmethod
     def from_name(cls, name: str, **kwargs) -> Encoder:

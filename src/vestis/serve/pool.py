@@ -16,8 +16,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+#: Requests decoding photos or running models at once: two keep the cores busy while each
+#: holds a decoded photo, bounding peak memory (README: under 1.5 GB with lite0 models).
 DEFAULT_WORKERS = 2
+#: Requests that may wait for a worker before the rest get a 503 at once.
 DEFAULT_QUEUE = 16
+#: Seconds a refused client is told to wait (``Retry-After``): about one busy search.
 RETRY_AFTER_S = 2
 #: Allocations at least this big are mapped and unmapped on their own (glibc), so a
 #: decoded photo's memory goes back to the system when it is freed.
