@@ -112,7 +112,7 @@ def score_split(split, parser, encoder: Encoder) -> tuple[dict, float, dict[str,
         started = time.perf_counter()
         garments = parser.parse(image)
         parse_seconds.append(time.perf_counter() - started)
-        group = category_group(sample.category or sample.label)
+        group = category_group(sample.category or sample.item_id)
         for policy, overrides in POLICIES.items():
             with trust_test(overrides):
                 views = crops(image, garments, group)

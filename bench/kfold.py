@@ -62,8 +62,8 @@ def score_fold(encoder: Encoder, config: dict) -> dict:
     fold = config["data"]["fold"]
     scores = {}
     for split in validation:
-        labels = [sample.label for sample in split.samples]
-        vectors = encoder.embed([s.path for s in split.samples], [s.bbox for s in split.samples])
+        labels = [sample.item_id for sample in split.samples]
+        vectors = encoder.embed([s.path for s in split.samples], [s.box for s in split.samples])
         result = retrieval_metrics(vectors, labels, vectors, labels, ks=(1, 10),
                                    query_gallery_index=np.arange(len(labels)))
         entry = {name: [float(v) for v in values] for name, values in result.per_query().items()}

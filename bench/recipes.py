@@ -85,7 +85,7 @@ def baseline_metrics(recipe: str, model: str = "lite0") -> dict[str, float]:
     encoder = Encoder.from_name(model)
     metrics: dict[str, float] = {}
     for split in validation:
-        vectors = encoder.embed([s.path for s in split.samples], [s.bbox for s in split.samples])
+        vectors = encoder.embed([s.path for s in split.samples], [s.box for s in split.samples])
         metrics.update(split_metrics(vectors, split))
     return metrics
 

@@ -100,9 +100,9 @@ def held_out_section() -> list[str]:
     for model in ("vestis-lite0", "lite0", "lite2"):
         encoder = Encoder.from_name(model)
         for split in validation:
-            labels = [sample.label for sample in split.samples]
+            labels = [sample.item_id for sample in split.samples]
             vectors = encoder.embed([s.path for s in split.samples],
-                                    [s.bbox for s in split.samples])
+                                    [s.box for s in split.samples])
             result = retrieval_metrics(vectors, labels, vectors, labels, ks=(1, 10),
                                        query_gallery_index=np.arange(len(labels)))
             groups = None if split.name == "clothing" else [labels[i]

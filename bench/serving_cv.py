@@ -61,7 +61,7 @@ def score_run(checkpoint: Path, config: dict, sizes: list[int], weights: list[fl
     _, validation = build_sources(load_config(config))
     rows = []
     for split in validation:
-        labels = [sample.label for sample in split.samples]
+        labels = [sample.item_id for sample in split.samples]
         for size in sizes:
             preprocess = serving_preprocess(model.preprocess, size)
             features = plain_features(model, split.samples, 64, device, preprocess).to(device)

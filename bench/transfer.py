@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 
 from vestis.artifacts import ARTIFACTS
-from vestis.evaluation import EvalDataset, Sample, load_dataset
+from vestis.evaluation import EvalDataset, load_dataset
 from vestis.evaluation.datasets import leave_one_out
 from vestis.evaluation.run import score_dataset
 from vestis.models import Encoder
+from vestis.records import ImageRecord
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipes import RECIPES, SCORED_CHECKPOINT, replace_section  # noqa: E402
@@ -75,8 +76,8 @@ def shop_dataset(shop: Shop) -> EvalDataset:
         return load_dataset(shop.csv)
     with shop.csv.open(newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row["category"] not in ("", "Other")]
-    samples = [Sample(shop.csv.parent / row["image"], row["category"], category=row["category"])
-               for row in rows]
+    samples = [ImageRecord(shop.csv.parent / row["image"], row["category"],
+                           category=row["category"]) for row in rows]
     dataset = leave_one_out(f"{shop.csv.parent.name} categories", samples)
     dataset.match = "category"
     return dataset

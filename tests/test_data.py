@@ -16,7 +16,6 @@ from vestis.data import (
     ImageDataset,
     PKSampler,
     SyntheticViews,
-    TrainSample,
     build_eval_transform,
     build_train_transform,
     from_inshop,
@@ -27,17 +26,18 @@ from vestis.data import (
     split_by_group,
 )
 from vestis.images import ImageError, Preprocess, load_image
+from vestis.records import ImageRecord
 
 SMALL = Preprocess(size=64)
 
 
 @pytest.fixture(scope="module")
-def luma(data_dir) -> list[TrainSample]:
+def luma(data_dir) -> list[ImageRecord]:
     return read_luma(data_dir / "luma" / "catalog.csv")
 
 
 @pytest.fixture(scope="module")
-def clothing(data_dir) -> list[TrainSample]:
+def clothing(data_dir) -> list[ImageRecord]:
     return read_clothing(require_data(data_dir / "clothing" / "labels.csv"))
 
 
@@ -56,19 +56,19 @@ def backgrounds(data_dir) -> list[Path]:
 
 def test_read_luma(luma):
     assert len(luma) == 413
-    assert len({s.label for s in luma}) == 258
+    assert len({s.item_id for s in luma}) == 258
     first = luma[0]
     assert first.path.is_absolute() and first.path.exists()
-    assert first.group == first.label.split("-")[0]
+    assert first.group == first.item_id.split("-")[0]
     assert first.category is not None and "/" in first.category
 
 
 def test_read_clothing_drops_unusable_labels_and_keeps_sender(clothing):
-    labels = {s.label for s in clothing}
+    labels = {s.item_id for s in clothing}
     assert not labels & {"Not sure", "Skip", "Other"}
     assert {"T-Shirt", "Pants", "Shoes"} <= labels
-    assert all(s.category == s.label for s in clothing)
-    assert all(s.extra["sender_id"] for s in clothing)
+    assert all(s.category == s.item_id for s in clothing)
+    assert all(s.metadata["sender_id"] for s in clothing)
 
 
 def test_split_keeps_groups_disjoint(luma, clothing):
@@ -79,7 +79,7 @@ def test_split_keeps_groups_disjoint(luma, clothing):
     assert split_by_group(luma, key=lambda s: s.group, seed=0) == (train, val)
     assert split_by_group(luma, key=lambda s: s.group, seed=1) != (train, val)
 
-    sender = lambda s: s.extra["sender_id"]  # noqa: E731
+    sender = lambda s: s.metadata["sender_id"]  # noqa: E731
     train, val = split_by_group(clothing, key=sender, val_fraction=0.25)
     assert not {sender(s) for s in train} & {sender(s) for s in val}
     assert 0.2 < len(val) / len(clothing) < 0.35
@@ -107,18 +107,18 @@ def test_split_rejects_bad_fraction(luma):
 
 
 def test_image_dataset_codes_and_items(luma, luma_dataset):
-    assert luma_dataset.label_names == sorted({s.label for s in luma})
+    assert luma_dataset.label_names == sorted({s.item_id for s in luma})
     assert len(luma_dataset.category_names) == 12
     assert min(luma_dataset.categories) >= 0 and min(luma_dataset.groups) >= 0
     tensor, label = luma_dataset[0]
     assert tensor.shape == (3, 64, 64) and tensor.dtype == torch.float32
-    assert luma_dataset.label_names[label] == luma[0].label
+    assert luma_dataset.label_names[label] == luma[0].item_id
 
 
 def test_image_dataset_raises_on_bad_image(tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
-    dataset = ImageDataset([TrainSample(broken, "a")], build_eval_transform(SMALL))
+    dataset = ImageDataset([ImageRecord(broken, "a")], build_eval_transform(SMALL))
     with pytest.raises(ImageError):
         dataset[0]
 
@@ -133,7 +133,7 @@ def test_from_inshop_reads_the_train_split(tmp_path):
     lines = [str(len(rows)), "image_name item_id evaluation_status"]
     (tmp_path / "list_eval_partition.txt").write_text("\n".join([*lines, *map(" ".join, rows)]))
     samples = from_inshop(tmp_path)
-    assert [s.label for s in samples] == ["id_1", "id_1"]
+    assert [s.item_id for s in samples] == ["id_1", "id_1"]
     assert samples[0].category == "MEN/Denim"
 
 

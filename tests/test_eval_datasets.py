@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vestis.evaluation import EvalDataset, Sample, load_dataset
+from vestis.evaluation import EvalDataset, load_dataset
 from vestis.evaluation.datasets import detect_format
+from vestis.records import ImageRecord
 
 LUMA_CSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "luma" / "catalog.csv"
 
@@ -46,8 +47,9 @@ def test_csv_without_split_is_leave_one_out(tmp_path):
     np.testing.assert_array_equal(dataset.query_gallery_index, [0, 1, 3, 4, 5])
     for query, row in zip(dataset.queries, dataset.query_gallery_index, strict=True):
         assert query == dataset.gallery[row]
-    assert dataset.gallery[0] == Sample(tmp_path / "shop" / "img" / "a1.jpg", "a", (1, 2, 30, 40))
-    assert dataset.gallery[1].bbox is None
+    assert dataset.gallery[0] == ImageRecord(tmp_path / "shop" / "img" / "a1.jpg", "a",
+                                             (1, 2, 30, 40))
+    assert dataset.gallery[1].box is None
     assert dataset.gallery[5].path == Path("/abs/c3.jpg")
 
 
@@ -169,8 +171,8 @@ def test_inshop_reader(tmp_path):
         assert dataset.gallery_ids == ["id_00000002", "id_00000008"]
         query = dataset.queries[0]
         assert query.path == tmp_path / "Img" / "img/WOMEN/Dresses/id_00000002/02_1_front.jpg"
-        assert query.bbox == (50, 49, 208, 235)
-        assert dataset.gallery[0].bbox is None
+        assert query.box == (50, 49, 208, 235)
+        assert dataset.gallery[0].box is None
 
 
 def test_inshop_images_relative_to_root_without_img_folder(tmp_path):
@@ -226,7 +228,7 @@ def test_consumer_to_shop_reader(tmp_path):
     assert [s.path.name for s in dataset.queries] == ["comsumer_01.jpg", "comsumer_02.jpg"]
     assert [s.path.name for s in dataset.gallery] == ["shop_01.jpg", "shop_02.jpg"]
     assert set(dataset.query_ids + dataset.gallery_ids) == {"id_00000001"}
-    assert dataset.queries[0].bbox == (10, 20, 110, 220)
+    assert dataset.queries[0].box == (10, 20, 110, 220)
     assert dataset.queries[0].path == tmp_path / rows[0].split()[0]
 
     validation = load_dataset(tmp_path, split="val")
@@ -257,7 +259,7 @@ def test_deepfashion2_official_retrieval_files(tmp_path):
     assert dataset.protocol == "query-gallery"
     # The style-0 query is dropped; style-0 gallery boxes never match anything.
     assert dataset.query_ids == ["1-2", "1-1"]
-    assert dataset.queries[0] == Sample(
+    assert dataset.queries[0] == ImageRecord(
         tmp_path / "image" / "000001.jpg", "1-2", (204, 189, 293, 414)
     )
     assert dataset.gallery_ids[0] == "1-2"
@@ -281,10 +283,10 @@ def test_deepfashion2_per_image_annotations(tmp_path):
     (tmp_path / "image").mkdir()
     dataset = load_dataset(tmp_path, "df2")
     assert dataset.query_ids == ["7-1"]
-    assert dataset.queries[0].bbox == (1, 1, 11, 21)
+    assert dataset.queries[0].box == (1, 1, 11, 21)
     assert dataset.queries[0].path == tmp_path / "image" / "000001.jpg"
     assert dataset.gallery_ids[1:] == ["7-1", "8-1"]
-    assert dataset.gallery[1].bbox == (2, 2, 12, 22)
+    assert dataset.gallery[1].box == (2, 2, 12, 22)
 
     # The same annotations as dicts inside query/gallery files.
     by_image = {"000001": annotation("user", 7, 1, 0)}
@@ -334,7 +336,7 @@ def test_missing_source_and_unknown_format(tmp_path):
 
 
 def test_eval_dataset_validates_its_fields():
-    sample = Sample(Path("/a.jpg"), "a")
+    sample = ImageRecord(Path("/a.jpg"), "a")
     with pytest.raises(ValueError, match="no queries"):
         EvalDataset("d", [], [sample], None, "query-gallery")
     with pytest.raises(ValueError, match="protocol"):

@@ -299,8 +299,8 @@ def test_eval_crops_box_every_image_by_its_category(data_dir, tmp_path, parser):
     for sample in boxed.gallery:
         photo = Image.open(sample.path).convert("RGB")
         found = product_box(parser.parse(photo), category_group(sample.category), photo.size)
-        assert sample.bbox == (found[0] if found else None)
-        assert sample.in_context == (sample.bbox is not None)
+        assert sample.box == (found[0] if found else None)
+        assert sample.in_context == (sample.box is not None)
     plain = evaluate(dataset, "lite0", progress=False)
     cropped = evaluate(dataset, "lite0", progress=False, crop="garment")
     assert plain.metrics["n_queries"] == cropped.metrics["n_queries"]

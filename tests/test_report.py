@@ -13,7 +13,6 @@ from PIL import Image
 
 from vestis.evaluation import (
     EvalDataset,
-    Sample,
     evaluate,
     format_table,
     retrieval_metrics,
@@ -21,6 +20,7 @@ from vestis.evaluation import (
 )
 from vestis.evaluation import report as report_module
 from vestis.evaluation.run import embed_dataset
+from vestis.records import ImageRecord
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
@@ -35,7 +35,7 @@ def small_run(tmp_path):
         if i != 5:  # image 5 is missing: the report must draw a placeholder
             path.parent.mkdir(exist_ok=True)
             Image.new("RGB", (40 + 5 * i, 60), COLOURS[i % 4]).save(path)
-        samples.append(Sample(path, f"item{i % 4}", (2, 2, 30, 40) if i == 3 else None))
+        samples.append(ImageRecord(path, f"item{i % 4}", (2, 2, 30, 40) if i == 3 else None))
     dataset = EvalDataset("tiny", samples, samples, np.arange(8), "leave-one-out")
     rng = np.random.default_rng(0)
     embeddings = rng.standard_normal((8, 16)).astype(np.float32)
@@ -104,7 +104,7 @@ def test_worst_queries_are_sorted_by_ap_then_rank(small_run):
 
 
 def test_missing_image_becomes_a_grey_placeholder(tmp_path):
-    thumbnail = report_module._thumbnail(Sample(tmp_path / "absent.jpg", "x"))
+    thumbnail = report_module._thumbnail(ImageRecord(tmp_path / "absent.jpg", "x"))
     assert thumbnail.getpixel((10, 10)) == report_module.PLACEHOLDER
 
 
@@ -162,8 +162,8 @@ class CountingEncoder:
 
 
 def test_embed_dataset_embeds_each_image_and_box_once():
-    a, b = Sample(Path("/a.jpg"), "x"), Sample(Path("/b.jpg"), "x")
-    boxed = Sample(Path("/a.jpg"), "y", (1, 2, 3, 4))
+    a, b = ImageRecord(Path("/a.jpg"), "x"), ImageRecord(Path("/b.jpg"), "x")
+    boxed = ImageRecord(Path("/a.jpg"), "y", (1, 2, 3, 4))
     leave_one_out = EvalDataset("loo", [a, b], [a, b, boxed], np.array([0, 1]), "leave-one-out")
     encoder = CountingEncoder()
     queries, gallery = embed_dataset(encoder, leave_one_out)

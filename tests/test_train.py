@@ -142,7 +142,7 @@ def test_validation_only_sources_are_scored_but_never_trained_on(tmp_path, data_
              "path": str(data_dir / "clothing" / "labels.csv"), "split_by": "sender_id",
              "val_fraction": 0.2, "validation_only": True}]}})
     samples, validation = build_sources(config)
-    assert {s.label.split(":")[0] for s in samples} == {"luma"}
+    assert {s.item_id.split(":")[0] for s in samples} == {"luma"}
     assert [v.name for v in validation] == ["luma", "clothing"]
     with pytest.raises(ValueError, match="nothing to train"):
         load_config({"data": {"sources": [{"kind": "luma", "path": ".", "split_by": "product",

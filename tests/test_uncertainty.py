@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from vestis.cli import app
-from vestis.data import TrainSample
 from vestis.evaluation import bootstrap_intervals, compare_results, retrieval_metrics
+from vestis.records import ImageRecord
 from vestis.train.sources import ValidationSet
 from vestis.train.trainer import split_metrics
 
@@ -89,7 +89,7 @@ def test_results_on_other_queries_are_refused():
 
 def test_trainer_selects_on_the_fair_metric():
     """A collapsed model must not look perfect to the trainer's choice of best.pt."""
-    samples = [TrainSample(Path(f"{i}.jpg"), f"item{i // 2}") for i in range(20)]
+    samples = [ImageRecord(Path(f"{i}.jpg"), f"item{i // 2}") for i in range(20)]
     metrics = split_metrics(np.ones((20, 4), np.float32) / 2, ValidationSet("luma", samples))
     assert metrics["luma_R@1"] == pytest.approx(1 / 19)
     assert metrics["luma_mAP"] < 0.2

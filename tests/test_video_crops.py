@@ -104,7 +104,7 @@ def test_stage1_trains_on_clips_only_and_switches_to_hard_negatives(crops_csv, t
     overrides = stage1_overrides(crops_csv)
     train_samples, validation = build_sources(load_config(CONFIGS / "video_triplet.yaml",
                                                           overrides))
-    assert train_samples and all(s.label.startswith("video:") for s in train_samples)
+    assert train_samples and all(s.item_id.startswith("video:") for s in train_samples)
     assert [v.name for v in validation] == ["video", "luma", "clothing"]
 
     result = train(CONFIGS / "video_triplet.yaml", tmp_path, overrides=overrides,

@@ -13,7 +13,7 @@ from vestis.catalog.catalog import (
 from vestis.catalog.garments import GarmentCropper, GarmentHits
 from vestis.catalog.index import DEFAULT_FACTORY, FaissIndex, VectorIndex, create_index
 from vestis.catalog.local import LocalStore
-from vestis.catalog.sources import IngestRecord, read_source
+from vestis.catalog.sources import read_source
 
 __all__ = [
     "DEFAULT_FACTORY",
@@ -22,7 +22,6 @@ __all__ = [
     "FaissIndex",
     "GarmentCropper",
     "GarmentHits",
-    "IngestRecord",
     "IngestReport",
     "Item",
     "LocalStore",

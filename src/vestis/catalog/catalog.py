@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +36,11 @@ from vestis.catalog.ingest import (
     vector_rows,
 )
 from vestis.catalog.local import DB_NAME, INDEX_NAME, INDEX_STAMP_NAME, LOCK_NAME, LocalStore
-from vestis.catalog.sources import IngestRecord, read_source, unique_records
+from vestis.catalog.sources import read_source, unique_records
 from vestis.catalog.store import ImageRow, ModelMismatchError
 from vestis.images import Box, ImageSource
 from vestis.models import DEFAULT_MODEL, Encoder
+from vestis.records import ImageRecord
 
 __all__ = ["DB_NAME", "INDEX_NAME", "INDEX_STAMP_NAME", "LOCK_NAME", "Catalog", "IngestReport",
            "Item", "Match", "ModelMismatchError", "ReadOnlyCatalogError", "content_hash",
@@ -313,7 +314,7 @@ class Catalog:
     # -- writes ----------------------------------------------------------------------
     def add(
         self,
-        source: str | Path | Sequence[str | Path | IngestRecord],
+        source: str | Path | Sequence[str | Path | ImageRecord],
         *,
         item_id: str | None = None,
         metadata: dict[str, Any] | None = None,
@@ -336,9 +337,8 @@ class Catalog:
         records = unique_records(read_source(source))
         if item_id is not None or metadata:
             records = [
-                IngestRecord(
-                    r.path, item_id or r.item_id, {**r.metadata, **(metadata or {})}, r.box
-                )
+                replace(r, item_id=item_id or r.item_id,
+                        metadata={**r.metadata, **(metadata or {})})
                 for r in records
             ]
         with self._store.writing():

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from vestis.catalog.sources import IngestRecord
 from vestis.detect.categories import category_mapping, compatible_groups
 from vestis.detect.groups import GARMENT_GROUPS
 from vestis.images import Box, ImageError, ImageSource, load_image
+from vestis.records import ImageRecord
 from vestis.views import WHOLE_IMAGE, garment_vectors, locate, query_views
 
 if TYPE_CHECKING:
@@ -103,12 +103,12 @@ class GarmentCropper:
         when the parser finds no garment."""
         return locate(self.parser, image, group)
 
-    def label(self, records: Sequence[IngestRecord]) -> list[IngestRecord]:
+    def label(self, records: Sequence[ImageRecord]) -> list[ImageRecord]:
         """Records with their category's ``garment`` group in their metadata (no parsing)."""
         return [self._with_group(record, self.group_of(record.metadata)) for record in records]
 
-    def crop(self, records: Sequence[IngestRecord], *, progress: bool = False
-             ) -> list[IngestRecord]:
+    def crop(self, records: Sequence[ImageRecord], *, progress: bool = False
+             ) -> list[ImageRecord]:
         """Records with the box of their garment and its group. A record that already has a
         box keeps it; an unreadable photo is passed on unchanged (the encoder reports it)."""
         out = []
@@ -126,7 +126,7 @@ class GarmentCropper:
         return out
 
     @staticmethod
-    def _with_group(record: IngestRecord, group: str | None) -> IngestRecord:
+    def _with_group(record: ImageRecord, group: str | None) -> ImageRecord:
         if group is None or record.metadata.get(GARMENT_KEY) == group:
             return record
         return replace(record, metadata={**record.metadata, GARMENT_KEY: group})

@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 
 from vestis.catalog.backend import CatalogStore
 from vestis.catalog.garments import GARMENT_KEY, GarmentCropper
-from vestis.catalog.sources import IngestRecord
 from vestis.catalog.store import NewImage
 from vestis.images import Box, ImageSource
 from vestis.models import Encoder
+from vestis.records import ImageRecord
 from vestis.views import context_vectors, product_view
 
 OnError = Callable[[str, str], None] | None
@@ -115,7 +115,7 @@ class Indexer:
         self.encoder = encoder
         self.cropper = cropper
 
-    def add(self, records: Sequence[IngestRecord], crop: str, *, progress: bool = False,
+    def add(self, records: Sequence[ImageRecord], crop: str, *, progress: bool = False,
             on_error: OnError = None) -> IngestReport:
         """Add what is not stored yet, under the store's write lock; bad images are
         reported, the rest added."""
@@ -136,7 +136,7 @@ class Indexer:
         report.seconds = time.perf_counter() - started
         return report
 
-    def _locate_garments(self, todo, crop: str, progress: bool) -> list[tuple[IngestRecord, str]]:
+    def _locate_garments(self, todo, crop: str, progress: bool) -> list[tuple[ImageRecord, str]]:
         """Each record's garment group and, with ``crop="garment"``, its garment's box. The
         content hash stays the one of the photo as given, so a re-run skips it unparsed."""
         records = [record for record, _ in todo]
@@ -150,8 +150,8 @@ class Indexer:
         return [(record, sha) for record, (_, sha) in zip(records, todo, strict=True)]
 
     @staticmethod
-    def _hash_records(records, report, on_error, progress) -> list[tuple[IngestRecord, str]]:
-        def digest(record: IngestRecord) -> tuple[IngestRecord, str | None, str | None]:
+    def _hash_records(records, report, on_error, progress) -> list[tuple[ImageRecord, str]]:
+        def digest(record: ImageRecord) -> tuple[ImageRecord, str | None, str | None]:
             try:
                 data = Path(record.path).read_bytes()
             except OSError as exc:

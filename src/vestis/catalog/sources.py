@@ -6,11 +6,10 @@ import csv
 import io
 import unicodedata
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from vestis.images import UNSUPPORTED_SUFFIXES, Box, is_image_path
+from vestis.records import ImageRecord
 
 RESERVED_COLUMNS = ("image", "item_id")
 BOX_COLUMNS = ("x1", "y1", "x2", "y2")
@@ -18,17 +17,7 @@ BOX_COLUMNS = ("x1", "y1", "x2", "y2")
 MAX_COORDINATE = 2**31 - 1
 
 
-@dataclass(frozen=True)
-class IngestRecord:
-    """One image to add: its file, the item it shows, and metadata."""
-
-    path: Path
-    item_id: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-    box: Box | None = None
-
-
-def read_source(source: str | Path | Sequence[str | Path | IngestRecord]) -> list[IngestRecord]:
+def read_source(source: str | Path | Sequence[str | Path | ImageRecord]) -> list[ImageRecord]:
     """Records from a folder, a CSV file, or a list of paths or records."""
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
@@ -40,12 +29,12 @@ def read_source(source: str | Path | Sequence[str | Path | IngestRecord]) -> lis
             return [record_for_path(path)]
         raise FileNotFoundError(f"{path}: no such folder, CSV or image file")
     return [
-        item if isinstance(item, IngestRecord) else record_for_path(Path(item)) for item in source
+        item if isinstance(item, ImageRecord) else record_for_path(Path(item)) for item in source
     ]
 
 
-def record_for_path(path: Path) -> IngestRecord:
-    return IngestRecord(path=path.resolve(), item_id=clean_item_id(path.stem))
+def record_for_path(path: Path) -> ImageRecord:
+    return ImageRecord(path=path.resolve(), item_id=clean_item_id(path.stem))
 
 
 def clean_item_id(name: str) -> str:
@@ -54,7 +43,7 @@ def clean_item_id(name: str) -> str:
     return "".join("_" if unicodedata.category(char) == "Cc" else char for char in name)
 
 
-def read_folder(folder: Path) -> list[IngestRecord]:
+def read_folder(folder: Path) -> list[ImageRecord]:
     """``folder/<item_id>/*.jpg`` names items by sub-folder; files at the top by their stem."""
     folder = folder.resolve()
     records = []
@@ -64,7 +53,7 @@ def read_folder(folder: Path) -> list[IngestRecord]:
             continue  # HEIC/AVIF files are kept: the decoder reports each one, never silent
         relative = path.relative_to(folder)
         item_id = relative.parts[0] if len(relative.parts) > 1 else path.stem
-        records.append(IngestRecord(path=path, item_id=clean_item_id(item_id)))
+        records.append(ImageRecord(path=path, item_id=clean_item_id(item_id)))
     return records
 
 
@@ -72,7 +61,7 @@ def _is_hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def read_csv(csv_path: Path) -> list[IngestRecord]:
+def read_csv(csv_path: Path) -> list[ImageRecord]:
     """A CSV with ``image`` and ``item_id`` columns (paths relative to the CSV) and any
     metadata columns. Optional ``x1,y1,x2,y2`` columns give a garment box.
 
@@ -115,7 +104,7 @@ def _utf8_text(csv_path: Path) -> str:
                          "save the CSV as UTF-8") from None
 
 
-def _csv_record(row: dict[str, str], csv_path: Path, line: int) -> IngestRecord:
+def _csv_record(row: dict[str, str], csv_path: Path, line: int) -> ImageRecord:
     image, item_id = (row.get("image") or "").strip(), (row.get("item_id") or "").strip()
     if not image or not item_id:
         raise ValueError(f"{csv_path}:{line}: empty 'image' or 'item_id'")
@@ -133,7 +122,7 @@ def _csv_record(row: dict[str, str], csv_path: Path, line: int) -> IngestRecord:
         and key not in BOX_COLUMNS
         and value not in (None, "")
     }
-    return IngestRecord(
+    return ImageRecord(
         path=path, item_id=item_id, metadata=metadata, box=_csv_box(row, csv_path, line)
     )
 
@@ -153,7 +142,7 @@ def _csv_box(row: dict[str, str], csv_path: Path, line: int) -> Box | None:
     return (x1, y1, x2, y2)
 
 
-def unique_records(records: Iterable[IngestRecord]) -> list[IngestRecord]:
+def unique_records(records: Iterable[ImageRecord]) -> list[ImageRecord]:
     seen, unique = set(), []
     for record in records:
         key = (str(record.path), record.item_id, record.box)

@@ -3,7 +3,6 @@
 from vestis.data.datasets import (
     UNUSABLE_LABELS,
     ImageDataset,
-    TrainSample,
     from_inshop,
     read_clothing,
     read_luma,
@@ -27,7 +26,6 @@ __all__ = [
     "ImageDataset",
     "PKSampler",
     "SyntheticViews",
-    "TrainSample",
     "TrainTransform",
     "build_eval_transform",
     "build_train_transform",

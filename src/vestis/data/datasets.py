@@ -1,10 +1,11 @@
 """Training samples: read labelled image lists, split them and serve tensors.
 
-A :class:`TrainSample` is one image with its instance label (``label``, e.g. a Luma
-``item_id``), an optional ``category`` and an optional ``group``: labels of one group are
-*different* instances of one design (the colours of a Luma product), the hardest negatives.
-Columns that matter only for splitting, such as the clothing set's ``sender_id``, are kept
-in ``extra`` (a read-only mapping, left out of equality and hashing).
+A training sample is a :class:`vestis.records.ImageRecord`: one image with its instance
+label (``item_id``, e.g. a Luma item or a clothing class), an optional ``category`` and an
+optional ``group``: labels of one group are *different* instances of one design (the
+colours of a Luma product), the hardest negatives. Columns that matter only for splitting,
+such as the clothing set's ``sender_id``, are kept in ``metadata`` (a read-only mapping,
+left out of equality and hashing).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import csv
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
@@ -23,24 +23,11 @@ from torch.utils.data import Dataset
 
 from vestis.evaluation.datasets import UNUSABLE_LABELS
 from vestis.images import Box, Preprocess, crop_box, load_image
+from vestis.records import ImageRecord
 
 BOX_COLUMNS = ("x1", "y1", "x2", "y2")
 
 ImageTransform = Callable[[Image.Image], "np.ndarray | torch.Tensor"]
-
-
-@dataclass(frozen=True)
-class TrainSample:
-    """One training image. ``path`` is absolute; ``bbox`` is (x1, y1, x2, y2) in pixels."""
-
-    path: Path
-    label: str
-    category: str | None = None
-    group: str | None = None
-    bbox: Box | None = None
-    extra: Mapping[str, str] = field(
-        default_factory=lambda: MappingProxyType({}), compare=False, hash=False
-    )
 
 
 def read_training_csv(
@@ -51,7 +38,7 @@ def read_training_csv(
     group_column: str | None = None,
     extra_columns: Sequence[str] = (),
     drop_labels: Iterable[str] = UNUSABLE_LABELS,
-) -> list[TrainSample]:
+) -> list[ImageRecord]:
     """Read a CSV with an ``image`` column (paths relative to the CSV) and label columns.
 
     Rows whose label is in ``drop_labels`` are skipped. Optional ``x1,y1,x2,y2`` columns
@@ -73,13 +60,13 @@ def read_training_csv(
             if label in dropped:
                 continue
             samples.append(
-                TrainSample(
+                ImageRecord(
                     path=_resolve(path.parent, row["image"], path, line),
-                    label=label,
+                    item_id=label,
                     category=_cell(row, category_column),
                     group=_cell(row, group_column),
-                    bbox=_row_box(row, path, line),
-                    extra=MappingProxyType({name: row[name] for name in extra_columns}),
+                    box=_row_box(row, path, line),
+                    metadata=MappingProxyType({name: row[name] for name in extra_columns}),
                 )
             )
     if not samples:
@@ -87,30 +74,30 @@ def read_training_csv(
     return samples
 
 
-def read_luma(path: str | Path) -> list[TrainSample]:
+def read_luma(path: str | Path) -> list[ImageRecord]:
     """Luma ``catalog.csv``: label ``item_id``, category ``category``, group ``product``."""
     return read_training_csv(
         path, label_column="item_id", category_column="category", group_column="product"
     )
 
 
-def read_clothing(path: str | Path) -> list[TrainSample]:
-    """Clothing ``labels.csv``: the class is both label and category; ``sender_id`` in extra.
+def read_clothing(path: str | Path) -> list[ImageRecord]:
+    """Clothing ``labels.csv``: the class is both label and category; ``sender_id`` in metadata.
 
-    Split it with ``split_by_group(samples, key=lambda s: s.extra["sender_id"])``.
+    Split it with ``split_by_group(samples, key=lambda s: s.metadata["sender_id"])``.
     """
     return read_training_csv(
         path, label_column="label", category_column="label", extra_columns=("sender_id",)
     )
 
 
-def from_inshop(source: str | Path) -> list[TrainSample]:
+def from_inshop(source: str | Path) -> list[ImageRecord]:
     """The training split of DeepFashion In-shop; the category is ``MEN/Denim`` and such."""
     from vestis.evaluation.datasets import read_inshop
 
     dataset = read_inshop(Path(source).expanduser().absolute(), split="train")
     return [
-        TrainSample(sample.path, sample.item_id, _inshop_category(sample.path), bbox=sample.bbox)
+        ImageRecord(sample.path, sample.item_id, sample.box, _inshop_category(sample.path))
         for sample in dataset.gallery
     ]
 
@@ -146,14 +133,14 @@ def _row_box(row: Mapping[str, str], path: Path, line: int) -> Box | None:
 
 
 def split_by_group(
-    samples: Sequence[TrainSample],
-    key: Callable[[TrainSample], str],
+    samples: Sequence[ImageRecord],
+    key: Callable[[ImageRecord], str],
     val_fraction: float = 0.2,
     seed: int = 0,
     *,
     fold: int | None = None,
     folds: int | None = None,
-) -> tuple[list[TrainSample], list[TrainSample]]:
+) -> tuple[list[ImageRecord], list[ImageRecord]]:
     """Split into (train, val) so that all samples with the same ``key`` are on one side.
 
     Keys are shuffled with ``seed`` and moved to val until it holds about ``val_fraction``
@@ -224,7 +211,7 @@ class ImageDataset(Dataset):
 
     def __init__(
         self,
-        samples: Sequence[TrainSample],
+        samples: Sequence[ImageRecord],
         transform: ImageTransform | None = None,
         *,
         draft_size: int | None = None,
@@ -234,7 +221,7 @@ class ImageDataset(Dataset):
         self.samples = list(samples)
         self.transform = transform or Preprocess().to_array
         self.draft_size = draft_size
-        self.labels, self.label_names = _codes([s.label for s in self.samples])
+        self.labels, self.label_names = _codes([s.item_id for s in self.samples])
         self.categories, self.category_names = _codes([s.category for s in self.samples])
         self.groups, self.group_names = _codes([s.group for s in self.samples])
 
@@ -244,8 +231,8 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         sample = self.samples[index]
         # Draft decoding rescales pixels, which would move a box: only without one.
-        draft = self.draft_size if sample.bbox is None else None
-        image = crop_box(load_image(sample.path, draft_size=draft), sample.bbox)
+        draft = self.draft_size if sample.box is None else None
+        image = crop_box(load_image(sample.path, draft_size=draft), sample.box)
         return to_tensor(self.transform(image)), self.labels[index]
 
     def reseed(self, seed: int) -> None:

@@ -17,7 +17,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vestis.data.datasets import TrainSample, read_luma, split_by_group
+from vestis.data.datasets import read_luma, split_by_group
+from vestis.records import ImageRecord
 
 #: Columns of products.csv that hold attributes (multi-valued, ``;``-separated).
 ATTRIBUTE_COLUMNS = (
@@ -106,15 +107,15 @@ def read_related(path: str | Path, products: Iterable[str] | None = None) -> lis
 
 def product_split(
     catalog_csv: str | Path, val_fraction: float = 0.2, seed: int = 0
-) -> tuple[list[TrainSample], list[TrainSample]]:
+) -> tuple[list[ImageRecord], list[ImageRecord]]:
     """(train, held-out) images of a Luma-layout catalog, split by product exactly as the
     default model's recipe split it."""
     samples = read_luma(catalog_csv)
-    return split_by_group(samples, lambda s: s.group or s.label, val_fraction, seed)
+    return split_by_group(samples, lambda s: s.group or s.item_id, val_fraction, seed)
 
 
-def products_of(samples: Iterable[TrainSample]) -> set[str]:
-    return {sample.group or sample.label for sample in samples}
+def products_of(samples: Iterable[ImageRecord]) -> set[str]:
+    return {sample.group or sample.item_id for sample in samples}
 
 
 def write_catalog_rows(catalog_csv: str | Path, keep, out: str | Path) -> Path:

@@ -1,6 +1,6 @@
 """Evaluate retrieval models on clothing benchmarks: datasets, metrics and reports."""
 
-from vestis.evaluation.datasets import EvalDataset, Sample, load_dataset
+from vestis.evaluation.datasets import EvalDataset, load_dataset
 from vestis.evaluation.metrics import RetrievalResult, retrieval_metrics
 from vestis.evaluation.report import format_table, write_report
 from vestis.evaluation.run import compare, evaluate
@@ -10,7 +10,6 @@ __all__ = [
     "Comparison",
     "EvalDataset",
     "RetrievalResult",
-    "Sample",
     "bootstrap_intervals",
     "compare",
     "compare_results",

@@ -61,6 +61,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vestis.records import ImageRecord
+
 BBox = tuple[int, int, int, int]
 FORMATS = ("csv", "inshop", "c2s", "df2")
 PROTOCOLS = ("leave-one-out", "query-gallery")
@@ -79,25 +81,14 @@ DF2_FILE_PAIRS = (
 )
 
 
-@dataclass(frozen=True)
-class Sample:
-    """One image (or one box in it) of a retrieval benchmark."""
-
-    path: Path  # absolute path to the image
-    item_id: str
-    bbox: BBox | None = None  # x1, y1, x2, y2 in pixels of the original image
-    category: str | None = None  # the product category, when the dataset gives one
-    in_context: bool = False  # embed the box together with its whole photo (garment crops)
-
-
 @dataclass
 class EvalDataset:
     """Queries ranked against a gallery; ``query_gallery_index[i] = j`` means query i IS
     gallery item j (leave-one-out), ``-1`` that it is not in the gallery."""
 
     name: str
-    queries: list[Sample]
-    gallery: list[Sample]
+    queries: list[ImageRecord]
+    gallery: list[ImageRecord]
     query_gallery_index: np.ndarray | None
     protocol: str  # "leave-one-out" | "query-gallery"
     # "item": item_id names a product (instance retrieval; its views are resampled together
@@ -248,7 +239,7 @@ def _unusable(row: dict[str, str]) -> bool:
     return "item_id" not in row and (row.get("label") or "").strip() in UNUSABLE_LABELS
 
 
-def _csv_sample(row: dict[str, str], folder: Path, path: Path, line: int) -> Sample:
+def _csv_sample(row: dict[str, str], folder: Path, path: Path, line: int) -> ImageRecord:
     image = (row.get("image") or "").strip()
     column = next(c for c in LABEL_COLUMNS if c in row)
     item_id = (row.get(column) or "").strip()
@@ -257,7 +248,7 @@ def _csv_sample(row: dict[str, str], folder: Path, path: Path, line: int) -> Sam
     box_cells = [(row.get(column) or "").strip() for column in ("x1", "y1", "x2", "y2")]
     bbox = _parse_box(box_cells, f"{path}, line {line}") if any(box_cells) else None
     category = (row.get("category") or "").strip() or (item_id if column == "label" else None)
-    return Sample(folder / image, item_id, bbox, category)
+    return ImageRecord(folder / image, item_id, bbox, category)
 
 
 def _query_gallery_split(name, samples, splits, path) -> EvalDataset:
@@ -268,7 +259,7 @@ def _query_gallery_split(name, samples, splits, path) -> EvalDataset:
     return EvalDataset(name, queries, gallery, None, "query-gallery")
 
 
-def leave_one_out(name: str, samples: list[Sample]) -> EvalDataset:
+def leave_one_out(name: str, samples: list[ImageRecord]) -> EvalDataset:
     """Every sample whose item has another sample is a query against all the others."""
     counts = Counter(sample.item_id for sample in samples)
     rows = [i for i, sample in enumerate(samples) if counts[sample.item_id] >= 2]
@@ -288,8 +279,8 @@ def read_inshop(source: Path, *, split: str = "test") -> EvalDataset:
     boxes = _optional_boxes(root, partition, "list_bbox_inshop.txt")
     image_root = _image_root(root, rows[0][0])
 
-    def sample(name: str, item: str) -> Sample:
-        return Sample(image_root / name, item, boxes.get(name))
+    def sample(name: str, item: str) -> ImageRecord:
+        return ImageRecord(image_root / name, item, boxes.get(name))
 
     if split == "train":
         train = [sample(name, item) for name, item, status in rows if status == "train"]
@@ -316,8 +307,8 @@ def read_consumer_to_shop(source: Path, *, split: str = "test") -> EvalDataset:
     # An image paired with two items is a query (or gallery entry) for each of them.
     consumer = dict.fromkeys((name, item) for name, _, item, _ in rows)
     shop = dict.fromkeys((name, item) for _, name, item, _ in rows)
-    queries = [Sample(image_root / name, item, boxes.get(name)) for name, item in consumer]
-    gallery = [Sample(image_root / name, item, boxes.get(name)) for name, item in shop]
+    queries = [ImageRecord(image_root / name, item, boxes.get(name)) for name, item in consumer]
+    gallery = [ImageRecord(image_root / name, item, boxes.get(name)) for name, item in shop]
     return EvalDataset(f"deepfashion-c2s:{split}", queries, gallery, None, "query-gallery")
 
 
@@ -534,12 +525,12 @@ def _df2_dataset(name: str, folder: Path, query_boxes, gallery_boxes) -> EvalDat
         raise ValueError(f"{name}: the gallery has no boxes")
     image_dir = _df2_image_dir(folder, gallery_boxes[0][0])
     queries = [
-        Sample(image_dir / image, f"{pair}-{style}", box)
+        ImageRecord(image_dir / image, f"{pair}-{style}", box)
         for image, pair, style, box in query_boxes
         if style > 0
     ]
     gallery = [
-        Sample(image_dir / image, f"{pair}-{style}" if style > 0 else f"{pair}-0#{i}", box)
+        ImageRecord(image_dir / image, f"{pair}-{style}" if style > 0 else f"{pair}-0#{i}", box)
         for i, (image, pair, style, box) in enumerate(gallery_boxes)
     ]
     if not queries:

@@ -11,10 +11,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageOps
 
-from vestis.evaluation.datasets import EvalDataset, Sample
+from vestis.evaluation.datasets import EvalDataset
 from vestis.evaluation.metrics import RetrievalResult
 from vestis.evaluation.uncertainty import Comparison
 from vestis.images import ImageError, crop_box, load_image
+from vestis.records import ImageRecord
 
 RECALL_CURVE_MAX_K = 50
 THUMBNAIL = 128
@@ -247,7 +248,7 @@ def plot_worst_queries(
     return path
 
 
-def _tile(sample: Sample, colour: tuple[int, int, int], caption: str) -> Image.Image:
+def _tile(sample: ImageRecord, colour: tuple[int, int, int], caption: str) -> Image.Image:
     tile = Image.new("RGB", (THUMBNAIL + 2 * BORDER, THUMBNAIL + 2 * BORDER + CAPTION), "white")
     tile.paste(colour, (0, 0, tile.width, THUMBNAIL + 2 * BORDER))
     tile.paste(_thumbnail(sample), (BORDER, BORDER))
@@ -258,12 +259,12 @@ def _tile(sample: Sample, colour: tuple[int, int, int], caption: str) -> Image.I
     return tile
 
 
-def _thumbnail(sample: Sample) -> Image.Image:
+def _thumbnail(sample: ImageRecord) -> Image.Image:
     canvas = Image.new("RGB", (THUMBNAIL, THUMBNAIL), "white")
     # Draft decoding shrinks the image, which would move a box: only use it without one.
-    draft_size = THUMBNAIL if sample.bbox is None else None
+    draft_size = THUMBNAIL if sample.box is None else None
     try:
-        image = crop_box(load_image(sample.path, draft_size=draft_size), sample.bbox)
+        image = crop_box(load_image(sample.path, draft_size=draft_size), sample.box)
     except (ImageError, OSError, ValueError):
         canvas.paste(PLACEHOLDER, (0, 0, THUMBNAIL, THUMBNAIL))
         return canvas

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from vestis.defaults import EVAL_BATCH_SIZE
-from vestis.evaluation.datasets import EvalDataset, Sample, load_dataset
+from vestis.evaluation.datasets import EvalDataset, load_dataset
 from vestis.evaluation.metrics import RetrievalResult, retrieval_metrics
 from vestis.evaluation.report import (
     write_comparison_json,
@@ -24,6 +24,7 @@ from vestis.evaluation.uncertainty import (
     compare_results,
 )
 from vestis.models import DEFAULT_MODEL, Encoder
+from vestis.records import ImageRecord
 from vestis.views import in_context, locate_groups
 
 #: How ``evaluate`` crops images without a box: see :func:`evaluate`.
@@ -173,12 +174,12 @@ def with_garment_boxes(dataset: EvalDataset, *, use_category: bool = True, parse
 
     parser = parser or load_parser()
 
-    def group_of(sample: Sample) -> str | None:
+    def group_of(sample: ImageRecord) -> str | None:
         return category_group(sample.category) if use_category else None
 
     groups: dict[Path, set[str | None]] = {}
     for sample in dataset.gallery + dataset.queries:
-        if sample.bbox is None:
+        if sample.box is None:
             groups.setdefault(sample.path, set()).add(group_of(sample))
     boxes: dict[tuple[Path, str | None], tuple[int, int, int, int] | None] = {}
     for path, wanted in tqdm(groups.items(), desc="finding garments", unit="img",
@@ -186,15 +187,15 @@ def with_garment_boxes(dataset: EvalDataset, *, use_category: bool = True, parse
         for group, (box, _) in locate_groups(parser, path, wanted).items():
             boxes[(path, group)] = box
 
-    def boxed(sample: Sample) -> Sample:
-        if sample.bbox is not None:
+    def boxed(sample: ImageRecord) -> ImageRecord:
+        if sample.box is not None:
             return sample
         box = boxes[(sample.path, group_of(sample))]
-        return replace(sample, bbox=box, in_context=box is not None)
+        return replace(sample, box=box, in_context=box is not None)
 
     return replace(dataset, queries=[boxed(s) for s in dataset.queries],
                    gallery=[boxed(s) for s in dataset.gallery])
 
 
-def _key(sample: Sample) -> tuple[Path, tuple[int, int, int, int] | None, bool]:
-    return sample.path, sample.bbox, sample.in_context
+def _key(sample: ImageRecord) -> tuple[Path, tuple[int, int, int, int] | None, bool]:
+    return sample.path, sample.box, sample.in_context

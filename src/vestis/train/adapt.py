@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from vestis.catalog.sources import IngestRecord, read_source
-from vestis.data import TrainSample, build_train_transform, split_by_group
+from vestis.catalog.sources import read_source
+from vestis.data import build_train_transform, split_by_group
 from vestis.evaluation import (
     Comparison,
     bootstrap_intervals,
@@ -43,6 +43,7 @@ from vestis.evaluation import (
 from vestis.images import ImageError, crop_box, load_image
 from vestis.models import DEFAULT_MODEL, Encoder, save_checkpoint
 from vestis.models.adapted import AdaptedNet
+from vestis.records import ImageRecord
 
 #: ``holdout``: share of products the check holds out; ``views``: vectors per training photo
 #: (its own and augmented ones); ``shrinkage``: weight of the identity in the whitening.
@@ -127,7 +128,7 @@ def _settings(settings: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-def _readable_samples(records: list[IngestRecord], progress: bool) -> list[TrainSample]:
+def _readable_samples(records: list[ImageRecord], progress: bool) -> list[ImageRecord]:
     """One sample per photo that decodes; the others are reported and skipped."""
     samples = []
     for record in tqdm(records, desc="checking photos", unit="img", disable=not progress):
@@ -137,17 +138,17 @@ def _readable_samples(records: list[IngestRecord], progress: bool) -> list[Train
             tqdm.write(f"skipped {record.path}: {exc}")
             continue
         group = str(record.metadata.get("product") or record.item_id)
-        samples.append(TrainSample(Path(record.path), record.item_id, group=group,
-                                   bbox=record.box))
+        samples.append(ImageRecord(Path(record.path), record.item_id, group=group,
+                                   box=record.box))
     return samples
 
 
-def _split(samples: list[TrainSample], options: dict) -> tuple[list, list]:
+def _split(samples: list[ImageRecord], options: dict) -> tuple[list, list]:
     """(train, held-out) photos of multi-photo items, whole products on one side."""
     counts: dict[str, int] = {}
     for sample in samples:
-        counts[sample.label] = counts.get(sample.label, 0) + 1
-    multi = [sample for sample in samples if counts[sample.label] >= 2]
+        counts[sample.item_id] = counts.get(sample.item_id, 0) + 1
+    multi = [sample for sample in samples if counts[sample.item_id] >= 2]
     if _count_items(multi) < 2 * MIN_ITEMS:
         raise ValueError(f"adapting needs at least {2 * MIN_ITEMS} items with two or more "
                          f"photos (found {_count_items(multi)}): nothing to learn or check")
@@ -155,12 +156,12 @@ def _split(samples: list[TrainSample], options: dict) -> tuple[list, list]:
                           options["seed"])
 
 
-def _count_items(samples: list[TrainSample]) -> int:
-    return len({sample.label for sample in samples})
+def _count_items(samples: list[ImageRecord]) -> int:
+    return len({sample.item_id for sample in samples})
 
 
-def _plain_vectors(encoder: Encoder, samples: list[TrainSample], progress: bool) -> np.ndarray:
-    return encoder.embed([s.path for s in samples], [s.bbox for s in samples],
+def _plain_vectors(encoder: Encoder, samples: list[ImageRecord], progress: bool) -> np.ndarray:
+    return encoder.embed([s.path for s in samples], [s.box for s in samples],
                          progress=progress)
 
 
@@ -169,16 +170,16 @@ def _training_views(encoder, chosen, vectors, samples, options, deadline: float,
     (augmented views stop at ``deadline``, a ``time.perf_counter()`` value); and labels."""
     row = {sample.path: i for i, sample in enumerate(samples)}
     augment = build_train_transform(None, encoder.preprocess, seed=options["seed"])
-    rows, labels = [vectors[row[s.path]] for s in chosen], [s.label for s in chosen]
+    rows, labels = [vectors[row[s.path]] for s in chosen], [s.item_id for s in chosen]
     arrays, extra_labels = [], []
     extra = options["views"] - 1
     for sample in tqdm(chosen, desc="augmented views", unit="img",
                        disable=not progress or extra < 1):
         if extra < 1 or time.perf_counter() > deadline:
             break
-        image = crop_box(load_image(sample.path), sample.bbox)
+        image = crop_box(load_image(sample.path), sample.box)
         arrays += [augment(image) for _ in range(extra)]
-        extra_labels += [sample.label] * extra
+        extra_labels += [sample.item_id] * extra
     if arrays:
         rows += list(_embed_arrays(encoder, arrays))
     return np.stack(rows), labels + extra_labels
@@ -210,15 +211,15 @@ def fit_map(vectors: torch.Tensor, labels: torch.Tensor, shrinkage: float) -> to
     return (vectors_ * values.clamp_min(1e-9).rsqrt()) @ vectors_.T
 
 
-def _check(weight: torch.Tensor, vectors: np.ndarray, samples: list[TrainSample],
-           held_out: list[TrainSample]) -> tuple[Comparison, tuple[float, float]]:
+def _check(weight: torch.Tensor, vectors: np.ndarray, samples: list[ImageRecord],
+           held_out: list[ImageRecord]) -> tuple[Comparison, tuple[float, float]]:
     """Adapted against base on the held-out products, leave-one-out among their photos; and
     the 95 % interval of the gain in (R@1 + AP) / 2, whose lower bound must exceed 0 for the
     map to be kept (a gain within the noise of a small check is not one)."""
     row = {sample.path: i for i, sample in enumerate(samples)}
     base = vectors[[row[sample.path] for sample in held_out]]
     adapted = F.normalize(torch.from_numpy(base) @ weight.T, dim=1).numpy()
-    labels = [sample.label for sample in held_out]
+    labels = [sample.item_id for sample in held_out]
     results = [retrieval_metrics(v, labels, v, labels, ks=(1, 10),
                                  query_gallery_index=np.arange(len(labels)))
                for v in (adapted, base)]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vestis.data.datasets import TrainSample, read_luma, split_by_group
+from vestis.data.datasets import read_luma, split_by_group
 from vestis.data.products import Product, read_products, read_related
 from vestis.evaluation.attributes import attribute_report
 from vestis.evaluation.outfits import outfit_report, related_map
@@ -29,6 +29,7 @@ from vestis.losses.compnet import CostSensitiveOutfitLoss, SemanticLabelLoss
 from vestis.models.attributes import FEATURE_MODEL, AttributeHead, AttributeModel, LabelSpace
 from vestis.models.compnet import CompNet, OutfitModel, cooccurrence, known_distribution
 from vestis.recipe_files import deep_merge, read_recipe, refuse_unknown_keys, require_paths
+from vestis.records import ImageRecord
 from vestis.taxonomy import leaf_key
 
 #: Every key a head recipe may set (anything else is refused, naming it). The data files
@@ -95,13 +96,13 @@ def load_head_config(source: str | Path | dict, overrides: dict | None = None) -
 class ShopData:
     """The shop's images with their product rows, split into train and held-out."""
 
-    samples: list[TrainSample]
+    samples: list[ImageRecord]
     products: dict[str, Product]
     held_out: np.ndarray  # bool per sample
     links: list[tuple[str, str]] = field(default_factory=list)
 
     def product(self, i: int) -> str:
-        return self.samples[i].group or self.samples[i].label
+        return self.samples[i].group or self.samples[i].item_id
 
     @property
     def train_products(self) -> set[str]:
@@ -118,7 +119,7 @@ def load_shop(data: dict, with_links: bool = False) -> ShopData:
     unknown = sorted({s.group for s in samples} - set(products))
     if unknown:
         raise ValueError(f"{data['products']}: no row for product(s) {', '.join(unknown[:5])}")
-    _, val = split_by_group(samples, lambda s: s.group or s.label, data["val_fraction"],
+    _, val = split_by_group(samples, lambda s: s.group or s.item_id, data["val_fraction"],
                             data.get("split_seed", 0))
     held = {s.path for s in val}
     links = read_related(data["related"], products) if with_links else []
@@ -421,11 +422,11 @@ def evaluate_outfit_csv(model: OutfitModel, catalog: str | Path, related: str | 
     ``related`` links queries all its photos (with ``held_out_only``, only the products the
     recipes hold out query). ``products`` gives the catalog items' known labels."""
     samples = read_luma(catalog)
-    present = {s.group or s.label for s in samples}
+    present = {s.group or s.item_id for s in samples}
     table = read_products(products) if products else {}
     shop_products = {p: table.get(p, Product(p)) for p in present}
     if held_out_only:
-        _, val = split_by_group(samples, lambda s: s.group or s.label, 0.2, 0)
+        _, val = split_by_group(samples, lambda s: s.group or s.item_id, 0.2, 0)
         held = {s.path for s in val}
         held_out = np.array([s.path in held for s in samples])
     else:

@@ -7,7 +7,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from vestis.data import TrainSample, read_clothing, read_luma, read_training_csv, split_by_group
+from vestis.data import read_clothing, read_luma, read_training_csv, split_by_group
+from vestis.records import ImageRecord
 
 
 @dataclass
@@ -15,10 +16,10 @@ class ValidationSet:
     """Held-out images of one source, evaluated leave-one-out on their own labels."""
 
     name: str
-    samples: list[TrainSample]
+    samples: list[ImageRecord]
 
 
-def read_source_samples(source: dict[str, Any]) -> list[TrainSample]:
+def read_source_samples(source: dict[str, Any]) -> list[ImageRecord]:
     kind, path = source["kind"], Path(source["path"])
     if kind == "luma":
         return read_luma(path)
@@ -35,24 +36,24 @@ def read_source_samples(source: dict[str, Any]) -> list[TrainSample]:
 
 def split_key(split_by: str):
     if split_by in ("group", "product"):
-        return lambda sample: sample.group or sample.label
+        return lambda sample: sample.group or sample.item_id
     if split_by == "label":
-        return lambda sample: sample.label
-    return lambda sample: sample.extra.get(split_by, sample.label)
+        return lambda sample: sample.item_id
+    return lambda sample: sample.metadata.get(split_by, sample.item_id)
 
 
 def subsample(
-    samples: list[TrainSample], limit: int | None, seed: int, key
-) -> list[TrainSample]:
+    samples: list[ImageRecord], limit: int | None, seed: int, key
+) -> list[ImageRecord]:
     """About ``limit`` samples, keeping whole split groups (a product, a contributor) together."""
     if not limit or len(samples) <= limit:
         return samples
-    groups: dict[str, list[TrainSample]] = {}
+    groups: dict[str, list[ImageRecord]] = {}
     for sample in samples:
         groups.setdefault(key(sample), []).append(sample)
     keys = sorted(groups)
     random.Random(seed).shuffle(keys)
-    chosen: list[TrainSample] = []
+    chosen: list[ImageRecord] = []
     for key in keys:
         if len(chosen) >= limit:
             break
@@ -62,7 +63,7 @@ def subsample(
 
 def build_sources(
     config: dict[str, Any],
-) -> tuple[list[TrainSample], list[ValidationSet]]:
+) -> tuple[list[ImageRecord], list[ValidationSet]]:
     """Training samples of all sources (labels namespaced by source) and validation sets."""
     train, validation = [], []
     seed = config["seed"]
@@ -88,8 +89,8 @@ def build_sources(
     return train, validation
 
 
-def _namespaced(sample: TrainSample, name: str, self_instance: bool) -> TrainSample:
-    label = f"{name}:{sample.path}" if self_instance else f"{name}:{sample.label}"
+def _namespaced(sample: ImageRecord, name: str, self_instance: bool) -> ImageRecord:
+    label = f"{name}:{sample.path}" if self_instance else f"{name}:{sample.item_id}"
     category = f"{name}:{sample.category}" if sample.category is not None else None
     group = f"{name}:{sample.group}" if sample.group is not None else None
-    return replace(sample, label=label, category=category, group=group)
+    return replace(sample, item_id=label, category=category, group=group)

@@ -30,7 +30,6 @@ from vestis.data import (
     ConsumerStyle,
     ImageDataset,
     PKSampler,
-    TrainSample,
     build_train_transform,
     list_backgrounds,
     source_balanced_weights,
@@ -40,6 +39,7 @@ from vestis.images import Preprocess, crop_box, load_image
 from vestis.losses import EpochContext, TrainBatch, create_loss
 from vestis.models import create_model, save_checkpoint
 from vestis.models.registry import needs_category_count
+from vestis.records import ImageRecord
 from vestis.train.attention_pretrain import pretrain_attention, pretrain_spec
 from vestis.train.config import load_config
 from vestis.train.landmark_targets import pretrain_landmarks
@@ -352,7 +352,7 @@ class Trainer:
         metrics: dict[str, float] = {}
         scores = []
         for validation in self.validation:
-            labels = [sample.label for sample in validation.samples]
+            labels = [sample.item_id for sample in validation.samples]
             if len(set(labels)) == len(labels):
                 continue  # no two images share a label: nothing to retrieve
             vectors = self.embed_features(self.features.validation_features(validation))
@@ -435,7 +435,7 @@ def _check_head_stage(model, frozen: bool, cut: int | None) -> None:
 
 def split_metrics(vectors: np.ndarray, validation: ValidationSet) -> dict[str, float]:
     """Leave-one-out R@1, R@10, mAP and MAP@R of one validation split, keyed by its name."""
-    labels = [sample.label for sample in validation.samples]
+    labels = [sample.item_id for sample in validation.samples]
     result = retrieval_metrics(vectors, labels, vectors, labels,
                                query_gallery_index=np.arange(len(labels)), ks=(1, 10))
     return {f"{validation.name}_{key}": float(result.metrics[key])
@@ -456,7 +456,7 @@ def serving_preprocess(train: Preprocess, test_size: int | None) -> Preprocess:
     return replace(train, size=int(test_size))
 
 
-def plain_features(model, samples: list[TrainSample], batch_size: int, device,
+def plain_features(model, samples: list[ImageRecord], batch_size: int, device,
                    preprocess: Preprocess | None = None) -> torch.Tensor:
     """Extracted features of un-augmented images, in batches, without gradients."""
     preprocess = preprocess or model.preprocess
@@ -500,7 +500,7 @@ class CachedFeatures:
             image = self.synthesis(image)
         return self.augment(image)
 
-    def _load_or_extract(self, samples: list[TrainSample], config: dict) -> dict:
+    def _load_or_extract(self, samples: list[ImageRecord], config: dict) -> dict:
         """Reuse features cached on disk by an earlier run with the same inputs."""
         folder = config["cache"].get("dir")
         if not folder:
@@ -516,7 +516,7 @@ class CachedFeatures:
             torch.save(features, tmp)
         return features
 
-    def _extract_views(self, samples: list[TrainSample]) -> dict[str, torch.Tensor]:
+    def _extract_views(self, samples: list[ImageRecord]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         bar = tqdm(total=len(samples) * self.views, desc="caching features", unit="view",
                    disable=not self.progress)
@@ -578,7 +578,7 @@ class CachedFeatures:
             self._validation_cache[validation.name] = self._extract_plain(validation.samples)
         return self._plain_features(self._validation_cache[validation.name])
 
-    def _extract_plain(self, samples: list[TrainSample]) -> dict[str, torch.Tensor]:
+    def _extract_plain(self, samples: list[ImageRecord]) -> dict[str, torch.Tensor]:
         parts: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(samples), self.batch_size):
             chunk = samples[start:start + self.batch_size]
@@ -601,7 +601,7 @@ class LiveImages:
         arrays = [self.augment(_open(self.dataset.samples[i])) for i in indices]
         return self.model.extract(torch.from_numpy(np.stack(arrays)).to(self.device))
 
-    def _plain(self, samples: list[TrainSample], preprocess: Preprocess) -> torch.Tensor:
+    def _plain(self, samples: list[ImageRecord], preprocess: Preprocess) -> torch.Tensor:
         self.model.eval()
         return plain_features(self.model, samples, 64, self.device, preprocess).to(self.device)
 
@@ -612,11 +612,11 @@ class LiveImages:
         return self._plain(validation.samples, self.model.preprocess)
 
 
-def _open(sample: TrainSample):
-    return crop_box(load_image(sample.path), sample.bbox)
+def _open(sample: ImageRecord):
+    return crop_box(load_image(sample.path), sample.box)
 
 
-def _cache_key(samples: list[TrainSample], config: dict, tag: str | None = None) -> str:
+def _cache_key(samples: list[ImageRecord], config: dict, tag: str | None = None) -> str:
     model = {k: config["model"].get(k) for k in ("backbone", "pooling", "gem_p", "levels")}
     if tag:  # the model's extract_lower caches something else than RetrievalNet's
         model["tag"] = tag
@@ -629,7 +629,7 @@ def _cache_key(samples: list[TrainSample], config: dict, tag: str | None = None)
         "augment": config["augment"],
         "cache": {k: v for k, v in config["cache"].items() if k != "dir"},
         "seed": config["seed"],
-        "samples": [(str(s.path), s.bbox) for s in samples],
+        "samples": [(str(s.path), s.box) for s in samples],
         "version": 1,
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:24]

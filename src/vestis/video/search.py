@@ -230,6 +230,6 @@ def split_items(catalog_csv: str | Path, split: str = "held-out"
     items: dict[str, tuple[list[Path], str | None]] = {}
     chosen = train if split == "train" else held
     for sample in sorted(chosen, key=lambda s: ("_main" not in s.path.name, str(s.path))):
-        photos, _ = items.setdefault(sample.label, ([], category_group(sample.category)))
+        photos, _ = items.setdefault(sample.item_id, ([], category_group(sample.category)))
         photos.append(Path(sample.path))
     return dict(sorted(items.items()))
