@@ -7,6 +7,7 @@ Every image that enters vestis goes through :func:`load_image`, which returns an
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -180,9 +181,39 @@ class _decoding:
         return False
 
 
+#: ``scheme://...``: an image named by a URI (``file://``, ``s3://``, ``gs://``, ``https://``).
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
+
+
+def is_uri(source: object) -> bool:
+    """Whether ``source`` is a URI string such as ``file:///photos/a.jpg`` or ``s3://b/a.jpg``
+    (a CSV's image column may hold them; they are read through fsspec)."""
+    return isinstance(source, str) and _URI.match(source) is not None
+
+
+def read_uri(uri: str) -> bytes:
+    """The bytes a URI names, through fsspec (``file://`` always; ``s3://``, ``gs://`` and
+    ``https://`` when s3fs, gcsfs or aiohttp are installed). Raises ``OSError`` (such as
+    ``FileNotFoundError``) or ``ImportError`` for a scheme whose package is missing."""
+    import fsspec
+
+    with fsspec.open(uri, "rb") as handle:
+        return handle.read()
+
+
 def _read_bytes(source: ImageSource, name: str) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
+    elif is_uri(source):
+        try:
+            data = read_uri(source)
+        except FileNotFoundError:
+            raise ImageError(name, "file not found") from None
+        except IsADirectoryError:
+            raise ImageError(name, "is a directory, not an image file") from None
+        except (OSError, ImportError, ValueError) as exc:
+            raise ImageError(name, f"cannot be read ({getattr(exc, 'strerror', None) or exc})"
+                             ) from None
     else:
         path = Path(source)
         if not path.exists():

@@ -10,17 +10,22 @@ and the server's uploads (``POST /items``). Invariants:
 * each embedded batch is one store transaction;
 * an image whose category names a garment group gets it as ``garment`` metadata, and the
   catalog's ``garment_groups`` meta is set the first time one is stored.
+
+Hashing and embedding run in this process (threads) by default; an :class:`IngestRunner`
+(such as :class:`vestis.catalog.ray_ingest.RayRunner`) runs them elsewhere with the same
+functions (:func:`digest_record`, :meth:`Encoder.iter_batches`'s batches) while the writes
+stay here, through :meth:`Indexer.add`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -29,8 +34,9 @@ from vestis.catalog.backend import CatalogStore
 from vestis.catalog.garments import GARMENT_KEY, GarmentCropper
 from vestis.catalog.sources import IngestRecord
 from vestis.catalog.store import NewImage
-from vestis.images import Box, ImageSource
+from vestis.images import Box, ImageSource, is_uri, read_uri
 from vestis.models import Encoder
+from vestis.models.encoder import EncodedBatch
 from vestis.views import context_vectors, product_view
 
 OnError = Callable[[str, str], None] | None
@@ -92,6 +98,37 @@ def vector_rows(item_ids: Sequence[str], vectors: np.ndarray, *,
             for item_id, vector, path, meta, box, sha in rows]
 
 
+#: One record's content hash, or why its file cannot be read: (record, sha, error).
+Digest = tuple[IngestRecord, str | None, str | None]
+
+
+def digest_record(record: IngestRecord) -> Digest:
+    """``(record, content hash, None)``, or ``(record, None, reason)`` when its file (or URI)
+    cannot be read or is empty."""
+    try:
+        data = read_uri(record.path) if is_uri(record.path) else Path(record.path).read_bytes()
+    except OSError as exc:
+        return record, None, f"cannot be read ({exc.strerror or exc})"
+    except (ImportError, ValueError) as exc:  # a URI scheme whose fsspec package is missing
+        return record, None, f"cannot be read ({exc})"
+    if not data:
+        return record, None, "empty file (0 bytes)"
+    return record, content_hash(data, record.box), None
+
+
+class IngestRunner(Protocol):
+    """Where an ingest's hashing and embedding run (the writes always stay in the caller)."""
+
+    def digests(self, records: Sequence[IngestRecord]) -> Iterable[Digest]:
+        """:func:`digest_record` of every record, in input order."""
+        ...
+
+    def iter_batches(self, sources: Sequence[ImageSource], boxes: Sequence[Box | None], *,
+                     progress: bool = False, desc: str = "embedding") -> Iterator[EncodedBatch]:
+        """As :meth:`Encoder.iter_batches` (batches in input order, bad images reported)."""
+        ...
+
+
 def photo_view(encoder: Encoder, cropper: GarmentCropper, image: ImageSource,
                metadata: dict[str, Any], crop: str) -> tuple[np.ndarray, Box | None,
                                                           dict[str, Any]]:
@@ -107,10 +144,13 @@ def photo_view(encoder: Encoder, cropper: GarmentCropper, image: ImageSource,
 class Indexer:
     """Records (paths, items, metadata, boxes) → hashed, located, embedded → the store."""
 
-    def __init__(self, store: CatalogStore, encoder: Encoder, cropper: GarmentCropper):
+    def __init__(self, store: CatalogStore, encoder: Encoder, cropper: GarmentCropper,
+                 runner: IngestRunner | None = None):
+        """``runner``: where hashing and embedding run (default: here, in threads)."""
         self.store = store
         self.encoder = encoder
         self.cropper = cropper
+        self.runner = runner
 
     def add(self, records: Sequence[IngestRecord], crop: str, *, progress: bool = False,
             on_error: OnError = None) -> IngestReport:
@@ -146,20 +186,13 @@ class Indexer:
             self.store.set_meta({"garment_groups": "1"})
         return [(record, sha) for record, (_, sha) in zip(records, todo, strict=True)]
 
-    @staticmethod
-    def _hash_records(records, report, on_error, progress) -> list[tuple[IngestRecord, str]]:
-        def digest(record: IngestRecord) -> tuple[IngestRecord, str | None, str | None]:
-            try:
-                data = Path(record.path).read_bytes()
-            except OSError as exc:
-                return record, None, f"cannot be read ({exc.strerror or exc})"
-            if not data:
-                return record, None, "empty file (0 bytes)"
-            return record, content_hash(data, record.box), None
-
+    def _hash_records(self, records, report, on_error, progress) -> list[tuple[IngestRecord, str]]:
         hashed, seen = [], set()
         with ThreadPoolExecutor(4) as pool:
-            results = pool.map(digest, records)
+            if self.runner is not None:
+                results = self.runner.digests(records)
+            else:
+                results = pool.map(digest_record, records)
             bar = tqdm(
                 results, total=len(records), desc="hashing", unit="img", disable=not progress
             )
@@ -180,7 +213,8 @@ class Indexer:
         paths = [record.path for record, _ in todo]
         boxes = [None if context else record.box
                  for (record, _), context in zip(todo, parsed_box, strict=True)]
-        for batch in self.encoder.iter_batches(paths, boxes, progress=progress, desc="indexing"):
+        embedder = self.runner if self.runner is not None else self.encoder
+        for batch in embedder.iter_batches(paths, boxes, progress=progress, desc="indexing"):
             for position, error in batch.errors:
                 report.fail(on_error, str(paths[position]), error.reason)
             if not batch.indices:

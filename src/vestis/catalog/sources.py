@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vestis.images import UNSUPPORTED_SUFFIXES, Box, is_image_path
+from vestis.images import UNSUPPORTED_SUFFIXES, Box, is_image_path, is_uri
 
 RESERVED_COLUMNS = ("image", "item_id")
 BOX_COLUMNS = ("x1", "y1", "x2", "y2")
@@ -20,9 +20,10 @@ MAX_COORDINATE = 2**31 - 1
 
 @dataclass(frozen=True)
 class IngestRecord:
-    """One image to add: its file, the item it shows, and metadata."""
+    """One image to add: its file, the item it shows, and metadata. ``path`` is a ``Path``,
+    or a URI string (``file://``, ``s3://``...) from a CSV's image column."""
 
-    path: Path
+    path: Path | str
     item_id: str
     metadata: dict[str, Any] = field(default_factory=dict)
     box: Box | None = None
@@ -73,8 +74,9 @@ def _is_hidden(path: Path, root: Path) -> bool:
 
 
 def read_csv(csv_path: Path) -> list[IngestRecord]:
-    """A CSV with ``image`` and ``item_id`` columns (paths relative to the CSV) and any
-    metadata columns. Optional ``x1,y1,x2,y2`` columns give a garment box.
+    """A CSV with ``image`` and ``item_id`` columns (paths relative to the CSV, or URIs such
+    as ``file:///photos/a.jpg`` or ``s3://bucket/a.jpg``, kept as strings and read through
+    fsspec) and any metadata columns. Optional ``x1,y1,x2,y2`` columns give a garment box.
 
     Errors name the file and line: text that is not UTF-8, a bad box, an id with a control
     character, or two rows for the same image (and box) that disagree on its item or
@@ -122,9 +124,12 @@ def _csv_record(row: dict[str, str], csv_path: Path, line: int) -> IngestRecord:
     if clean_item_id(item_id) != item_id:
         raise ValueError(f"{csv_path}:{line}: item_id {item_id!r} has a control character "
                          "(a newline or tab)")
-    path = Path(image).expanduser()
-    if not path.is_absolute():
-        path = csv_path.parent / path
+    if is_uri(image):
+        path: Path | str = image
+    else:
+        path = Path(image).expanduser()
+        if not path.is_absolute():
+            path = csv_path.parent / path
     metadata = {
         key: value
         for key, value in row.items()
