@@ -6,6 +6,7 @@ Every image that enters vestis goes through :func:`load_image`, which returns an
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import warnings
@@ -199,6 +200,28 @@ def read_uri(uri: str) -> bytes:
 
     with fsspec.open(uri, "rb") as handle:
         return handle.read()
+
+
+def content_hash(data: bytes, box: Box | None = None) -> str:
+    """The hash a catalog keeps of an image file's bytes (and its box, when it has one)."""
+    digest = hashlib.sha256(data)
+    if box is not None:
+        digest.update(repr(tuple(box)).encode())
+    return digest.hexdigest()
+
+
+def file_digest(path: str | Path, box: Box | None = None) -> tuple[str | None, str | None]:
+    """``(content hash, None)`` of a file or URI, or ``(None, reason)`` when it cannot be
+    read or is empty."""
+    try:
+        data = read_uri(path) if is_uri(path) else Path(path).read_bytes()
+    except OSError as exc:
+        return None, f"cannot be read ({exc.strerror or exc})"
+    except (ImportError, ValueError) as exc:  # a URI scheme whose fsspec package is missing
+        return None, f"cannot be read ({exc})"
+    if not data:
+        return None, "empty file (0 bytes)"
+    return content_hash(data, box), None
 
 
 def _read_bytes(source: ImageSource, name: str) -> bytes:

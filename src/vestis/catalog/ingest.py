@@ -13,8 +13,8 @@ and the server's uploads (``POST /items``). Invariants:
 
 Hashing and embedding run in this process (threads) by default; an :class:`IngestRunner`
 (such as :class:`vestis.catalog.ray_ingest.RayRunner`) runs them elsewhere with the same
-functions (:func:`digest_record`, :meth:`Encoder.iter_batches`'s batches) while the writes
-stay here, through :meth:`Indexer.add`.
+functions (:func:`vestis.images.file_digest`, the model's preprocessing and backend)
+while the writes stay here, through :meth:`Indexer.add`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -34,7 +33,8 @@ from vestis.catalog.backend import CatalogStore
 from vestis.catalog.garments import GARMENT_KEY, GarmentCropper
 from vestis.catalog.sources import IngestRecord
 from vestis.catalog.store import NewImage
-from vestis.images import Box, ImageSource, is_uri, read_uri
+from vestis.images import Box, ImageSource, file_digest
+from vestis.images import content_hash as content_hash  # the catalog's, re-exported
 from vestis.models import Encoder
 from vestis.models.encoder import EncodedBatch
 from vestis.views import context_vectors, product_view
@@ -61,14 +61,6 @@ class IngestReport:
 
 def vector_hash(vector: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(vector, dtype=np.float32).tobytes()).hexdigest()
-
-
-def content_hash(data: bytes, box: Box | None = None) -> str:
-    """The hash an image row keeps of its file's bytes (and its box, when it has one)."""
-    digest = hashlib.sha256(data)
-    if box is not None:
-        digest.update(repr(tuple(box)).encode())
-    return digest.hexdigest()
 
 
 def store_images(store: CatalogStore, images: Sequence[NewImage], model_id: str) -> list[int]:
@@ -104,16 +96,8 @@ Digest = tuple[IngestRecord, str | None, str | None]
 
 def digest_record(record: IngestRecord) -> Digest:
     """``(record, content hash, None)``, or ``(record, None, reason)`` when its file (or URI)
-    cannot be read or is empty."""
-    try:
-        data = read_uri(record.path) if is_uri(record.path) else Path(record.path).read_bytes()
-    except OSError as exc:
-        return record, None, f"cannot be read ({exc.strerror or exc})"
-    except (ImportError, ValueError) as exc:  # a URI scheme whose fsspec package is missing
-        return record, None, f"cannot be read ({exc})"
-    if not data:
-        return record, None, "empty file (0 bytes)"
-    return record, content_hash(data, record.box), None
+    cannot be read or is empty (:func:`vestis.images.file_digest`)."""
+    return (record, *file_digest(record.path, record.box))
 
 
 class IngestRunner(Protocol):

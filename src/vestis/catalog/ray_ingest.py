@@ -1,13 +1,15 @@
 """Ingest on Ray Data: hashing and decoding as Ray tasks, embedding in a pool of actors that
-each hold the catalog's encoder, writes in the driver (``vestis index SOURCE --ray``).
+each hold the catalog's model, writes in the driver (``vestis index SOURCE --ray``).
 
 The pipeline is cut into the batches :meth:`vestis.models.Encoder.iter_batches` would make
 (``batch_size`` records each, in input order), and each batch goes through the same
-functions as the plain ingest: :func:`vestis.catalog.ingest.digest_record` for the content
-hash, the model's :class:`vestis.images.Preprocess` for the pixels, the backend for the
-vectors (ONNX Runtime on one thread per actor). So the vectors are the ones the plain
-ingest stores, bit for bit (on a CPU with the same backend), the image ids come out in the
-same order, and a bad file gets the same reason.
+functions as the plain ingest (:mod:`vestis.ray_workers`): :func:`vestis.images.file_digest`
+for the content hash, the model's :class:`vestis.images.Preprocess` for the pixels, and for
+the vectors the very ONNX model the driver's encoder runs (its bytes, shipped to the
+actors) in a session opened by :func:`vestis.onnx_session.cpu_session` on one thread per
+actor. So the vectors are the ones the plain ingest stores, bit for bit, the image ids come
+out in the same order, and a bad file gets the same reason. A model without an ONNX export
+(``--backend torch``) is loaded by name in each actor instead, and its identity checked.
 
 Everything that writes stays in the driver, in :class:`vestis.catalog.ingest.Indexer`:
 the store's write lock, the known-hash check (idempotent re-ingest), the model check on
@@ -29,19 +31,19 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from vestis.catalog.ingest import Digest, digest_record
+from vestis.catalog.ingest import Digest
 from vestis.catalog.sources import IngestRecord
-from vestis.catalog.store import ModelMismatchError
-from vestis.images import Box, ImageError, ImageSource, Preprocess, is_uri
+from vestis.images import Box, ImageError, ImageSource, Preprocess
 from vestis.models import Encoder
 from vestis.models.encoder import EncodedBatch
+from vestis.ray_workers import EmbedActor, batch_row, decode_batch, hash_batch
 
 LOCAL = "local"
 #: Blocks of the chunk dataset at most (one chunk is one encoder batch).
@@ -78,6 +80,7 @@ class RayRunner:
     model_id: str
     dim: int
     preprocess: Preprocess
+    onnx: tuple[bytes, str, str] | None = field(default=None, repr=False)
     backend: str = "auto"
     batch_size: int = 16
     address: str = LOCAL
@@ -90,8 +93,8 @@ class RayRunner:
         """A runner whose actors load ``model`` and must get ``encoder``'s identity."""
         backend = options.pop("backend", "auto")
         return cls(model=model, model_id=encoder.model_id, dim=encoder.dim,
-                   preprocess=encoder.preprocess, batch_size=encoder.batch_size,
-                   backend=backend, **options)
+                   preprocess=encoder.preprocess, onnx=onnx_model(encoder),
+                   batch_size=encoder.batch_size, backend=backend, **options)
 
     # -- life cycle --------------------------------------------------------------------
     def __enter__(self) -> RayRunner:
@@ -145,9 +148,9 @@ class RayRunner:
         if not records:
             return
         workers, _ = self._resources()
-        chunks = _chunks([r.path for r in records], [r.box for r in records], self.batch_size)
-        dataset = _dataset(chunks).map(_hash_chunk, num_cpus=0,
-                                       compute=TaskPoolStrategy(size=workers))
+        rows = _batch_rows([r.path for r in records], [r.box for r in records], self.batch_size)
+        dataset = _dataset(rows).map(hash_batch, num_cpus=0,
+                                     compute=TaskPoolStrategy(size=workers))
         for row in dataset.iter_rows():
             start = int(row["start"])
             for offset, (sha, error) in enumerate(json.loads(row["digests"])):
@@ -162,15 +165,17 @@ class RayRunner:
         if not sources:
             return
         workers, actor_resources = self._resources()
-        device = "cuda" if "num_gpus" in actor_resources else None
-        backend = "torch" if device else self.backend
-        chunks = _chunks(list(sources), list(boxes), self.batch_size)
+        on_gpu = "num_gpus" in actor_resources
+        model = {"onnx": None if on_gpu else self.onnx, "name": self.model,
+                 "model_id": self.model_id,
+                 "size": self.preprocess.size, "dim": self.dim,
+                 "backend": "torch" if on_gpu else self.backend,
+                 "device": "cuda" if on_gpu else None}
         dataset = (
-            _dataset(chunks)
-            .map(_decode_chunk, fn_kwargs={"preprocess": self.preprocess.to_dict()},
+            _dataset(_batch_rows(sources, boxes, self.batch_size))
+            .map(decode_batch, fn_kwargs={"preprocess": self.preprocess.to_dict()},
                  num_cpus=0, compute=TaskPoolStrategy(size=workers))
-            .map(_EmbedActor, fn_constructor_kwargs={"model": self.model, "backend": backend,
-                                                     "device": device},
+            .map(EmbedActor, fn_constructor_kwargs=model,
                  compute=ActorPoolStrategy(size=workers), **actor_resources)
         )
         bar = tqdm(total=len(sources), desc=desc, unit="img", disable=not progress)
@@ -181,84 +186,35 @@ class RayRunner:
         bar.close()
 
     def _batch(self, row: dict[str, Any], sources: Sequence[ImageSource]) -> EncodedBatch:
-        if row["model_id"] and row["model_id"] != self.model_id:
-            raise ModelMismatchError(f"a Ray worker's model {row['model'] !r} has id "
-                                     f"{row['model_id']!r}, not the catalog's {self.model_id!r}")
         start = int(row["start"])
         good = json.loads(row["good"])
         vectors = np.frombuffer(row["vectors"], dtype=np.float32).reshape(len(good), self.dim)
-        errors = [(start + offset, ImageError(_name(sources[start + offset]), reason))
+        errors = [(start + offset, ImageError(str(sources[start + offset]), reason))
                   for offset, reason in json.loads(row["errors"])]
         return EncodedBatch([start + offset for offset in good], vectors.copy(), errors)
 
 
-# -- what runs on the workers ---------------------------------------------------------
-def _name(source: ImageSource) -> str:
-    return source if isinstance(source, str) else str(source)
-
-
-def _chunks(sources: list, boxes: list, size: int) -> list[dict[str, Any]]:
-    """One row per encoder batch: its first position and its (path, box) pairs as JSON."""
-    return [
-        {"start": start,
-         "items": json.dumps([[_name(s), list(b) if b is not None else None]
-                              for s, b in zip(sources[start:start + size],
-                                              boxes[start:start + size], strict=True)])}
-        for start in range(0, len(sources), size)
-    ]
-
-
-def _dataset(chunks: list[dict[str, Any]]):
+def _dataset(rows: list[dict[str, Any]]):
     import ray.data
 
-    return ray.data.from_items(chunks, override_num_blocks=min(len(chunks), MAX_BLOCKS))
+    return ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_BLOCKS))
 
 
-def _items(row: dict[str, Any]) -> list[tuple[Path | str, Box | None]]:
-    return [(path if is_uri(path) else Path(path), tuple(box) if box is not None else None)
-            for path, box in json.loads(row["items"])]
+def _batch_rows(sources: Sequence, boxes: Sequence, size: int) -> list[dict[str, Any]]:
+    """One row per encoder batch (:func:`vestis.ray_workers.batch_row`)."""
+    return [batch_row(start, list(sources[start:start + size]), list(boxes[start:start + size]))
+            for start in range(0, len(sources), size)]
 
 
-def _hash_chunk(row: dict[str, Any]) -> dict[str, Any]:
-    digests = [digest_record(IngestRecord(path, "", box=box))[1:] for path, box in _items(row)]
-    return {"start": row["start"], "digests": json.dumps(digests)}
+def onnx_model(encoder: Encoder) -> tuple[bytes, str, str] | None:
+    """The bytes of the ONNX model ``encoder`` runs, with its input and output names, or
+    None when it runs on torch."""
+    from vestis.models import onnx_export
+    from vestis.models.backends import OnnxBackend
 
-
-def _decode_chunk(row: dict[str, Any], preprocess: dict) -> dict[str, Any]:
-    """Pixels of a batch's good images, as :meth:`Encoder.iter_batches` decodes them."""
-    prepare = Preprocess.from_dict(preprocess)
-    arrays, good, errors = [], [], []
-    for offset, (path, box) in enumerate(_items(row)):
-        try:
-            arrays.append(prepare(path, box))
-            good.append(offset)
-        except ImageError as exc:
-            errors.append((offset, exc.reason))
-    pixels = np.stack(arrays).astype(np.float32, copy=False) if arrays else np.zeros(0, np.float32)
-    return {"start": row["start"], "pixels": pixels.tobytes(), "good": json.dumps(good),
-            "errors": json.dumps(errors)}
-
-
-class _EmbedActor:
-    """Holds one encoder (one inference thread) and embeds decoded batches."""
-
-    def __init__(self, model: str, backend: str, device: str | None):
-        options: dict[str, Any] = {"backend": backend, "device": device}
-        if device is None:  # on a CPU: one ONNX Runtime stream on one thread per actor
-            options.update(threads=1, streams=1, workers=1)
-        self.encoder = Encoder.from_name(model, **options)
-        self.model = model
-
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        good = json.loads(row["good"])
-        size = self.encoder.preprocess.size
-        if good:
-            pixels = np.frombuffer(row["pixels"], dtype=np.float32).reshape(len(good), 3, size,
-                                                                            size)
-            vectors = self.encoder.embed_arrays(pixels)
-        else:
-            vectors = np.zeros((0, self.encoder.dim), np.float32)
-        return {"start": row["start"], "good": row["good"], "errors": row["errors"],
-                "vectors": np.ascontiguousarray(vectors, dtype=np.float32).tobytes(),
-                "model": self.model, "model_id": self.encoder.model_id}
-
+    backend = encoder.backend
+    if not isinstance(backend, OnnxBackend):
+        return None
+    source = backend.source
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    return data, onnx_export.INPUT_NAME, onnx_export.OUTPUT_NAME
