@@ -82,20 +82,28 @@ def ingest_seconds(source: Path, workdir: Path, workers: int | None) -> float:
 
 
 def ingest_runs(source: Path, images: int, repeats: int, workdir: Path) -> list[dict]:
+    """The three ingests, interleaved (plain, Ray of 1 CPU, Ray of 2 CPUs, again...) so that
+    the load of other jobs on the machine falls on all three alike."""
     import ray
 
-    runs = [{"name": "plain `vestis index`", "workers": "all cores (2 ONNX streams)",
-             "seconds": [ingest_seconds(source, workdir, None) for _ in range(repeats)]}]
-    for workers in (1, 2):
-        started = time.perf_counter()
-        ray.init(num_cpus=workers, include_dashboard=False, logging_level="warning")
-        start_seconds = time.perf_counter() - started
-        try:
-            seconds = [ingest_seconds(source, workdir, workers) for _ in range(repeats)]
-        finally:
-            ray.shutdown()
-        runs.append({"name": f"`--ray`, local Ray of {workers} CPU", "workers": workers,
-                     "seconds": seconds, "ray_init": start_seconds})
+    runs = [{"name": "plain `vestis index`", "seconds": [], "load": []}]
+    runs += [{"name": f"`--ray`, local Ray of {workers} CPU", "workers": workers,
+              "seconds": [], "ray_init": [], "load": []} for workers in (1, 2)]
+    for _ in range(repeats):
+        for run in runs:
+            run["load"].append(os.getloadavg()[0])
+            workers = run.get("workers")
+            if workers is None:
+                run["seconds"].append(ingest_seconds(source, workdir, None))
+                continue
+            started = time.perf_counter()
+            ray.init(num_cpus=workers, include_dashboard=False, logging_level="warning")
+            run["ray_init"].append(time.perf_counter() - started)
+            try:
+                run["seconds"].append(ingest_seconds(source, workdir, workers))
+            finally:
+                ray.shutdown()
+            print(f"{run['name']}: {run['seconds'][-1]:.1f} s", flush=True)
     for run in runs:
         run["median"] = statistics.median(run["seconds"])
         run["rate"] = images / run["median"]
@@ -175,8 +183,12 @@ def bytes_per_vector(dim: int) -> list[tuple[str, float, float, str]]:
     ]
 
 
-def capacity_lines(rates: dict[str, float], ray_rate_per_worker: float) -> list[str]:
+def capacity_lines(rates: dict[str, float], ray_rate_per_worker: float,
+                   plain_rate: float) -> list[str]:
+    """The plan; embedding hours from the one-core rate measured alone (decode, then
+    inference), the ingests' rates on the loaded machine shown beside it."""
     dim = int(rates["dim"])
+    per_core = rates["both"]
     usable = NODE_MEMORY_GIB * NODE_USABLE * 2**30
     lines = [
         "### Capacity plan: 100M photos",
@@ -205,8 +217,9 @@ def capacity_lines(rates: dict[str, float], ray_rate_per_worker: float) -> list[
         "Embedding throughput (measured here, one core each, the median of repeats): decode "
         f"and preprocess {rates['decode']:.0f} images/s, inference "
         f"{rates['inference']:.0f} images/s (ONNX Runtime, one thread, batches of 16), both "
-        f"in turn {rates['both']:.0f} images/s per core; a Ray embedding worker measured "
-        f"{ray_rate_per_worker:.0f} images/s end to end (the 2-CPU Ray run above, per CPU). "
+        f"in turn **{per_core:.0f} images/s per core**, the rate the hours below use. "
+        f"The ingests above reached less per core on the loaded machine ({plain_rate:.0f} "
+        f"images/s plain on both cores, {ray_rate_per_worker:.0f} per Ray worker on two). "
         f"Per GPU: **assumed, not measured** (no GPU was lent to this run): "
         f"{GPU_RATE_ASSUMED:.0f} images/s for EfficientNet-Lite0 at 224 px in fp16, which "
         f"needs about {GPU_RATE_ASSUMED / rates['decode']:.0f} CPU cores of decoding per GPU "
@@ -216,7 +229,7 @@ def capacity_lines(rates: dict[str, float], ray_rate_per_worker: float) -> list[
         "|---|---:|---:|",
     ]
     for workers in (16, 64, 256, 1024):
-        rate = ray_rate_per_worker * workers
+        rate = per_core * workers
         lines.append(f"| {workers} CPU cores (measured rate per core) | {rate:,.0f} | "
                      f"{PHOTOS / rate / 3600:,.1f} |")
     for gpus in (1, 4, 16):
@@ -239,25 +252,29 @@ def section(runs: list[dict], images: int, copies: int, repeats: int,
             rates: dict[str, float]) -> list[str]:
     plain, one, two = runs
     scaling, overhead = two["rate"] / one["rate"], 1 - two["rate"] / plain["rate"]
+    loads = [load for run in runs for load in run["load"]]
     lines = [
         TITLE,
         "",
         f"{os.cpu_count()} CPU cores ({platform.machine()}), shared with other jobs: the "
-        "timings are noisy; each is the median of the runs listed.",
+        "timings are noisy; each is the median of the runs listed. The machine's 1-minute "
+        f"load average at the start of the runs was {min(loads):.1f} to {max(loads):.1f} "
+        f"(against {os.cpu_count()} cores): other jobs held most of the CPU, so these runs "
+        "measure the ingests' overhead more than their scaling.",
         "",
         "### Ray ingest against the plain ingest",
         "",
         f"The Luma CSV {copies} times over ({images} images, every row new work), into a "
-        "new catalog each run; from the first hash to the last commit, the model loaded "
-        "first. A Ray run starts its actors (each loads the encoder) inside that time; the "
-        "local Ray's own start is apart. The stored vectors are bit-for-bit the plain "
-        "ones (tests/test_ray_ingest.py).",
+        "new catalog each run, the three ingests interleaved; from the first hash to the "
+        "last commit, the model loaded first. A Ray run starts its actors (each opens the "
+        "model) inside that time; the local Ray's own start is apart. The stored vectors "
+        "are bit-for-bit the plain ones (tests/test_ray_ingest.py).",
         "",
-        "| ingest | seconds (runs) | median s | images/s | Ray start s |",
+        "| ingest | seconds (runs) | median s | images/s | Ray start s (median) |",
         "|---|---|---:|---:|---:|",
     ]
     for run in runs:
-        start = f"{run['ray_init']:.1f}" if "ray_init" in run else "-"
+        start = f"{statistics.median(run['ray_init']):.1f}" if "ray_init" in run else "-"
         lines.append(f"| {run['name']} | {', '.join(f'{s:.1f}' for s in run['seconds'])} | "
                      f"{run['median']:.1f} | {run['rate']:.1f} | {start} |")
     lines += [
@@ -268,7 +285,7 @@ def section(runs: list[dict], images: int, copies: int, repeats: int,
         f"{OVERHEAD_GOAL:.0%}: {'met' if overhead <= OVERHEAD_GOAL else 'not met'}).",
         "",
         *milvus_lines(),
-        *capacity_lines(rates, two["rate"] / 2),
+        *capacity_lines(rates, two["rate"] / 2, plain["rate"]),
     ]
     return lines
 
