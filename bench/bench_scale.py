@@ -48,16 +48,21 @@ OVERHEAD_GOAL = 0.25
 
 
 def luma_copies(out: Path, copies: int) -> tuple[Path, int]:
-    """The Luma CSV ``copies`` times (item ids suffixed per copy), absolute image paths."""
+    """The Luma CSV ``copies`` times: copy N names each photo by a link in ``copy<N>/`` (one
+    image, one row) and suffixes its item ids, so every row is new work."""
     with open(DATA / "luma" / "catalog.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     with open(out, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         for copy in range(copies):
+            folder = out.parent / f"copy{copy}"
+            folder.mkdir(exist_ok=True)
             for row in rows:
-                writer.writerow({**row, "image": str(DATA / "luma" / row["image"]),
-                                 "item_id": f"{row['item_id']}~{copy}"})
+                link = folder / Path(row["image"]).name
+                if not link.exists():
+                    link.symlink_to(DATA / "luma" / row["image"])
+                writer.writerow({**row, "image": str(link), "item_id": f"{row['item_id']}~{copy}"})
     return out, copies * len(rows)
 
 

@@ -86,7 +86,7 @@ class RayRunner:
     address: str = LOCAL
     workers: int | None = None
     num_cpus: int | None = None
-    _started: bool = False
+    _started: bool = field(default=False, init=False, repr=False)
 
     @classmethod
     def for_encoder(cls, encoder: Encoder, model: str, **options: Any) -> RayRunner:
