@@ -81,6 +81,19 @@ def test_a_csv_keeps_file_uris_and_the_plain_ingest_reads_them(tmp_path):
     assert records[1].path in {path for path, _, _ in stored(tmp_path / "catalog").values()}
 
 
+def test_uris_are_told_from_paths_and_a_missing_one_is_reported(tmp_path):
+    from vestis.images import ImageError, file_digest, is_uri, load_image
+
+    missing = (tmp_path / "none.jpg").as_uri()
+    assert is_uri(missing) and is_uri("s3://bucket/a.jpg") and is_uri("https://h/a.jpg")
+    assert not is_uri(str(tmp_path / "a.jpg")) and not is_uri("C:/photos/a.jpg")
+    assert not is_uri(tmp_path)  # a Path is a path
+    sha, reason = file_digest(missing)
+    assert sha is None and reason.startswith("cannot be read")
+    with pytest.raises(ImageError, match="file not found"):
+        load_image(missing)
+
+
 # -- on Ray -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def local_ray():
