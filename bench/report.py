@@ -6,7 +6,8 @@ Each section it makes replaces the same-titled section of the file (sections of 
 scripts stay). The trained-recipes section alone: ``python bench/recipes.py --update
 BENCHMARKS.md``; the transfer table alone: ``python bench/transfer.py --update
 BENCHMARKS.md``; the k-fold table: ``python bench/kfold.py --table --update BENCHMARKS.md``;
-the performance section alone: ``python bench/bench_perf.py --update BENCHMARKS.md``.
+the performance section alone: ``python bench/bench_perf.py --update BENCHMARKS.md``; the
+scale section alone: ``python bench/bench_scale.py --update BENCHMARKS.md``.
 
 Every figure in the file comes from a run on this machine; nothing is typed by hand.
 """
@@ -163,6 +164,12 @@ def index_speed(args: argparse.Namespace) -> None:
                                            [run_script("bench/bench_index.py")]))
 
 
+def scale(args: argparse.Namespace) -> None:
+    from bench_scale import section_from_runs  # Ray is imported only for this section
+
+    section_from_runs(update=args.out)
+
+
 def performance(args: argparse.Namespace) -> None:
     perf = argparse.Namespace(only=None, quick=False, repeats=3, note=None)
     replace_perf_section(args.out, perf_section(perf))
@@ -177,6 +184,7 @@ SECTIONS = {
     "eval": eval_speed,
     "index": index_speed,
     "performance": performance,
+    "scale": scale,
 }
 
 

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-HEAVY = ("torch", "faiss", "matplotlib", "onnxruntime")
+HEAVY = ("torch", "faiss", "matplotlib", "onnxruntime", "ray", "pyarrow")
 
 HELP_THEN_LIST_MODULES = """
 import sys

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -126,6 +127,13 @@ def index(
     attributes: bool = typer.Option(
         False, "--attributes", help="Predict each item's category and attributes and store "
         "them as predicted.<family> metadata (filter with --where predicted.pattern=Solid)."),
+    ray: str | None = typer.Option(
+        None, "--ray", metavar="[ADDRESS]", help="Run the ingest on Ray Data (pip install "
+        "'vestis\\[ray]'): --ray alone starts a local Ray on all cores; --ray ADDRESS joins a "
+        "cluster (auto, ray://head:10001, HOST:PORT). Same vectors as without."),
+    ray_workers: int | None = typer.Option(
+        None, "--ray-workers", min=1, help="Embedding actors with --ray (default: one per "
+        "CPU, or per GPU when the cluster has GPUs)."),
 ) -> None:
     """Add the images of SOURCE to the catalog (created if missing); prints images/s."""
     from tqdm.auto import tqdm
@@ -136,9 +144,27 @@ def index(
     def report_bad(path: str, reason: str) -> None:
         tqdm.write(f"failed: {path}: {reason}", file=sys.stderr)
 
+    runner = None
+    if ray is not None:
+        from vestis.catalog.ray_ingest import require_ray
+
+        require_ray()  # before a new catalog is created
+    elif ray_workers is not None:
+        raise ValueError("--ray-workers needs --ray")
     with open_catalog(catalog, model, index_choice, create=True, backend=backend) as cat:
         cat.encoder.batch_size = batch_size
-        report = cat.add(source, progress=True, on_error=report_bad, crop=crop)
+        if ray is not None:
+            from vestis.catalog.ray_ingest import RayRunner
+
+            runner = RayRunner.for_encoder(cat.encoder, cat.model_name, backend=backend,
+                                           address=ray, workers=ray_workers)
+            runner.start()
+        try:
+            report = cat.add(source, progress=True, on_error=report_bad, crop=crop,
+                             runner=runner)
+        finally:
+            if runner is not None:
+                runner.stop()
         typer.echo(
             f"indexed {report.added} images ({report.skipped} already present, "
             f"{len(report.failed)} failed) in {report.seconds:.1f} s "
@@ -864,8 +890,25 @@ def models(
         typer.echo(name)
 
 
+#: What may follow ``--ray`` as its address; anything else (another option, the source)
+#: leaves ``--ray`` alone, meaning a local Ray instance.
+RAY_ADDRESS = re.compile(r"^(auto|local|[A-Za-z][\w+.-]*://\S+|[\w.-]+:\d+)$")
+
+
+def ray_argv(argv: list[str]) -> list[str]:
+    """``--ray`` takes an optional address: a bare ``--ray`` becomes ``--ray=local``."""
+    out = []
+    for position, arg in enumerate(argv):
+        after = argv[position + 1] if position + 1 < len(argv) else None
+        if arg == "--ray" and (after is None or not RAY_ADDRESS.match(after)):
+            arg = "--ray=local"
+        out.append(arg)
+    return out
+
+
 def main() -> None:
     configure_environment()
+    sys.argv[1:] = ray_argv(sys.argv[1:])
     app()
 
 

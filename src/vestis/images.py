@@ -6,7 +6,9 @@ Every image that enters vestis goes through :func:`load_image`, which returns an
 
 from __future__ import annotations
 
+import hashlib
 import io
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -180,9 +182,61 @@ class _decoding:
         return False
 
 
+#: ``scheme://...``: an image named by a URI (``file://``, ``s3://``, ``gs://``, ``https://``).
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
+
+
+def is_uri(source: object) -> bool:
+    """Whether ``source`` is a URI string such as ``file:///photos/a.jpg`` or ``s3://b/a.jpg``
+    (a CSV's image column may hold them; they are read through fsspec)."""
+    return isinstance(source, str) and _URI.match(source) is not None
+
+
+def read_uri(uri: str) -> bytes:
+    """The bytes a URI names, through fsspec (``file://`` always; ``s3://``, ``gs://`` and
+    ``https://`` when s3fs, gcsfs or aiohttp are installed). Raises ``OSError`` (such as
+    ``FileNotFoundError``) or ``ImportError`` for a scheme whose package is missing."""
+    import fsspec
+
+    with fsspec.open(uri, "rb") as handle:
+        return handle.read()
+
+
+def content_hash(data: bytes, box: Box | None = None) -> str:
+    """The hash a catalog keeps of an image file's bytes (and its box, when it has one)."""
+    digest = hashlib.sha256(data)
+    if box is not None:
+        digest.update(repr(tuple(box)).encode())
+    return digest.hexdigest()
+
+
+def file_digest(path: str | Path, box: Box | None = None) -> tuple[str | None, str | None]:
+    """``(content hash, None)`` of a file or URI, or ``(None, reason)`` when it cannot be
+    read or is empty."""
+    try:
+        data = read_uri(path) if is_uri(path) else Path(path).read_bytes()
+    except OSError as exc:
+        return None, f"cannot be read ({exc.strerror or exc})"
+    except (ImportError, ValueError) as exc:  # a URI scheme whose fsspec package is missing
+        return None, f"cannot be read ({exc})"
+    if not data:
+        return None, "empty file (0 bytes)"
+    return content_hash(data, box), None
+
+
 def _read_bytes(source: ImageSource, name: str) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
+    elif is_uri(source):
+        try:
+            data = read_uri(source)
+        except FileNotFoundError:
+            raise ImageError(name, "file not found") from None
+        except IsADirectoryError:
+            raise ImageError(name, "is a directory, not an image file") from None
+        except (OSError, ImportError, ValueError) as exc:
+            raise ImageError(name, f"cannot be read ({getattr(exc, 'strerror', None) or exc})"
+                             ) from None
     else:
         path = Path(source)
         if not path.exists():

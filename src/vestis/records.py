@@ -31,7 +31,7 @@ class ImageRecord:
     """One image (or one box in it) of an item. ``metadata`` is left out of equality and
     hashing (two records of one image and item are the same record)."""
 
-    path: Path  # the image file (absolute where a reader resolved it)
+    path: Path | str  # the image file (absolute where a reader resolved it), or a URI string
     item_id: str  # the item (product, instance label) it shows
     box: Box | None = None  # x1, y1, x2, y2 in pixels of the original image
     category: str | None = None  # the product category, when known

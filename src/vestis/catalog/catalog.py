@@ -30,6 +30,7 @@ from vestis.catalog.index import AUTO, create_index, default_search_params, reso
 from vestis.catalog.ingest import (
     Indexer,
     IngestReport,
+    IngestRunner,
     content_hash,
     store_images,
     vector_hash,
@@ -321,6 +322,7 @@ class Catalog:
         progress: bool = False,
         on_error: Callable[[str, str], None] | None = None,
         crop: str | None = None,
+        runner: IngestRunner | None = None,
     ) -> IngestReport:
         """Add images from a folder, a CSV, or a list of paths or records.
 
@@ -329,7 +331,8 @@ class Catalog:
         ``item_id`` and ``metadata`` apply to every image of a list or file source.
         ``crop``: ``garment`` indexes each photo by the garment its category names (see
         :mod:`vestis.catalog.garments`), ``none`` by the whole photo; the choice is kept
-        for later adds (default: the catalog's, at first ``none``).
+        for later adds (default: the catalog's, at first ``none``). ``runner``: where hashing
+        and embedding run (default: here; :class:`vestis.catalog.ray_ingest.RayRunner` on Ray).
         """
 
         started = time.perf_counter()
@@ -343,7 +346,7 @@ class Catalog:
             ]
         with self._store.writing():
             self._check_model(self.encoder.model_id)
-            indexer = Indexer(self._store, self.encoder, self.cropper)
+            indexer = Indexer(self._store, self.encoder, self.cropper, runner)
             report = indexer.add(records, crop, progress=progress, on_error=on_error)
         report.seconds = time.perf_counter() - started
         return report

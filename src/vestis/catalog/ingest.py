@@ -10,17 +10,21 @@ and the server's uploads (``POST /items``). Invariants:
 * each embedded batch is one store transaction;
 * an image whose category names a garment group gets it as ``garment`` metadata, and the
   catalog's ``garment_groups`` meta is set the first time one is stored.
+
+Hashing and embedding run in this process (threads) by default; an :class:`IngestRunner`
+(such as :class:`vestis.catalog.ray_ingest.RayRunner`) runs them elsewhere with the same
+functions (:func:`vestis.images.file_digest`, the model's preprocessing and backend)
+while the writes stay here, through :meth:`Indexer.add`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -28,8 +32,10 @@ from tqdm.auto import tqdm
 from vestis.catalog.backend import CatalogStore
 from vestis.catalog.garments import GARMENT_KEY, GarmentCropper
 from vestis.catalog.store import NewImage
-from vestis.images import Box, ImageSource
+from vestis.images import Box, ImageSource, file_digest
+from vestis.images import content_hash as content_hash  # the catalog's, re-exported
 from vestis.models import Encoder
+from vestis.models.encoder import EncodedBatch
 from vestis.records import ImageRecord
 from vestis.views import context_vectors, product_view
 
@@ -60,14 +66,6 @@ def vector_hash(vector: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(vector, dtype=np.float32).tobytes()).hexdigest()
 
 
-def content_hash(data: bytes, box: Box | None = None) -> str:
-    """The hash an image row keeps of its file's bytes (and its box, when it has one)."""
-    digest = hashlib.sha256(data)
-    if box is not None:
-        digest.update(repr(tuple(box)).encode())
-    return digest.hexdigest()
-
-
 def store_images(store: CatalogStore, images: Sequence[NewImage], model_id: str) -> list[int]:
     """One transaction of new images (their items' metadata merged from theirs); marks the
     catalog as having garment groups when one carries a ``garment`` value. Returns the new
@@ -95,6 +93,29 @@ def vector_rows(item_ids: Sequence[str], vectors: np.ndarray, *,
             for item_id, vector, path, meta, box, sha in rows]
 
 
+#: One record's content hash, or why its file cannot be read: (record, sha, error).
+Digest = tuple[ImageRecord, str | None, str | None]
+
+
+def digest_record(record: ImageRecord) -> Digest:
+    """``(record, content hash, None)``, or ``(record, None, reason)`` when its file (or URI)
+    cannot be read or is empty (:func:`vestis.images.file_digest`)."""
+    return (record, *file_digest(record.path, record.box))
+
+
+class IngestRunner(Protocol):
+    """Where an ingest's hashing and embedding run (the writes always stay in the caller)."""
+
+    def digests(self, records: Sequence[ImageRecord]) -> Iterable[Digest]:
+        """:func:`digest_record` of every record, in input order."""
+        ...
+
+    def iter_batches(self, sources: Sequence[ImageSource], boxes: Sequence[Box | None], *,
+                     progress: bool = False, desc: str = "embedding") -> Iterator[EncodedBatch]:
+        """As :meth:`Encoder.iter_batches` (batches in input order, bad images reported)."""
+        ...
+
+
 def photo_view(encoder: Encoder, cropper: GarmentCropper, image: ImageSource,
                metadata: dict[str, Any], crop: str) -> tuple[np.ndarray, Box | None,
                                                           dict[str, Any]]:
@@ -110,10 +131,13 @@ def photo_view(encoder: Encoder, cropper: GarmentCropper, image: ImageSource,
 class Indexer:
     """Records (paths, items, metadata, boxes) → hashed, located, embedded → the store."""
 
-    def __init__(self, store: CatalogStore, encoder: Encoder, cropper: GarmentCropper):
+    def __init__(self, store: CatalogStore, encoder: Encoder, cropper: GarmentCropper,
+                 runner: IngestRunner | None = None):
+        """``runner``: where hashing and embedding run (default: here, in threads)."""
         self.store = store
         self.encoder = encoder
         self.cropper = cropper
+        self.runner = runner
 
     def add(self, records: Sequence[ImageRecord], crop: str, *, progress: bool = False,
             on_error: OnError = None) -> IngestReport:
@@ -149,20 +173,13 @@ class Indexer:
             self.store.set_meta({"garment_groups": "1"})
         return [(record, sha) for record, (_, sha) in zip(records, todo, strict=True)]
 
-    @staticmethod
-    def _hash_records(records, report, on_error, progress) -> list[tuple[ImageRecord, str]]:
-        def digest(record: ImageRecord) -> tuple[ImageRecord, str | None, str | None]:
-            try:
-                data = Path(record.path).read_bytes()
-            except OSError as exc:
-                return record, None, f"cannot be read ({exc.strerror or exc})"
-            if not data:
-                return record, None, "empty file (0 bytes)"
-            return record, content_hash(data, record.box), None
-
+    def _hash_records(self, records, report, on_error, progress) -> list[tuple[ImageRecord, str]]:
         hashed, seen = [], set()
         with ThreadPoolExecutor(HASH_THREADS) as pool:
-            results = pool.map(digest, records)
+            if self.runner is not None:
+                results = self.runner.digests(records)
+            else:
+                results = pool.map(digest_record, records)
             bar = tqdm(
                 results, total=len(records), desc="hashing", unit="img", disable=not progress
             )
@@ -183,7 +200,8 @@ class Indexer:
         paths = [record.path for record, _ in todo]
         boxes = [None if context else record.box
                  for (record, _), context in zip(todo, parsed_box, strict=True)]
-        for batch in self.encoder.iter_batches(paths, boxes, progress=progress, desc="indexing"):
+        embedder = self.runner if self.runner is not None else self.encoder
+        for batch in embedder.iter_batches(paths, boxes, progress=progress, desc="indexing"):
             for position, error in batch.errors:
                 report.fail(on_error, str(paths[position]), error.reason)
             if not batch.indices:

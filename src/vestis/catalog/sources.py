@@ -8,7 +8,7 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from vestis.images import UNSUPPORTED_SUFFIXES, Box, is_image_path
+from vestis.images import UNSUPPORTED_SUFFIXES, Box, is_image_path, is_uri
 from vestis.records import ImageRecord
 
 RESERVED_COLUMNS = ("image", "item_id")
@@ -62,8 +62,9 @@ def _is_hidden(path: Path, root: Path) -> bool:
 
 
 def read_csv(csv_path: Path) -> list[ImageRecord]:
-    """A CSV with ``image`` and ``item_id`` columns (paths relative to the CSV) and any
-    metadata columns. Optional ``x1,y1,x2,y2`` columns give a garment box.
+    """A CSV with ``image`` and ``item_id`` columns (paths relative to the CSV, or URIs such
+    as ``file:///photos/a.jpg`` or ``s3://bucket/a.jpg``, kept as strings and read through
+    fsspec) and any metadata columns. Optional ``x1,y1,x2,y2`` columns give a garment box.
 
     Errors name the file and line: text that is not UTF-8, a bad box, an id with a control
     character, or two rows for the same image (and box) that disagree on its item or
@@ -111,9 +112,12 @@ def _csv_record(row: dict[str, str], csv_path: Path, line: int) -> ImageRecord:
     if clean_item_id(item_id) != item_id:
         raise ValueError(f"{csv_path}:{line}: item_id {item_id!r} has a control character "
                          "(a newline or tab)")
-    path = Path(image).expanduser()
-    if not path.is_absolute():
-        path = csv_path.parent / path
+    if is_uri(image):
+        path: Path | str = image
+    else:
+        path = Path(image).expanduser()
+        if not path.is_absolute():
+            path = csv_path.parent / path
     metadata = {
         key: value
         for key, value in row.items()

@@ -94,21 +94,14 @@ class OnnxBackend:
     def __init__(
         self, model: bytes | str | Path, *, threads: int | None = None, streams: int | None = None
     ):
-        import onnxruntime as ort
+        from vestis.onnx_session import cpu_session
 
         self.streams = streams or physical_cores()
-        threads = threads or max(1, physical_cores() // self.streams)
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        source = model if isinstance(model, bytes) else str(model)
-        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        self.threads = threads or max(1, physical_cores() // self.streams)
+        # What another process opens for the same session (the Ray ingest's actors).
+        self.source = model if isinstance(model, bytes) else str(model)
+        self.session = cpu_session(self.source, self.threads)
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
-        self.threads = options.intra_op_num_threads
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
