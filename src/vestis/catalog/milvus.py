@@ -1,0 +1,858 @@
+"""The Milvus catalog store: :class:`MilvusStore`, a :class:`~vestis.catalog.backend.CatalogStore`
+on a Milvus server (``milvus://HOST:PORT/COLLECTION``) or an embedded Milvus Lite file
+(``milvus-lite:PATH``), through the same ``pymilvus`` client code.
+
+Three collections, named ``<name>_images``, ``<name>_items`` and ``<name>_meta``:
+
+* images: ``id`` (INT64 primary key, never reused: the next id is kept in meta and
+  reserved before rows are inserted), ``item_id``, ``item_key``, ``path``, ``sha256``,
+  ``box``, ``meta`` (the image's own metadata, JSON), ``filt`` (the filter keys, below) and
+  ``vec`` (FLOAT_VECTOR, inner product on the L2-normalised vectors, so scores are the
+  embedded store's cosine scores);
+* items: ``item_key`` (primary key), ``item_id``, ``meta`` (JSON);
+* meta: ``key`` → ``value`` strings (model identity, dim, index choice, id counter,
+  generation).
+
+Milvus needs a vector field in every collection: items and meta carry a 2-d zero vector.
+
+Filters are Milvus boolean expressions that never contain user text. ``item_key`` is a
+hash of the item id and ``filt`` maps a hash of each metadata key to a hash of the value
+the embedded store compares (the image's value, else its item's, as text; booleans as
+``1``/``0``), so ``where={"colour": ["red", "navy"]}`` becomes
+``(filt["k…"] == "v…" or filt["k…"] == "v…")``: hex digits only, nothing to escape, no
+injection through keys or values, and exactly the embedded store's text equality.
+
+What Milvus does not do as the embedded store does (README, "Scale"): a write spanning
+several rows or collections is not one transaction (a crash can leave an item without its
+images, never an image id reused); :meth:`writing` serialises the writers of this process
+only; ``generation`` is bumped by each write of a vestis client (read-modify-write), so
+with several writing processes it is only as consistent as Milvus itself. A Milvus Lite
+file is opened by one process at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vestis.catalog.backend import ItemHit
+from vestis.catalog.index import (
+    AUTO,
+    HNSW_EF_SEARCH,
+    HNSW_M,
+    exact_top_k,
+    ivf_lists,
+    is_sized,
+    pq_bytes,
+    recall_at_k,
+    resolve_factory,
+)
+from vestis.catalog.store import ImageRow, ModelMismatchError, NewImage, filter_text
+
+LITE_PREFIX = "milvus-lite:"
+SERVER_PREFIX = "milvus:"
+DEFAULT_NAME = "vestis"
+#: Milvus index types a choice may name directly (``--index IVF_SQ8``).
+MILVUS_INDEX_TYPES = ("FLAT", "HNSW", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "DISKANN")
+HNSW_EF_CONSTRUCTION = 200
+PAGE = 4096
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
+_ZERO = [0.0, 0.0]
+_MAX_PATH = 8192
+_MAX_ID = 4096
+
+
+class _NoMvccNotice(logging.Filter):
+    """Milvus Lite has no MVCC timestamp to page a query by; the client says so at every
+    query iterator (and pages by its own clock, which is what a single Lite process needs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "mvccTs" not in record.getMessage()
+
+
+logging.getLogger("pymilvus.client.iterator.query_iterator").addFilter(_NoMvccNotice())
+
+
+class MilvusLocation:
+    """A parsed Milvus catalog URI: the client's ``uri`` and the collections' name."""
+
+    def __init__(self, location: str):
+        text = str(location)
+        self.text = text
+        if text.startswith(LITE_PREFIX):
+            file, _, name = text[len(LITE_PREFIX):].partition("#")
+            if not file:
+                raise ValueError(f"{text}: milvus-lite:PATH needs a file path")
+            self.file: Path | None = Path(file).expanduser().absolute()
+            self.uri = str(self.file)
+            self.name = name or DEFAULT_NAME
+        elif text.startswith(SERVER_PREFIX):
+            rest = text[len(SERVER_PREFIX):].lstrip("/")  # a Path turns // into /
+            host, _, name = rest.partition("/")
+            if not host or not name:
+                raise ValueError(f"{text}: a Milvus server catalog is "
+                                 "milvus://HOST:PORT/COLLECTION")
+            self.file = None
+            self.uri = f"http://{host}"
+            self.name = name.strip("/")
+        else:
+            raise ValueError(f"{text}: not a Milvus catalog URI (milvus://HOST:PORT/COLLECTION "
+                             "or milvus-lite:PATH)")
+        if not _NAME.match(self.name):
+            raise ValueError(f"{text}: collection name {self.name!r} must be letters, digits "
+                             "and underscores, not starting with a digit")
+
+    @property
+    def files_dir(self) -> Path:
+        """Where files that belong to the catalog but not in Milvus go (server uploads,
+        caches): next to a Lite file, else under ``~/.cache/vestis/milvus``."""
+        if self.file is not None:
+            return self.file.parent / f"{self.file.name}.files"
+        host = self.uri.removeprefix("http://").replace(":", "_")
+        return Path.home() / ".cache" / "vestis" / "milvus" / host / self.name
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def milvus_index(choice: str, n: int, dim: int) -> dict[str, Any]:
+    """The Milvus index for a vestis index choice with ``n`` vectors of ``dim``:
+    ``{"index_type", "params", "search"}``. ``auto`` goes by size as the embedded store's
+    does (FLAT, then HNSW, then IVF_PQ); presets and FAISS strings map to their Milvus kin
+    (fp16 variants to their float32 kin: Milvus keeps FLOAT_VECTOR); a Milvus index type
+    (``IVF_SQ8``, ``DISKANN``) is taken as named. ValueError for anything else."""
+    key = choice.strip()
+    upper = key.upper().replace("-", "_")
+    if upper in MILVUS_INDEX_TYPES:
+        kind = upper
+        factory = {"FLAT": "Flat", "HNSW": f"HNSW{HNSW_M}"}.get(kind, "")
+    else:
+        factory = resolve_factory(key, n, dim)
+        kind = _kind_of_factory(factory, choice)
+    lists = ivf_lists(n)
+    if factory.startswith("IVF"):
+        lists = int(factory[3:].split(",")[0].split("_")[0] or lists)
+    if kind == "FLAT":
+        return {"index_type": "FLAT", "params": {}, "search": {}}
+    if kind == "HNSW":
+        m = int(re.match(r"HNSW(\d*)", factory or "HNSW").group(1) or HNSW_M)
+        return {"index_type": "HNSW", "params": {"M": m, "efConstruction": HNSW_EF_CONSTRUCTION},
+                "search": {"ef": HNSW_EF_SEARCH}}
+    nprobe = min(lists, max(8, min(64, lists // 16)))
+    if kind == "IVF_PQ":
+        m = pq_bytes(dim)
+        if m < 8:  # awkward (near-prime) dims: 8-bit scalar codes, as the embedded store does
+            kind = "IVF_SQ8"
+        else:
+            return {"index_type": "IVF_PQ", "params": {"nlist": lists, "m": m, "nbits": 8},
+                    "search": {"nprobe": nprobe}}
+    if kind in ("IVF_SQ8", "IVF_FLAT"):
+        return {"index_type": kind, "params": {"nlist": lists}, "search": {"nprobe": nprobe}}
+    return {"index_type": "DISKANN", "params": {}, "search": {"search_list": 100}}
+
+
+def _kind_of_factory(factory: str, choice: str) -> str:
+    if factory in ("Flat", "SQfp16"):
+        return "FLAT"
+    if factory.startswith("HNSW"):
+        return "HNSW"
+    match = re.fullmatch(r"IVF\d+(?:_HNSW\d+)?,(PQ\d+(?:x8)?|SQ8|Flat)", factory)
+    if match:
+        code = match.group(1)
+        return "IVF_PQ" if code.startswith("PQ") else "IVF_SQ8" if code == "SQ8" else "IVF_FLAT"
+    raise ValueError(f"index {choice!r} has no Milvus equivalent; use auto, flat, hnsw, ivfpq "
+                     f"or a Milvus index type ({', '.join(MILVUS_INDEX_TYPES)})")
+
+
+def describe_index(spec: dict[str, Any]) -> str:
+    """``HNSW(M=32,efConstruction=200)``: a Milvus index as ``info`` shows it."""
+    params = ",".join(f"{k}={v}" for k, v in spec["params"].items())
+    return f"{spec['index_type']}({params})" if params else spec["index_type"]
+
+
+def _bytes_per_vector(spec: dict[str, Any], dim: int) -> float:
+    """An estimate (Milvus does not report index sizes): raw float32 vectors for FLAT, HNSW
+    (plus its graph links) and DiskANN's memory part; codes plus the id for IVF."""
+    kind, params = spec["index_type"], spec["params"]
+    if kind == "HNSW":
+        return 4.0 * dim + 2 * params.get("M", HNSW_M) * 4 + 8
+    if kind == "IVF_PQ":
+        return params.get("m", dim) * params.get("nbits", 8) / 8 + 8
+    if kind == "IVF_SQ8":
+        return dim + 8.0
+    return 4.0 * dim + 8
+
+
+def _hash(text: str, size: int = 32) -> str:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=size // 2).hexdigest()
+
+
+def item_key(item_id: str) -> str:
+    """The item's primary key in Milvus: a hash of its id (hex, safe in any expression)."""
+    return _hash(item_id)
+
+
+def _stored_text(value: Any) -> str | None:
+    """A stored metadata value as the embedded store's filter reads it (SQLite's CAST of the
+    JSON value to TEXT): text as is, booleans ``1``/``0``, numbers as SQLite prints them,
+    lists and objects as compact JSON; ``None`` (JSON null) is no value."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, str, int)):
+        return filter_text(value)
+    if isinstance(value, float):
+        return repr(value) if value != int(value) or abs(value) >= 1e15 else f"{value:.1f}"
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def filter_keys(item_metadata: dict[str, Any], image_metadata: dict[str, Any]) -> dict[str, str]:
+    """The ``filt`` field of an image: hashed key → hashed text of its effective value (the
+    image's own, else its item's)."""
+    merged: dict[str, str] = {}
+    for metadata in (item_metadata, image_metadata):
+        for key, value in metadata.items():
+            text = _stored_text(value)
+            if text is not None:
+                merged[_hash(key, 16)] = _hash(text)
+    return merged
+
+
+def filter_expression(where: dict[str, Any]) -> str | None:
+    """The Milvus expression for a ``where`` filter (see
+    :meth:`vestis.catalog.backend.CatalogStore.filtered_image_ids`); ``None`` when it can
+    keep nothing (an empty list of values). Only hex digests appear in it."""
+    clauses = []
+    for key, value in where.items():
+        values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
+        if not values:
+            return None
+        if str(key) == "item_id":
+            keys = sorted({item_key(str(v)) for v in values})
+            clauses.append("item_key in [" + ", ".join(f'"{k}"' for k in keys) + "]")
+            continue
+        field = f'filt["{_hash(str(key), 16)}"]'
+        tests = sorted({f'{field} == "{_hash(filter_text(v))}"' for v in values})
+        clauses.append(tests[0] if len(tests) == 1 else "(" + " or ".join(tests) + ")")
+    return " and ".join(clauses)
+
+
+class MilvusStore:
+    """:class:`vestis.catalog.backend.CatalogStore` on Milvus (server or Lite).
+
+    Thread-safe within one process: ``lock`` serialises this object's client calls.
+    """
+
+    read_only = False
+
+    def __init__(self, location: str | MilvusLocation, *, client=None):
+        from pymilvus import MilvusClient
+
+        self.location = location if isinstance(location, MilvusLocation) \
+            else MilvusLocation(location)
+        self.lock = threading.RLock()
+        if client is None:
+            if self.location.file is not None:
+                self.location.file.parent.mkdir(parents=True, exist_ok=True)
+            client = MilvusClient(self.location.uri, **_server_auth(self.location))
+        self._client = client
+        name = self.location.name
+        self._images_name, self._items_name, self._meta_name = (
+            f"{name}_images", f"{name}_items", f"{name}_meta")
+        self._fixed: dict[str, str] = {}  # meta that never changes once set (model, dim)
+        self._added = False
+        self._ensure_collections()
+
+    @staticmethod
+    def exists(location: str | MilvusLocation) -> bool:
+        """Whether the catalog exists (a Lite file is not created to find out)."""
+        location = location if isinstance(location, MilvusLocation) \
+            else MilvusLocation(location)
+        if location.file is not None and not location.file.exists():
+            return False
+        from pymilvus import MilvusClient
+
+        client = MilvusClient(location.uri, **_server_auth(location))
+        try:
+            return client.has_collection(f"{location.name}_meta")
+        finally:
+            client.close()
+
+    @staticmethod
+    def resolve_index(choice: str, n: int, dim: int) -> tuple[str, str]:
+        """The index (as ``info`` shows it) and search parameters of ``choice``."""
+        spec = milvus_index(choice, n, dim)
+        return describe_index(spec), _params_text(spec["search"])
+
+    # -- collections ---------------------------------------------------------------------
+    def _ensure_collections(self) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        client = self._client
+        if not client.has_collection(self._meta_name):
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=128)
+            schema.add_field("value", DataType.VARCHAR, max_length=65535)
+            schema.add_field("v", DataType.FLOAT_VECTOR, dim=2)
+            self._create(self._meta_name, schema, "v", {"index_type": "FLAT", "params": {}})
+        if not client.has_collection(self._items_name):
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("item_key", DataType.VARCHAR, is_primary=True, max_length=64)
+            schema.add_field("item_id", DataType.VARCHAR, max_length=_MAX_ID)
+            schema.add_field("meta", DataType.JSON)
+            schema.add_field("v", DataType.FLOAT_VECTOR, dim=2)
+            self._create(self._items_name, schema, "v", {"index_type": "FLAT", "params": {}})
+
+    def _create(self, name: str, schema, field: str, spec: dict[str, Any]) -> None:
+        index_params = self._client.prepare_index_params()
+        index_params.add_index(field_name=field, index_type=spec["index_type"],
+                               metric_type="IP", params=spec["params"])
+        self._client.create_collection(name, schema=schema, index_params=index_params,
+                                       consistency_level="Strong")
+
+    def _images(self) -> str:
+        """The images collection, created with the catalog's dimension on first use."""
+        if not self._client.has_collection(self._images_name):
+            from pymilvus import DataType, MilvusClient
+
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("id", DataType.INT64, is_primary=True)
+            schema.add_field("item_id", DataType.VARCHAR, max_length=_MAX_ID)
+            schema.add_field("item_key", DataType.VARCHAR, max_length=64)
+            schema.add_field("path", DataType.VARCHAR, max_length=_MAX_PATH)
+            schema.add_field("sha256", DataType.VARCHAR, max_length=128)
+            schema.add_field("box", DataType.VARCHAR, max_length=128)
+            schema.add_field("meta", DataType.JSON)
+            schema.add_field("filt", DataType.JSON)
+            schema.add_field("vec", DataType.FLOAT_VECTOR, dim=self.dim)
+            self._create(self._images_name, schema, "vec", self._index_spec())
+        return self._images_name
+
+    def _has_images(self) -> bool:
+        return self._client.has_collection(self._images_name)
+
+    # -- meta --------------------------------------------------------------------------
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        if key in self._fixed:
+            return self._fixed[key]
+        with self.lock:
+            rows = self._client.get(self._meta_name, ids=[key], output_fields=["value"])
+        value = rows[0]["value"] if rows else default
+        if rows and key in ("model_name", "model_id", "dim"):
+            self._fixed[key] = value
+        return value
+
+    def _all_meta(self) -> dict[str, str]:
+        with self.lock:
+            rows = self._client.query(self._meta_name, filter='key != ""',
+                                      output_fields=["key", "value"], limit=16384)
+        return {row["key"]: row["value"] for row in rows}
+
+    def _put_meta(self, values: dict[str, str]) -> None:
+        if values:
+            self._client.upsert(self._meta_name, [{"key": k, "value": str(v), "v": _ZERO}
+                                                  for k, v in values.items()])
+
+    def set_meta(self, values: dict[str, str]) -> None:
+        with self.writing():
+            self._put_meta(values)
+            self._bump()
+
+    def create_meta(self, values: dict[str, str], key: str) -> dict[str, str]:
+        with self.writing():
+            if self.get_meta(key) is None:
+                extra = {}
+                if "index_choice" in values and "dim" in values:  # a new catalog's index
+                    spec = milvus_index(values["index_choice"], 0, int(values["dim"]))
+                    extra = {"milvus_index": json.dumps(spec),
+                             "milvus_search": _params_text(spec["search"])}
+                self._put_meta({**values, **extra})
+                self._bump()
+            stored = self._all_meta()
+        return {k: stored[k] for k in values if k in stored}
+
+    @property
+    def generation(self) -> int:
+        return int(self.get_meta("generation", "0"))
+
+    def _bump(self) -> None:
+        """One more write (read-modify-write: exact for one writer, see the module doc)."""
+        self._put_meta({"generation": str(self.generation + 1)})
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """This object's lock: writers of this process take turns; Milvus has no lock
+        across processes (see the module docstring)."""
+        with self.lock:
+            yield
+
+    @property
+    def dim(self) -> int:
+        return int(self.get_meta("dim"))
+
+    @property
+    def index_choice(self) -> str:
+        return self.get_meta("index_choice") or AUTO
+
+    def _index_spec(self) -> dict[str, Any]:
+        stored = self.get_meta("milvus_index")
+        if stored:
+            return json.loads(stored)
+        return milvus_index(self.index_choice, 0, self.dim)
+
+    @property
+    def factory(self) -> str:
+        return describe_index(self._index_spec())
+
+    @property
+    def search_params(self) -> str:
+        stored = self.get_meta("milvus_search")
+        return stored if stored is not None else _params_text(self._index_spec()["search"])
+
+    def init_index(self, choice: str | None) -> None:
+        """Store the Milvus index of the catalog's choice, once (the catalog's own
+        ``factory`` meta is the embedded store's and unused here)."""
+        if self.get_meta("milvus_index") is None:
+            with self.writing():
+                spec = milvus_index(self.get_meta("index_choice") or choice or AUTO,
+                                    self._count_images(), self.dim)
+                self._put_meta({"milvus_index": json.dumps(spec),
+                                "milvus_search": _params_text(spec["search"])})
+
+    # -- reads -------------------------------------------------------------------------
+    def _count(self, collection: str) -> int:
+        with self.lock:
+            rows = self._client.query(collection, filter="", output_fields=["count(*)"])
+        return int(rows[0]["count(*)"]) if rows else 0
+
+    def count_items(self) -> int:
+        return self._count(self._items_name)
+
+    def count_images(self) -> int:
+        return self._count_images()
+
+    def _count_images(self) -> int:
+        return self._count(self._images_name) if self._has_images() else 0
+
+    def _query_all(self, collection: str, expression: str, fields: list[str]) -> list[dict]:
+        """Every row an expression keeps (paged by the client's query iterator)."""
+        with self.lock:
+            iterator = self._client.query_iterator(collection, batch_size=PAGE,
+                                                   filter=expression, output_fields=fields)
+            rows: list[dict] = []
+            try:
+                while True:
+                    page = iterator.next()
+                    if not page:
+                        return rows
+                    rows.extend(page)
+            finally:
+                iterator.close()
+
+    def _image_rows(self, expression: str) -> list[dict]:
+        if not self._has_images():
+            return []
+        return self._query_all(self._images_name, expression, _ROW_FIELDS)
+
+    def known_hashes(self, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        wanted = set(pairs)
+        if not wanted or not self._has_images():
+            return set()
+        keys = sorted({item_key(item_id) for item_id, _ in wanted})
+        found = set()
+        for start in range(0, len(keys), 512):
+            chunk = keys[start:start + 512]
+            rows = self._query_all(self._images_name, _key_in(chunk), ["item_id", "sha256"])
+            found.update((row["item_id"], row["sha256"]) for row in rows)
+        return wanted & found
+
+    def item_ids(self) -> list[str]:
+        rows = self._query_all(self._items_name, 'item_key != ""', ["item_id"])
+        return sorted(row["item_id"] for row in rows)
+
+    def _items_by_key(self, keys: Sequence[str]) -> dict[str, dict]:
+        if not keys:
+            return {}
+        with self.lock:
+            rows = self._client.get(self._items_name, ids=list(keys),
+                                    output_fields=["item_id", "meta"])
+        return {row["item_key"]: row for row in rows}
+
+    def item_metadata(self, item_id: str) -> dict[str, Any] | None:
+        row = self._items_by_key([item_key(item_id)]).get(item_key(item_id))
+        if row is None or row["item_id"] != item_id:
+            return None
+        return dict(row["meta"] or {})
+
+    def images_of(self, item_id: str) -> list[ImageRow]:
+        rows = self._image_rows(f'item_key == "{item_key(item_id)}"')
+        return sorted((_row(r) for r in rows if r["item_id"] == item_id),
+                      key=lambda r: r.image_id)
+
+    def images_by_id(self, image_ids: Sequence[int]) -> dict[int, ImageRow]:
+        wanted = [int(i) for i in image_ids]
+        if not wanted or not self._has_images():
+            return {}
+        found = {}
+        for start in range(0, len(wanted), PAGE):
+            with self.lock:
+                rows = self._client.get(self._images_name, ids=wanted[start:start + PAGE],
+                                        output_fields=_ROW_FIELDS)
+            found.update((int(r["id"]), _row(r)) for r in rows)
+        return found
+
+    def image_ids(self) -> np.ndarray:
+        if not self._has_images():
+            return np.zeros(0, dtype=np.int64)
+        rows = self._query_all(self._images_name, "id >= 0", ["id"])
+        return np.sort(np.array([int(r["id"]) for r in rows], dtype=np.int64))
+
+    def iter_vectors(self, batch: int = PAGE) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        ids = self.image_ids()
+        for start in range(0, len(ids), batch):
+            chunk = ids[start:start + batch]
+            yield chunk, self.vectors_by_id(chunk, batch)
+
+    def vectors_by_id(self, image_ids: Sequence[int], batch: int = PAGE) -> np.ndarray:
+        wanted = [int(i) for i in image_ids]
+        if not wanted:
+            return np.zeros((0, 0), dtype=np.float32)
+        found: dict[int, list[float]] = {}
+        if self._has_images():
+            for start in range(0, len(wanted), batch):
+                with self.lock:
+                    rows = self._client.get(self._images_name, ids=wanted[start:start + batch],
+                                            output_fields=["vec"])
+                found.update((int(r["id"]), r["vec"]) for r in rows)
+        missing = [i for i in wanted if i not in found]
+        if missing:
+            raise KeyError(f"no stored vector for image ids {missing[:5]}")
+        return np.array([found[i] for i in wanted], dtype=np.float32)
+
+    def sample_image_ids(self, limit: int, seed: int = 0) -> np.ndarray:
+        ids = self.image_ids()
+        if len(ids) <= limit:
+            return ids
+        return np.sort(np.random.default_rng(seed).choice(ids, limit, replace=False))
+
+    def filtered_image_ids(self, where: dict[str, Any]) -> np.ndarray:
+        expression = filter_expression(where)
+        if expression is None or not self._has_images():
+            return np.zeros(0, dtype=np.int64)
+        rows = self._query_all(self._images_name, expression or "id >= 0", ["id"])
+        return np.sort(np.array([int(r["id"]) for r in rows], dtype=np.int64))
+
+    def metadata_keys(self) -> list[str]:
+        keys = set()
+        for row in self._query_all(self._items_name, 'item_key != ""', ["meta"]):
+            keys.update(row["meta"] or {})
+        for row in self._image_rows("id >= 0"):
+            keys.update(row["meta"] or {})
+        return sorted(keys)
+
+    def search_items(self, vectors: np.ndarray, k: int,
+                     where: dict[str, Any] | None = None) -> list[list[ItemHit]]:
+        """The ``k`` best items per query: Milvus groups the hits by ``item_id`` (each item
+        once, by its best image); where grouping is not available the image search widens
+        until ``k`` items appear, as the embedded store's does."""
+        expression = filter_expression(where) if where else ""
+        if expression is None or not self._has_images():
+            return [[] for _ in vectors]
+        data = np.asarray(vectors, dtype=np.float32).tolist()
+        params = {"metric_type": "IP", "params": _search_params(self.search_params)}
+        with self.lock:
+            try:
+                results = self._client.search(
+                    self._images_name, data=data, limit=k, filter=expression,
+                    output_fields=_ROW_FIELDS, search_params=params, group_by_field="item_id")
+            except Exception:  # noqa: BLE001 - a Milvus without grouping: widen instead
+                results = [self._widened(row, k, expression, params) for row in data]
+        found = [[(float(hit["distance"]), _row({**hit["entity"], "id": hit["id"]}))
+                  for hit in hits] for hits in results]
+        items = self._items_by_key(sorted({item_key(r.item_id) for hits in found
+                                           for _, r in hits}))
+        return [[ItemHit(score, row, dict(items.get(item_key(row.item_id), {}).get("meta") or {}))
+                 for score, row in _best_per_item(hits, k)] for hits in found]
+
+    def _widened(self, vector: list[float], k: int, expression: str,
+                 params: dict) -> list[dict]:
+        available = self._count_images()
+        fetch = min(max(available, 1), k * 4)
+        while True:
+            hits = self._client.search(self._images_name, data=[vector], limit=fetch,
+                                       filter=expression, output_fields=_ROW_FIELDS,
+                                       search_params=params)[0]
+            if len({h["entity"]["item_id"] for h in hits}) >= k or fetch >= available:
+                return list(hits)
+            fetch = min(available, fetch * 4)
+
+    # -- the vector index --------------------------------------------------------------
+    def index_info(self) -> dict[str, Any]:
+        """Milvus indexes the collection's own rows, so the index holds exactly the stored
+        ids once Milvus has indexed them all (``pending_index_rows``). Bytes per vector are
+        an estimate from the index type (Milvus does not report index sizes)."""
+        count = self._count_images()
+        pending = 0
+        if count:
+            with self.lock:
+                described = self._client.describe_index(self._images_name, "vec") or {}
+            pending = int(described.get("pending_index_rows", 0) or 0)
+        return {"indexed_vectors": count - pending, "index_in_sync": pending == 0,
+                "index_bytes_per_vector": round(_bytes_per_vector(self._index_spec(),
+                                                                  self.dim), 1) if count else 0}
+
+    def measure_recall(self, k: int = 10, *, queries: int = 200, seed: int = 0) -> float:
+        ids = self.sample_image_ids(queries, seed)
+        if not len(ids):
+            return 1.0
+        vectors = self.vectors_by_id(ids)
+        k = min(k, self._count_images())
+        _, exact = exact_top_k(vectors, self.iter_vectors(), k)
+        params = {"metric_type": "IP", "params": _search_params(self.search_params)}
+        with self.lock:
+            results = self._client.search(self._images_name, data=vectors.tolist(), limit=k,
+                                          search_params=params)
+        found = np.full((len(ids), k), -1, dtype=np.int64)
+        for n, hits in enumerate(results):
+            found[n, :len(hits)] = [int(h["id"]) for h in hits]
+        return recall_at_k(found, exact)
+
+    def rebuild_index(self, index: str | None = None, search_params: str | None = None) -> None:
+        """Recreate the Milvus index for a (new) choice; ``search_params`` alone (``ef=256``,
+        ``nprobe=32``; the FAISS names ``efSearch`` also work) only re-tunes searches."""
+        with self.writing():
+            if search_params is not None:
+                _search_params(search_params)  # a bad string fails before anything changes
+            if index is None and search_params is not None:
+                self._put_meta({"milvus_search": search_params})
+                self._bump()
+                return
+            choice = index or self.index_choice
+            spec = milvus_index(choice, self._count_images(), self.dim)
+            self._put_meta({"index_choice": choice, "milvus_index": json.dumps(spec),
+                            "milvus_search": search_params if search_params is not None
+                            else _params_text(spec["search"])})
+            self._recreate_index(spec)
+            self._bump()
+
+    def _recreate_index(self, spec: dict[str, Any]) -> None:
+        if not self._has_images():
+            return
+        client = self._client
+        client.release_collection(self._images_name)
+        client.drop_index(self._images_name, "vec")
+        index_params = client.prepare_index_params()
+        index_params.add_index(field_name="vec", index_type=spec["index_type"],
+                               metric_type="IP", params=spec["params"])
+        client.create_index(self._images_name, index_params)
+        client.load_collection(self._images_name)
+
+    def _follow_size(self) -> None:
+        """``auto`` and ``ivfpq`` follow the catalog's size, as in the embedded store."""
+        if not is_sized(self.index_choice):
+            return
+        spec = milvus_index(self.index_choice, self._count_images(), self.dim)
+        if spec != self._index_spec():
+            self._put_meta({"milvus_index": json.dumps(spec),
+                            "milvus_search": _params_text(spec["search"])})
+            self._recreate_index(spec)
+
+    def save(self) -> None:
+        """Milvus persists its own rows and indexes: nothing to do."""
+
+    # -- writes ------------------------------------------------------------------------
+    def add_images(self, images: Sequence[NewImage], item_metadata: dict[str, dict], *,
+                   model_id: str | None = None) -> list[int]:
+        """Check, create or merge the items, reserve ids, insert the images (see the module
+        docstring: several Milvus writes, not one transaction)."""
+        with self.writing():
+            if model_id is not None:
+                self._check_vectors(model_id, images)
+            known = self.known_hashes((i.item_id, i.sha256) for i in images)
+            fresh, seen = [], set(known)
+            for n, image in enumerate(images):
+                pair = (image.item_id, image.sha256)
+                if pair not in seen:
+                    seen.add(pair)
+                    fresh.append(n)
+            if not fresh and not any(item_metadata.values()):
+                return [-1] * len(images)
+            items = self._merge_items({**{images[n].item_id: {} for n in fresh},
+                                       **item_metadata})
+            ids = [-1] * len(images)
+            if fresh:
+                first = int(self.get_meta("next_id", "1"))
+                self._put_meta({"next_id": str(first + len(fresh))})  # reserved before use
+                rows = []
+                for offset, n in enumerate(fresh):
+                    image = images[n]
+                    ids[n] = first + offset
+                    rows.append(_image_record(ids[n], image, items[image.item_id]))
+                collection = self._images()
+                for start in range(0, len(rows), 1024):
+                    self._client.insert(collection, rows[start:start + 1024])
+                self._added = True
+            self._bump()
+        return ids
+
+    def _check_vectors(self, model_id: str, images: Sequence[NewImage]) -> None:
+        stored = self.get_meta("model_id")
+        if stored != model_id:
+            raise ModelMismatchError(f"vectors from model {model_id!r} cannot go into catalog "
+                                     f"{self.location}, built with {stored!r}")
+        dim = self.dim
+        for image in images:
+            if np.asarray(image.vector).size != dim:
+                raise ModelMismatchError(
+                    f"a {np.asarray(image.vector).size}-d vector cannot go into catalog "
+                    f"{self.location}, whose vectors are {dim}-d")
+
+    def _merge_items(self, item_metadata: dict[str, dict]) -> dict[str, dict]:
+        """Create missing items and merge new metadata into existing ones; returns every
+        named item's metadata now. Images of a changed item get their filter keys again."""
+        keys = {item_id: item_key(item_id) for item_id in item_metadata}
+        existing = self._items_by_key(sorted(set(keys.values())))
+        now, upserts, changed = {}, [], []
+        for item_id, metadata in item_metadata.items():
+            row = existing.get(keys[item_id])
+            if row is None:
+                now[item_id] = dict(metadata)
+            elif metadata:
+                now[item_id] = {**(row["meta"] or {}), **metadata}
+                changed.append(item_id)
+            else:
+                now[item_id] = dict(row["meta"] or {})
+                continue
+            upserts.append({"item_key": keys[item_id], "item_id": item_id,
+                            "meta": now[item_id], "v": _ZERO})
+        if upserts:
+            self._client.upsert(self._items_name, upserts)
+        for item_id in changed:
+            self._refilter(item_id, now[item_id], drop=())
+        return now
+
+    def _refilter(self, item_id: str, metadata: dict[str, Any], drop: Iterable[str]) -> None:
+        """Rewrite an item's images with new filter keys (and without the image metadata
+        keys in ``drop``): Milvus upserts whole rows, vectors included."""
+        if not self._has_images():
+            return
+        rows = self._query_all(self._images_name, f'item_key == "{item_key(item_id)}"',
+                               [*_ROW_FIELDS, "vec"])
+        drop = set(drop)
+        updated = []
+        for row in rows:
+            own = {k: v for k, v in (row["meta"] or {}).items() if k not in drop}
+            updated.append({"id": int(row["id"]), "item_id": row["item_id"],
+                            "item_key": row["item_key"], "path": row["path"],
+                            "sha256": row["sha256"], "box": row["box"], "meta": own,
+                            "filt": filter_keys(metadata, own),
+                            "vec": [float(x) for x in row["vec"]]})
+        for start in range(0, len(updated), 1024):
+            self._client.upsert(self._images_name, updated[start:start + 1024])
+
+    def commit(self) -> None:
+        """After adds: a size-dependent index choice follows the catalog's size."""
+        with self.writing():
+            if self._added:
+                self._added = False
+                self._follow_size()
+
+    def remove_item(self, item_id: str) -> list[int]:
+        with self.writing():
+            if self.item_metadata(item_id) is None:
+                raise KeyError(item_id)
+            ids = [row.image_id for row in self.images_of(item_id)]
+            if ids:
+                self._client.delete(self._images_name, ids=ids)
+            self._client.delete(self._items_name, ids=[item_key(item_id)])
+            self._bump()
+        return ids
+
+    def update_item(self, item_id: str, metadata: dict[str, Any]) -> dict[str, Any]:
+        with self.writing():
+            merged = self.item_metadata(item_id)
+            if merged is None:
+                raise KeyError(item_id)
+            for key, value in metadata.items():
+                if value is None:
+                    merged.pop(key, None)
+                else:
+                    merged[key] = value
+            self._client.upsert(self._items_name, [{"item_key": item_key(item_id),
+                                                    "item_id": item_id, "meta": merged,
+                                                    "v": _ZERO}])
+            self._refilter(item_id, merged, drop=metadata)
+            self._bump()
+        return merged
+
+    def close(self) -> None:
+        with self.lock:
+            self._client.close()
+
+
+_ROW_FIELDS = ["id", "item_id", "item_key", "path", "sha256", "box", "meta"]
+
+
+def _key_in(keys: Sequence[str]) -> str:
+    return "item_key in [" + ", ".join(f'"{k}"' for k in keys) + "]"
+
+
+def _image_record(image_id: int, image: NewImage, item_metadata: dict[str, Any]) -> dict:
+    own = dict(image.metadata)
+    if len(image.path) > _MAX_PATH or len(image.item_id) > _MAX_ID:
+        raise ValueError(f"{image.path}: paths over {_MAX_PATH} and item ids over {_MAX_ID} "
+                         "characters do not fit a Milvus catalog")
+    return {"id": image_id, "item_id": image.item_id, "item_key": item_key(image.item_id),
+            "path": image.path, "sha256": image.sha256,
+            "box": json.dumps([int(v) for v in image.box]) if image.box else "",
+            "meta": own, "filt": filter_keys(item_metadata, own),
+            "vec": np.asarray(image.vector, dtype=np.float32).ravel().tolist()}
+
+
+def _row(record: dict) -> ImageRow:
+    box = record.get("box")
+    return ImageRow(int(record["id"]), record["item_id"], record["path"], record["sha256"],
+                    tuple(json.loads(box)) if box else None, dict(record.get("meta") or {}))
+
+
+def _best_per_item(hits: list[tuple[float, ImageRow]], k: int) -> list[tuple[float, ImageRow]]:
+    best: dict[str, tuple[float, ImageRow]] = {}
+    for score, row in sorted(hits, key=lambda h: (-h[0], h[1].image_id)):
+        best.setdefault(row.item_id, (score, row))
+    return list(best.values())[:k]
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in params.items())
+
+
+_PARAM_NAMES = {"efsearch": "ef", "ef": "ef", "nprobe": "nprobe", "search_list": "search_list"}
+
+
+def _search_params(text: str) -> dict[str, int]:
+    """``ef=128,nprobe=16`` (FAISS's ``efSearch`` read as ``ef``) as Milvus search params."""
+    params = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        name, sep, value = part.partition("=")
+        key = _PARAM_NAMES.get(name.strip().lower())
+        if not sep or key is None or not value.strip().isdigit():
+            raise ValueError(f"search parameter {part!r}: expected ef=N, efSearch=N, nprobe=N "
+                             "or search_list=N")
+        params[key] = int(value)
+    return params
+
+
+def _server_auth(location: MilvusLocation) -> dict[str, str]:
+    """A server's token from ``MILVUS_TOKEN`` (``user:password`` or an API key)."""
+    import os
+
+    token = os.environ.get("MILVUS_TOKEN")
+    return {"token": token} if token and location.file is None else {}
