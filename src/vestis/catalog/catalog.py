@@ -172,8 +172,9 @@ class Catalog:
         stored = self.factory
         if choice is not None and choice not in (stored, self.index_choice):
             raise ValueError(
-                f"catalog {self.location} uses index {self.index_choice!r} ({stored}); rebuild it "
-                f"to change to {choice!r}: vestis reindex --catalog {self.location} --index {choice}"
+                f"catalog {self.location} uses index {self.index_choice!r} ({stored}); rebuild "
+                f"it to change to {choice!r}: vestis reindex --catalog {self.location} "
+                f"--index {choice}"
             )
 
     @property

@@ -50,8 +50,8 @@ from vestis.catalog.index import (
     HNSW_EF_SEARCH,
     HNSW_M,
     exact_top_k,
-    ivf_lists,
     is_sized,
+    ivf_lists,
     pq_bytes,
     recall_at_k,
     resolve_factory,
@@ -254,15 +254,13 @@ class MilvusStore:
     read_only = False
 
     def __init__(self, location: str | MilvusLocation, *, client=None):
-        from pymilvus import MilvusClient
-
         self.location = location if isinstance(location, MilvusLocation) \
             else MilvusLocation(location)
         self.lock = threading.RLock()
         if client is None:
             if self.location.file is not None:
                 self.location.file.parent.mkdir(parents=True, exist_ok=True)
-            client = MilvusClient(self.location.uri, **_server_auth(self.location))
+            client = _connect(self.location)
         self._client = client
         name = self.location.name
         self._images_name, self._items_name, self._meta_name = (
@@ -278,9 +276,7 @@ class MilvusStore:
             else MilvusLocation(location)
         if location.file is not None and not location.file.exists():
             return False
-        from pymilvus import MilvusClient
-
-        client = MilvusClient(location.uri, **_server_auth(location))
+        client = _connect(location)
         try:
             return client.has_collection(f"{location.name}_meta")
         finally:
@@ -310,6 +306,15 @@ class MilvusStore:
             schema.add_field("meta", DataType.JSON)
             schema.add_field("v", DataType.FLOAT_VECTOR, dim=2)
             self._create(self._items_name, schema, "v", {"index_type": "FLAT", "params": {}})
+        for name in (self._meta_name, self._items_name, self._images_name):
+            self._load(name)
+
+    def _load(self, name: str) -> None:
+        """Collections of an existing catalog are loaded (a new process finds them released)."""
+        client = self._client
+        if client.has_collection(name) and "Loaded" not in str(
+                client.get_load_state(name).get("state", "")):
+            client.load_collection(name)
 
     def _create(self, name: str, schema, field: str, spec: dict[str, Any]) -> None:
         index_params = self._client.prepare_index_params()
@@ -848,6 +853,21 @@ def _search_params(text: str) -> dict[str, int]:
                              "or search_list=N")
         params[key] = int(value)
     return params
+
+
+def _connect(location: MilvusLocation):
+    """A client for the location; a Lite file another process holds is a one-line error."""
+    from pymilvus import MilvusClient
+    from pymilvus.exceptions import ConnectionConfigException
+
+    try:
+        return MilvusClient(location.uri, **_server_auth(location))
+    except ConnectionConfigException as exc:
+        if location.file is None:
+            raise
+        raise PermissionError(f"{location}: cannot open the Milvus Lite file ({exc.message}); "
+                              "a Lite file is used by one process at a time: is another "
+                              "vestis (a server?) holding it?") from exc
 
 
 def _server_auth(location: MilvusLocation) -> dict[str, str]:
