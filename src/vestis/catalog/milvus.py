@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -65,21 +64,12 @@ DEFAULT_NAME = "vestis"
 MILVUS_INDEX_TYPES = ("FLAT", "HNSW", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "DISKANN")
 HNSW_EF_CONSTRUCTION = 200
 PAGE = 4096
+#: The most rows one Milvus query returns (its offset + limit window).
+MAX_ROWS = 16384
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 _ZERO = [0.0, 0.0]
 _MAX_PATH = 8192
 _MAX_ID = 4096
-
-
-class _NoMvccNotice(logging.Filter):
-    """Milvus Lite has no MVCC timestamp to page a query by; the client says so at every
-    query iterator (and pages by its own clock, which is what a single Lite process needs)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "mvccTs" not in record.getMessage()
-
-
-logging.getLogger("pymilvus.client.iterator.query_iterator").addFilter(_NoMvccNotice())
 
 
 class MilvusLocation:
@@ -448,39 +438,62 @@ class MilvusStore:
         return self._count(self._images_name) if self._has_images() else 0
 
     def _query_all(self, collection: str, expression: str, fields: list[str]) -> list[dict]:
-        """Every row an expression keeps (paged by the client's query iterator)."""
-        with self.lock:
-            iterator = self._client.query_iterator(collection, batch_size=PAGE,
-                                                   filter=expression, output_fields=fields)
-            rows: list[dict] = []
-            try:
-                while True:
-                    page = iterator.next()
-                    if not page:
-                        return rows
-                    rows.extend(page)
-            finally:
-                iterator.close()
+        """Every row an expression keeps, in windows of the primary key small enough for one
+        query each (Milvus caps a query's rows; Lite has no query iterator timestamps):
+        image ids in windows of :data:`PAGE` up to the id counter, item keys (hex digests)
+        by their first hex digits."""
+        if collection == self._images_name:
+            end = int(self.get_meta("next_id", "1"))
+            windows = [f"id >= {lo} and id < {lo + PAGE}" for lo in range(0, end, PAGE)]
+            limit = PAGE
+        else:
+            digits = 0
+            while self._count(collection) / 16 ** digits > MAX_ROWS / 8 and digits < 4:
+                digits += 1
+            windows = _key_windows(digits)
+            limit = MAX_ROWS
+        rows: list[dict] = []
+        for window in windows:
+            where = f"({window}) and ({expression})" if expression else window
+            with self.lock:
+                found = self._client.query(collection, filter=where, output_fields=fields,
+                                           limit=limit)
+            if len(found) >= limit and limit == MAX_ROWS:
+                raise RuntimeError(f"{self.location}: more than {MAX_ROWS} items share "
+                                   "their first key digits; cannot list them")
+            rows.extend(found)
+        return rows
 
     def _image_rows(self, expression: str) -> list[dict]:
         if not self._has_images():
             return []
         return self._query_all(self._images_name, expression, _ROW_FIELDS)
 
+    def _images_of_items(self, keys: Sequence[str], fields: list[str]) -> list[dict]:
+        """The image rows of a few items, one query each 256 items (an item has a handful
+        of images, far under a query's :data:`MAX_ROWS`)."""
+        if not keys or not self._has_images():
+            return []
+        rows: list[dict] = []
+        for start in range(0, len(keys), 256):
+            with self.lock:
+                found = self._client.query(self._images_name, filter=_key_in(
+                    keys[start:start + 256]), output_fields=fields, limit=MAX_ROWS)
+            if len(found) >= MAX_ROWS:
+                raise RuntimeError(f"{self.location}: over {MAX_ROWS} images for 256 items")
+            rows.extend(found)
+        return rows
+
     def known_hashes(self, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
         wanted = set(pairs)
         if not wanted or not self._has_images():
             return set()
         keys = sorted({item_key(item_id) for item_id, _ in wanted})
-        found = set()
-        for start in range(0, len(keys), 512):
-            chunk = keys[start:start + 512]
-            rows = self._query_all(self._images_name, _key_in(chunk), ["item_id", "sha256"])
-            found.update((row["item_id"], row["sha256"]) for row in rows)
-        return wanted & found
+        rows = self._images_of_items(keys, ["item_id", "sha256"])
+        return wanted & {(row["item_id"], row["sha256"]) for row in rows}
 
     def item_ids(self) -> list[str]:
-        rows = self._query_all(self._items_name, 'item_key != ""', ["item_id"])
+        rows = self._query_all(self._items_name, "", ["item_id"])
         return sorted(row["item_id"] for row in rows)
 
     def _items_by_key(self, keys: Sequence[str]) -> dict[str, dict]:
@@ -498,7 +511,7 @@ class MilvusStore:
         return dict(row["meta"] or {})
 
     def images_of(self, item_id: str) -> list[ImageRow]:
-        rows = self._image_rows(f'item_key == "{item_key(item_id)}"')
+        rows = self._images_of_items([item_key(item_id)], _ROW_FIELDS)
         return sorted((_row(r) for r in rows if r["item_id"] == item_id),
                       key=lambda r: r.image_id)
 
@@ -517,7 +530,7 @@ class MilvusStore:
     def image_ids(self) -> np.ndarray:
         if not self._has_images():
             return np.zeros(0, dtype=np.int64)
-        rows = self._query_all(self._images_name, "id >= 0", ["id"])
+        rows = self._query_all(self._images_name, "", ["id"])
         return np.sort(np.array([int(r["id"]) for r in rows], dtype=np.int64))
 
     def iter_vectors(self, batch: int = PAGE) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -552,14 +565,14 @@ class MilvusStore:
         expression = filter_expression(where)
         if expression is None or not self._has_images():
             return np.zeros(0, dtype=np.int64)
-        rows = self._query_all(self._images_name, expression or "id >= 0", ["id"])
+        rows = self._query_all(self._images_name, expression, ["id"])
         return np.sort(np.array([int(r["id"]) for r in rows], dtype=np.int64))
 
     def metadata_keys(self) -> list[str]:
         keys = set()
-        for row in self._query_all(self._items_name, 'item_key != ""', ["meta"]):
+        for row in self._query_all(self._items_name, "", ["meta"]):
             keys.update(row["meta"] or {})
-        for row in self._image_rows("id >= 0"):
+        for row in self._image_rows(""):
             keys.update(row["meta"] or {})
         return sorted(keys)
 
@@ -749,8 +762,7 @@ class MilvusStore:
         keys in ``drop``): Milvus upserts whole rows, vectors included."""
         if not self._has_images():
             return
-        rows = self._query_all(self._images_name, f'item_key == "{item_key(item_id)}"',
-                               [*_ROW_FIELDS, "vec"])
+        rows = self._images_of_items([item_key(item_id)], [*_ROW_FIELDS, "vec"])
         drop = set(drop)
         updated = []
         for row in rows:
@@ -804,6 +816,19 @@ class MilvusStore:
 
 
 _ROW_FIELDS = ["id", "item_id", "item_key", "path", "sha256", "box", "meta"]
+
+
+def _key_windows(digits: int) -> list[str]:
+    """Expressions splitting hex item keys by their first ``digits`` hex digits."""
+    if digits == 0:
+        return ['item_key >= ""']
+    width = 16 ** digits
+    windows = []
+    for n in range(width):
+        low = f"{n:0{digits}x}"
+        windows.append(f'item_key >= "{low}"' if n == width - 1
+                       else f'item_key >= "{low}" and item_key < "{n + 1:0{digits}x}"')
+    return windows
 
 
 def _key_in(keys: Sequence[str]) -> str:
