@@ -71,7 +71,7 @@ def friendly_errors(command: Callable) -> Callable:
             fail(str(exc.args[0]) if exc.args else "not found")
         except Exception as exc:
             if type(exc).__module__.startswith("pymilvus"):  # server down, bad collection
-                fail(f"Milvus failed: {exc}")
+                fail(f"Milvus failed: {getattr(exc, 'message', None) or exc}")
             raise
 
     return run
