@@ -229,3 +229,18 @@ def test_a_missing_catalog_is_not_created_by_looking(store, tmp_path):
     location = catalog_location(store, tmp_path)
     assert not store_exists(location)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_auto_milvus_catalog_moves_to_hnsw_when_it_grows(tmp_path, monkeypatch):
+    """``auto`` follows the size as in the embedded store (the Flat limit made small here)."""
+    import vestis.catalog.index as index
+
+    monkeypatch.setattr(index, "FLAT_LIMIT", 50)
+    vectors = unit_vectors(80, seed=4)
+    with Catalog(f"milvus-lite:{tmp_path}/c.db", encoder=FakeEncoder()) as catalog:
+        catalog.add_vectors([f"i{n}" for n in range(40)], vectors[:40], model_id="fake-8-v1")
+        assert catalog.factory == "FLAT"
+        catalog.add_vectors([f"i{n}" for n in range(40, 80)], vectors[40:],
+                            model_id="fake-8-v1")
+        assert catalog.index_choice == "auto" and catalog.factory.startswith("HNSW(M=32")
+        assert catalog.search(vectors[63], k=1)[0].item_id == "i63"

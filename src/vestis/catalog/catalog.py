@@ -2,8 +2,9 @@
 composed with a model (its identity checked on open and on every write) and ingest
 (:mod:`vestis.catalog.ingest`).
 
-The store is a :class:`vestis.catalog.local.LocalStore` today (SQLite + FAISS in the
-catalog directory; its docstring states the crash-safety and index-stamp invariants). The
+The store is a :class:`vestis.catalog.local.LocalStore` (SQLite + FAISS in the catalog
+directory; its docstring states the crash-safety and index-stamp invariants) or a
+:class:`vestis.catalog.milvus.MilvusStore` for a Milvus URI (:mod:`vestis.catalog.stores`). The
 catalog adds what needs a model: its identity (``model_name``, ``model_id``, ``dim``, set
 once, in one transaction with the index choice), embedding queries, and ingest.
 """
