@@ -497,12 +497,14 @@ class MilvusStore:
         return sorted(row["item_id"] for row in rows)
 
     def _items_by_key(self, keys: Sequence[str]) -> dict[str, dict]:
-        if not keys:
-            return {}
-        with self.lock:
-            rows = self._client.get(self._items_name, ids=list(keys),
-                                    output_fields=["item_id", "meta"])
-        return {row["item_key"]: row for row in rows}
+        found: dict[str, dict] = {}
+        keys = list(keys)
+        for start in range(0, len(keys), 1024):
+            with self.lock:
+                rows = self._client.get(self._items_name, ids=keys[start:start + 1024],
+                                        output_fields=["item_id", "meta"])
+            found.update((row["item_key"], row) for row in rows)
+        return found
 
     def item_metadata(self, item_id: str) -> dict[str, Any] | None:
         row = self._items_by_key([item_key(item_id)]).get(item_key(item_id))
@@ -751,8 +753,8 @@ class MilvusStore:
                 continue
             upserts.append({"item_key": keys[item_id], "item_id": item_id,
                             "meta": now[item_id], "v": _ZERO})
-        if upserts:
-            self._client.upsert(self._items_name, upserts)
+        for start in range(0, len(upserts), 1024):
+            self._client.upsert(self._items_name, upserts[start:start + 1024])
         for item_id in changed:
             self._refilter(item_id, now[item_id], drop=())
         return now
@@ -776,10 +778,16 @@ class MilvusStore:
             self._client.upsert(self._images_name, updated[start:start + 1024])
 
     def commit(self) -> None:
-        """After adds: a size-dependent index choice follows the catalog's size."""
+        """After a batch of adds: Milvus Lite seals the new rows into its segments
+        (until then it scans them row by row: 200 ms a search at 5,000 vectors, 14 ms
+        after); a size-dependent index choice follows the catalog's size. A server seals
+        on its own schedule (a flush per write would hit its rate limit)."""
         with self.writing():
             if self._added:
                 self._added = False
+                if self.location.file is not None:
+                    for name in (self._images_name, self._items_name, self._meta_name):
+                        self._client.flush(name)
                 self._follow_size()
 
     def remove_item(self, item_id: str) -> list[int]:
