@@ -167,6 +167,12 @@ def test_index_choices_map_to_milvus_index_types(choice, n, kind):
         assert spec["params"]["m"] == 285 and spec["search"]["nprobe"] >= 8
     if choice == "IVF1024,PQ95":
         assert spec["params"]["nlist"] == 1024
+    if kind in ("IVF_PQ", "DISKANN"):  # Milvus Lite builds neither: auto takes IVF_SQ8
+        if choice == "auto":
+            assert milvus_index(choice, n, 285, lite=True)["index_type"] == "IVF_SQ8"
+        else:
+            with pytest.raises(ValueError, match="Milvus Lite cannot build"):
+                milvus_index(choice, n, 285, lite=True)
 
 
 def test_an_index_milvus_cannot_build_is_refused_before_anything_is_created(tmp_path):
@@ -183,17 +189,21 @@ def test_reindex_moves_between_milvus_index_types(tmp_path):
     with Catalog(location, encoder=FakeEncoder(), factory="hnsw") as catalog:
         catalog.add_vectors([f"i{n}" for n in range(300)], vectors, model_id="fake-8-v1")
         assert catalog.factory.startswith("HNSW") and catalog.search_params == "ef=128"
-        for choice, kind in [("flat", "FLAT"), ("IVF_SQ8", "IVF_SQ8"), ("ivfpq", "IVF_PQ")]:
+        for choice, kind in [("flat", "FLAT"), ("IVF_FLAT", "IVF_FLAT"), ("IVF_SQ8", "IVF_SQ8")]:
             catalog.rebuild_index(choice)
             assert catalog.factory.startswith(kind) and catalog.index_choice == choice
             assert catalog.search(vectors[7], k=1)[0].item_id == "i7"
+        with pytest.raises(ValueError, match="Milvus Lite cannot build"):
+            catalog.rebuild_index("ivfpq")  # a server can; Milvus Lite 3 builds no PQ
+        assert catalog.factory.startswith("IVF_SQ8")
+        assert catalog.search(vectors[9], k=1)[0].item_id == "i9"
         catalog.rebuild_index(search_params="nprobe=16")
         assert catalog.search_params == "nprobe=16"
         assert catalog.measure_recall(queries=20) >= 0.9
         with pytest.raises(ValueError, match="search parameter"):
             catalog.rebuild_index(search_params="bogus")
     with Catalog(location) as reopened:
-        assert reopened.factory.startswith("IVF_PQ") and reopened.search_params == "nprobe=16"
+        assert reopened.factory.startswith("IVF_SQ8") and reopened.search_params == "nprobe=16"
         info = reopened.info()
         assert info["images"] == info["indexed_vectors"] == 300 and info["index_in_sync"]
         with pytest.raises(ValueError, match="rebuild"):

@@ -63,6 +63,8 @@ DEFAULT_NAME = "vestis"
 #: Milvus index types a choice may name directly (``--index IVF_SQ8``).
 MILVUS_INDEX_TYPES = ("FLAT", "HNSW", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "DISKANN")
 HNSW_EF_CONSTRUCTION = 200
+#: Index types Milvus Lite (3.x) does not build.
+LITE_UNSUPPORTED = ("IVF_PQ", "DISKANN")
 PAGE = 4096
 #: The most rows one Milvus query returns (its offset + limit window).
 MAX_ROWS = 16384
@@ -114,12 +116,27 @@ class MilvusLocation:
         return self.text
 
 
-def milvus_index(choice: str, n: int, dim: int) -> dict[str, Any]:
+def milvus_index(choice: str, n: int, dim: int, *, lite: bool = False) -> dict[str, Any]:
     """The Milvus index for a vestis index choice with ``n`` vectors of ``dim``:
     ``{"index_type", "params", "search"}``. ``auto`` goes by size as the embedded store's
     does (FLAT, then HNSW, then IVF_PQ); presets and FAISS strings map to their Milvus kin
     (fp16 variants to their float32 kin: Milvus keeps FLOAT_VECTOR); a Milvus index type
-    (``IVF_SQ8``, ``DISKANN``) is taken as named. ValueError for anything else."""
+    (``IVF_SQ8``, ``DISKANN``) is taken as named. ValueError for anything else.
+
+    ``lite``: for Milvus Lite, which builds FLAT, HNSW, IVF_FLAT and IVF_SQ8 only: ``auto``
+    takes IVF_SQ8 where a server takes IVF_PQ, and an explicit IVF_PQ or DISKANN is refused.
+    """
+    spec = _milvus_index(choice, n, dim)
+    if lite and spec["index_type"] in LITE_UNSUPPORTED:
+        if choice.strip().lower() != AUTO:
+            raise ValueError(f"Milvus Lite cannot build index {choice!r} "
+                             f"({spec['index_type']}; a Milvus server can): use auto, flat, "
+                             "hnsw, IVF_FLAT or IVF_SQ8")
+        spec = _milvus_index("IVF_SQ8", n, dim)
+    return spec
+
+
+def _milvus_index(choice: str, n: int, dim: int) -> dict[str, Any]:
     key = choice.strip()
     upper = key.upper().replace("-", "_")
     if upper in MILVUS_INDEX_TYPES:
@@ -272,12 +289,6 @@ class MilvusStore:
         finally:
             client.close()
 
-    @staticmethod
-    def resolve_index(choice: str, n: int, dim: int) -> tuple[str, str]:
-        """The index (as ``info`` shows it) and search parameters of ``choice``."""
-        spec = milvus_index(choice, n, dim)
-        return describe_index(spec), _params_text(spec["search"])
-
     # -- collections ---------------------------------------------------------------------
     def _ensure_collections(self) -> None:
         from pymilvus import DataType, MilvusClient
@@ -366,7 +377,7 @@ class MilvusStore:
             if self.get_meta(key) is None:
                 extra = {}
                 if "index_choice" in values and "dim" in values:  # a new catalog's index
-                    spec = milvus_index(values["index_choice"], 0, int(values["dim"]))
+                    spec = self._spec(values["index_choice"], 0, int(values["dim"]))
                     extra = {"milvus_index": json.dumps(spec),
                              "milvus_search": _params_text(spec["search"])}
                 self._put_meta({**values, **extra})
@@ -401,7 +412,7 @@ class MilvusStore:
         stored = self.get_meta("milvus_index")
         if stored:
             return json.loads(stored)
-        return milvus_index(self.index_choice, 0, self.dim)
+        return self._spec(self.index_choice, 0)
 
     @property
     def factory(self) -> str:
@@ -417,8 +428,8 @@ class MilvusStore:
         ``factory`` meta is the embedded store's and unused here)."""
         if self.get_meta("milvus_index") is None:
             with self.writing():
-                spec = milvus_index(self.get_meta("index_choice") or choice or AUTO,
-                                    self._count_images(), self.dim)
+                spec = self._spec(self.get_meta("index_choice") or choice or AUTO,
+                                  self._count_images())
                 self._put_meta({"milvus_index": json.dumps(spec),
                                 "milvus_search": _params_text(spec["search"])})
 
@@ -656,19 +667,34 @@ class MilvusStore:
                 self._bump()
                 return
             choice = index or self.index_choice
-            spec = milvus_index(choice, self._count_images(), self.dim)
+            spec = self._spec(choice, self._count_images())
+            self._recreate_index(spec)
             self._put_meta({"index_choice": choice, "milvus_index": json.dumps(spec),
                             "milvus_search": search_params if search_params is not None
                             else _params_text(spec["search"])})
-            self._recreate_index(spec)
             self._bump()
 
+    def _spec(self, choice: str, n: int, dim: int | None = None) -> dict[str, Any]:
+        return milvus_index(choice, n, dim or self.dim, lite=self.location.file is not None)
+
     def _recreate_index(self, spec: dict[str, Any]) -> None:
+        """Replace the vector index (Milvus drops it, then builds the new one); if Milvus
+        refuses the new one, the old one is built again and the error raised."""
         if not self._has_images():
             return
+        old = self._index_spec()
+        try:
+            self._build_index(spec)
+        except Exception as exc:
+            self._build_index(old)
+            raise ValueError(f"Milvus cannot build index {describe_index(spec)}: "
+                             f"{getattr(exc, 'message', exc)}") from exc
+
+    def _build_index(self, spec: dict[str, Any]) -> None:
         client = self._client
         client.release_collection(self._images_name)
-        client.drop_index(self._images_name, "vec")
+        with contextlib.suppress(Exception):  # none left by a failed build
+            client.drop_index(self._images_name, "vec")
         index_params = client.prepare_index_params()
         index_params.add_index(field_name="vec", index_type=spec["index_type"],
                                metric_type="IP", params=spec["params"])
@@ -679,11 +705,11 @@ class MilvusStore:
         """``auto`` and ``ivfpq`` follow the catalog's size, as in the embedded store."""
         if not is_sized(self.index_choice):
             return
-        spec = milvus_index(self.index_choice, self._count_images(), self.dim)
+        spec = self._spec(self.index_choice, self._count_images())
         if spec != self._index_spec():
+            self._recreate_index(spec)
             self._put_meta({"milvus_index": json.dumps(spec),
                             "milvus_search": _params_text(spec["search"])})
-            self._recreate_index(spec)
 
     def save(self) -> None:
         """Milvus persists its own rows and indexes: nothing to do."""

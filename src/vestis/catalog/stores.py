@@ -38,7 +38,9 @@ def store_exists(location: str | Path) -> bool:
 def check_index_choice(location: str | Path, choice: str, dim: int) -> None:
     """ValueError when that kind of store cannot build the index ``choice``."""
     if store_kind(str(location)) == "milvus":
-        _milvus().milvus_index(choice, 0, dim)
+        milvus = _milvus()
+        milvus.milvus_index(choice, 0, dim,
+                            lite=milvus.MilvusLocation(str(location)).file is not None)
     else:
         create_index(dim, resolve_factory(choice, 0, dim))
 
