@@ -34,7 +34,7 @@ app = typer.Typer(
 
 CatalogOption = typer.Option(
     ..., "--catalog", "-c", help="Catalog: a directory, milvus://HOST:PORT/COLLECTION (a "
-    "Milvus server) or milvus-lite:PATH (a Milvus Lite file).")
+    "Milvus server) or milvus-lite:PATH (a Milvus Lite database).")
 
 
 def fail(message: str, code: int = 2) -> None:

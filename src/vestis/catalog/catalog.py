@@ -101,7 +101,7 @@ class Catalog:
         """Open or create the catalog at ``path``.
 
         ``path``: a directory (SQLite + FAISS), ``milvus://HOST:PORT/COLLECTION`` (a Milvus
-        server) or ``milvus-lite:PATH`` (a Milvus Lite file); see
+        server) or ``milvus-lite:PATH`` (a Milvus Lite database); see
         :mod:`vestis.catalog.stores`.
         ``model``: a registered model, checkpoint or ONNX file (new catalogs; default
         ``vestis-lite0``). ``factory``: the index choice of a new catalog (``auto``, a preset

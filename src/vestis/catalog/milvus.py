@@ -1,5 +1,5 @@
 """The Milvus catalog store: :class:`MilvusStore`, a :class:`~vestis.catalog.backend.CatalogStore`
-on a Milvus server (``milvus://HOST:PORT/COLLECTION``) or an embedded Milvus Lite file
+on a Milvus server (``milvus://HOST:PORT/COLLECTION``) or an embedded Milvus Lite database
 (``milvus-lite:PATH``), through the same ``pymilvus`` client code.
 
 Three collections, named ``<name>_images``, ``<name>_items`` and ``<name>_meta``:
@@ -106,7 +106,7 @@ class MilvusLocation:
     @property
     def files_dir(self) -> Path:
         """Where files that belong to the catalog but not in Milvus go (server uploads,
-        caches): next to a Lite file, else under ``~/.cache/vestis/milvus``."""
+        caches): next to a Lite database, else under ``~/.cache/vestis/milvus``."""
         if self.file is not None:
             return self.file.parent / f"{self.file.name}.files"
         host = self.uri.removeprefix("http://").replace(":", "_")
@@ -278,7 +278,7 @@ class MilvusStore:
 
     @staticmethod
     def exists(location: str | MilvusLocation) -> bool:
-        """Whether the catalog exists (a Lite file is not created to find out)."""
+        """Whether the catalog exists (a Lite database is not created to find out)."""
         location = location if isinstance(location, MilvusLocation) \
             else MilvusLocation(location)
         if location.file is not None and not location.file.exists():
@@ -915,17 +915,22 @@ def _search_params(text: str) -> dict[str, int]:
 
 
 def _connect(location: MilvusLocation):
-    """A client for the location; a Lite file another process holds is a one-line error."""
+    """A client for the location; a Lite database another process holds is a one-line error."""
     from pymilvus import MilvusClient
     from pymilvus.exceptions import ConnectionConfigException
 
+    # The Lite server runs in this process's machine and allows a keep-alive ping each
+    # 5 minutes; the client's default (10 s) made it answer "too_many_pings" on stderr
+    # during long adds. A server keeps the client's defaults.
+    options = {} if location.file is None else {"grpc_options": {
+        "grpc.keepalive_time_ms": 600_000, "grpc.keepalive_permit_without_calls": 0}}
     try:
-        return MilvusClient(location.uri, **_server_auth(location))
+        return MilvusClient(location.uri, **_server_auth(location), **options)
     except ConnectionConfigException as exc:
         if location.file is None:
             raise
-        raise PermissionError(f"{location}: cannot open the Milvus Lite file ({exc.message}); "
-                              "a Lite file is used by one process at a time: is another "
+        raise PermissionError(f"{location}: cannot open the Milvus Lite database ({exc.message}); "
+                              "it is used by one process at a time: is another "
                               "vestis (a server?) holding it?") from exc
 
 

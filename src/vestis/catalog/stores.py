@@ -47,7 +47,7 @@ def check_index_choice(location: str | Path, choice: str, dim: int) -> None:
 
 def files_dir(location: str | Path) -> Path:
     """The directory for a catalog's files outside its store (server uploads, caches,
-    relative image paths): the catalog directory itself, or one beside a Milvus Lite file
+    relative image paths): the catalog directory itself, or one beside a Milvus Lite database
     (``PATH.files``), or ``~/.cache/vestis/milvus/HOST_PORT/COLLECTION`` for a server."""
     if store_kind(str(location)) == "milvus":
         return _milvus().MilvusLocation(str(location)).files_dir
