@@ -68,3 +68,28 @@ def encoder():
     from vestis.models import Encoder
 
     return Encoder.from_name("lite0")
+
+
+def _has_milvus_lite() -> bool:
+    try:
+        import milvus_lite  # noqa: F401
+        import pymilvus  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+#: The stores a behavioural test runs on: the embedded directory and Milvus Lite (skipped
+#: where pymilvus and milvus-lite are not installed; ``make test`` installs them).
+STORES = ["local", pytest.param("milvus-lite", marks=pytest.mark.skipif(
+    not _has_milvus_lite(), reason="pymilvus and milvus-lite are not installed"))]
+
+
+def catalog_location(store: str, folder: Path, name: str = "cat") -> str | Path:
+    """Where a test catalog of that store lives: a directory, or a Milvus Lite file."""
+    return folder / name if store == "local" else f"milvus-lite:{folder / name}.db"
+
+
+@pytest.fixture(params=STORES)
+def store(request) -> str:
+    return request.param

@@ -6,14 +6,16 @@ import json
 import numpy as np
 import pytest
 
+from tests.conftest import STORES, catalog_location
 from vestis.catalog import Catalog, ModelMismatchError
 from vestis.catalog.catalog import INDEX_NAME, INDEX_STAMP_NAME
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, luma_subset_csv, encoder):
-    path = tmp_path_factory.mktemp("catalog")
-    catalog = Catalog(path, encoder=encoder)
+@pytest.fixture(scope="module", params=STORES)
+def built(request, tmp_path_factory, luma_subset_csv, encoder):
+    """The Luma subset in a catalog of each store (a directory, a Milvus Lite file)."""
+    catalog = Catalog(catalog_location(request.param, tmp_path_factory.mktemp("catalog")),
+                      encoder=encoder)
     report = catalog.add(luma_subset_csv)
     yield catalog, report
     catalog.close()
@@ -73,8 +75,8 @@ def test_update_metadata_is_searchable(built, luma_subset_csv):
         catalog.update("no-such-item", {"a": "b"})
 
 
-def test_remove_makes_the_item_disappear(tmp_path, luma_subset_csv, encoder):
-    with Catalog(tmp_path / "cat", encoder=encoder) as catalog:
+def test_remove_makes_the_item_disappear(store, tmp_path, luma_subset_csv, encoder):
+    with Catalog(catalog_location(store, tmp_path), encoder=encoder) as catalog:
         catalog.add(luma_subset_csv)
         row = rows_of(luma_subset_csv)[0]
         removed = catalog.remove(row["item_id"])
@@ -83,7 +85,7 @@ def test_remove_makes_the_item_disappear(tmp_path, luma_subset_csv, encoder):
         with pytest.raises(KeyError):
             catalog.remove(row["item_id"])
     # Still gone after reopening, and the index is consistent with the store.
-    with Catalog(tmp_path / "cat", encoder=encoder) as reopened:
+    with Catalog(catalog_location(store, tmp_path), encoder=encoder) as reopened:
         assert row["item_id"] not in [m.item_id for m in reopened.search(row["image"], k=50)]
         assert reopened.info()["indexed_vectors"] == reopened.num_images
 
@@ -103,8 +105,8 @@ def test_a_stale_index_is_rebuilt_from_the_store(tmp_path, luma_subset_csv, enco
         assert reopened.info()["indexed_vectors"] == count
 
 
-def test_vectors_from_another_model_are_refused(tmp_path, encoder):
-    with Catalog(tmp_path / "cat", encoder=encoder) as catalog:
+def test_vectors_from_another_model_are_refused(store, tmp_path, encoder):
+    with Catalog(catalog_location(store, tmp_path), encoder=encoder) as catalog:
         vectors = np.eye(4, encoder.dim, dtype=np.float32)
         assert catalog.add_vectors(list("abcd"), vectors, model_id=encoder.model_id) == 4
         with pytest.raises(ModelMismatchError):
@@ -113,10 +115,10 @@ def test_vectors_from_another_model_are_refused(tmp_path, encoder):
             catalog.add_vectors(["e"], vectors[:1, :10], model_id=encoder.model_id)
         assert catalog.search(vectors[2], k=1)[0].item_id == "c"
     with pytest.raises(ModelMismatchError):
-        Catalog(tmp_path / "cat", model="lite1")
+        Catalog(catalog_location(store, tmp_path), model="lite1")
 
 
-def test_bad_files_are_reported_and_good_ones_indexed(tmp_path, data_dir, encoder):
+def test_bad_files_are_reported_and_good_ones_indexed(store, tmp_path, data_dir, encoder):
     folder = tmp_path / "photos"
     (folder / "mh06-blue").mkdir(parents=True)
     good = data_dir / "luma" / "images" / "mh06-blue_main.jpg"
@@ -126,7 +128,7 @@ def test_bad_files_are_reported_and_good_ones_indexed(tmp_path, data_dir, encode
     )
     (folder / "cut.jpg").write_bytes(good.read_bytes()[:2000])
     (folder / "readme.jpg").write_text("not an image")
-    with Catalog(tmp_path / "cat", encoder=encoder) as catalog:
+    with Catalog(catalog_location(store, tmp_path), encoder=encoder) as catalog:
         report = catalog.add(folder)
         failed = dict(report.failed)
         assert set(failed) == {str(folder / "cut.jpg"), str(folder / "readme.jpg")}
@@ -141,10 +143,10 @@ def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def test_a_catalog_sees_other_writers_and_never_stamps_their_epoch(tmp_path, encoder):
+def test_a_catalog_sees_other_writers_and_never_stamps_their_epoch(store, tmp_path, encoder):
     """One catalog object open (a server) while another (the CLI) removes and adds: the first
     searches and writes in step with the store, and what it saves stays consistent."""
-    path, model = tmp_path / "cat", encoder.model_id
+    path, model = catalog_location(store, tmp_path), encoder.model_id
     vectors = unit_vectors(8, encoder.dim, seed=0)
     with Catalog(path, encoder=encoder) as server:
         server.add_vectors(list("abcdef"), vectors[:6], model_id=model)
@@ -270,10 +272,10 @@ def test_temporary_files_left_by_a_killed_process_are_removed(tmp_path, encoder)
     assert not any(tmp.exists() for tmp in stale) and fresh.exists()
 
 
-def test_every_write_bumps_the_generation_and_reads_do_not(tmp_path, encoder):
+def test_every_write_bumps_the_generation_and_reads_do_not(store, tmp_path, encoder):
     """One counter for every cache: adds, metadata updates, settings and removals each
     move it, as seen by another catalog object (another process); reads never do."""
-    path, model = tmp_path / "cat", encoder.model_id
+    path, model = catalog_location(store, tmp_path), encoder.model_id
     vectors = unit_vectors(2, encoder.dim, seed=6)
     with Catalog(path, encoder=encoder) as writer, Catalog(path, encoder=encoder) as reader:
         seen = [reader.generation]
@@ -292,13 +294,17 @@ def test_every_write_bumps_the_generation_and_reads_do_not(tmp_path, encoder):
         assert seen == sorted(set(seen)), seen
 
 
-def test_the_local_store_implements_the_whole_store_interface():
-    """Every operation of :class:`CatalogStore` (what a second backend must provide) is
-    one :class:`LocalStore` has, with the same parameters."""
+@pytest.mark.parametrize("store", STORES)
+def test_each_store_implements_the_whole_store_interface(store):
+    """Every operation of :class:`CatalogStore` is one :class:`LocalStore` and
+    :class:`MilvusStore` have, with the same parameters."""
+    import importlib
     import inspect
 
     from vestis.catalog.backend import CatalogStore
-    from vestis.catalog.local import LocalStore
+
+    LocalStore = (importlib.import_module("vestis.catalog.local").LocalStore if store == "local"
+                  else importlib.import_module("vestis.catalog.milvus").MilvusStore)
 
     wanted = {name for name in vars(CatalogStore) if not name.startswith("_")}
     assert wanted >= {"add_images", "remove_item", "update_item", "images_by_id",

@@ -235,12 +235,48 @@ def test_a_bad_model_or_index_leaves_no_half_created_catalog(tmp_path, data_dir)
         assert not catalog.exists()
 
 
-def test_a_milvus_uri_is_refused_in_one_line_and_creates_no_folder(tmp_path, data_dir):
-    photo = data_dir / "luma" / "images" / "mh06-blue_main.jpg"
-    for uri in ("milvus://localhost:19530/shop", "milvus-lite:shop.db"):
-        result = subprocess.run([sys.executable, "-m", "vestis.cli", "index", str(photo),
-                                 "--catalog", uri, "--model", "lite0"], cwd=tmp_path,
-                                capture_output=True, text=True)
-        assert result.returncode == 2, result.stderr
-        assert result.stderr.startswith("error:") and "not supported yet" in result.stderr
-        assert list(tmp_path.iterdir()) == []
+def test_every_catalog_command_works_on_a_milvus_lite_uri(tmp_path, luma_subset_csv):
+    """index, search (filters, per garment), update, remove, info and reindex on a
+    ``milvus-lite:`` catalog, with the embedded catalog's answers."""
+    pytest.importorskip("milvus_lite")
+    uri, local = f"milvus-lite:{tmp_path / 'shop.db'}", tmp_path / "local"
+    rows = rows_of(luma_subset_csv)
+    for catalog in (uri, local):
+        vestis("index", luma_subset_csv, "--catalog", catalog, "--model", "lite0")
+    again = vestis("index", luma_subset_csv, "--catalog", uri)
+    assert f"indexed 0 images ({len(rows)} already present" in again.stdout
+
+    def search(catalog, *options):
+        out = vestis("search", rows[2]["image"], "--catalog", catalog, "-k", "5", "--json",
+                     *options).stdout
+        return [[(r["item_id"], r["image_id"], round(r["score"], 4)) for r in g["results"]]
+                for g in json.loads(out)["garments"]]
+
+    category = rows[-1]["category"]
+    for options in (["--whole"], ["--whole", "--where", f"category={category}"], []):
+        assert search(uri, *options) == search(local, *options), options
+    assert search(uri, "--whole")[0][0][0] == rows[2]["item_id"]
+
+    item = rows[0]["item_id"]
+    updated = json.loads(vestis("update", item, "--catalog", uri, "--set", "on_sale=yes").stdout)
+    assert updated["metadata"]["on_sale"] == "yes"
+    assert [r[0] for r in search(uri, "--whole", "--where", "on_sale=yes")[0]] == [item]
+    assert "removed item" in vestis("remove", item, "--catalog", uri).stdout
+    gone = vestis("remove", item, "--catalog", uri, check=False)
+    assert gone.returncode == 2 and gone.stderr.startswith("error:")
+    info = json.loads(vestis("info", "--catalog", uri, "--json").stdout)
+    assert info["path"] == uri and info["index"] == "FLAT" and info["index_in_sync"]
+    assert info["images"] == len(rows) - sum(r["item_id"] == item for r in rows)
+    assert "HNSW" in vestis("reindex", "--catalog", uri, "--index", "hnsw").stdout
+    assert json.loads(vestis("info", "--catalog", uri, "--json", "--recall", "20").stdout)[
+        "recall@10_vs_flat"] >= 0.9
+
+
+def test_a_missing_or_unreachable_milvus_catalog_is_one_line(tmp_path):
+    pytest.importorskip("milvus_lite")
+    for args in (["info", "--catalog", f"milvus-lite:{tmp_path / 'none.db'}"],
+                 ["info", "--catalog", "milvus://127.0.0.1:1/shop"]):
+        result = vestis(*args, check=False)
+        assert result.returncode == 2 and result.stderr.startswith("error:"), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert list(tmp_path.iterdir()) == []

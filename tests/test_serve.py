@@ -828,3 +828,44 @@ def test_a_full_inference_pool_answers_503_with_retry_after(catalog_dir, photos)
         assert matches_of(queued.result(60))
         assert matches_of(search(client, photo, k=1))
         assert client.get("/items/busy").status_code == 404
+
+
+def test_a_milvus_lite_catalog_is_served_searched_and_written(tmp_path, tmp_path_factory,
+                                                              luma_rows, data_dir, photos):
+    """The server on a ``milvus-lite:`` catalog: the same searches as on a directory, and
+    uploads (kept beside the Lite file, in ``NAME.db.files/uploads``) added, patched and
+    deleted."""
+    pytest.importorskip("milvus_lite")
+    uri = f"milvus-lite:{tmp_path / 'shop.db'}"
+    with Catalog(small_catalog(tmp_path_factory, luma_rows, data_dir)) as local, \
+            Catalog(uri, model=local.model_name) as milvus:
+        for item_id in local.item_ids():
+            item = local.get(item_id)
+            milvus.add_vectors([item_id] * len(item.images),
+                               local._store.vectors_by_id([i.image_id for i in item.images]),
+                               model_id=local.model_id, paths=[i.path for i in item.images],
+                               metadata=[{**item.metadata, **i.metadata} for i in item.images],
+                               boxes=[i.box for i in item.images],
+                               hashes=[i.sha256 for i in item.images])
+    item_id, photo = sorted(photos.items())[0]
+    with serving(create_app(uri, token=TOKEN)) as client:
+        assert client.get("/stats").json()["items"] == len(photos)
+        found = matches_of(search(client, photo, k=3))
+        assert found[0]["item_id"] == item_id
+        assert client.get(found[0]["image_url"]).content == photo.read_bytes()
+        created = client.post("/items", files=[("images", ("a.jpg", photo.read_bytes()))],
+                              data={"item_id": "new-item", "metadata": '{"category": "Up"}'},
+                              headers=AUTH)
+        assert created.status_code == 201, created.text
+        uploads = tmp_path / "shop.db.files" / "uploads"
+        assert len(list(uploads.iterdir())) == 1
+        assert matches_of(search(client, photo, k=3, where="category=Up"))[0]["item_id"] == \
+            "new-item"
+        image_url = matches_of(search(client, photo, k=3, where="category=Up"))[0]["image_url"]
+        assert client.get(image_url).content == photo.read_bytes()
+        assert client.patch("/items/new-item", json={"metadata": {"category": "Sale"}},
+                            headers=AUTH).status_code == 200
+        assert matches_of(search(client, photo, k=3, where="category=Up")) == []
+        assert client.delete("/items/new-item", headers=AUTH).json()["removed_images"] == 1
+        assert not list(uploads.iterdir())
+

@@ -34,7 +34,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-CatalogOption = typer.Option(..., "--catalog", "-c", help="Catalog directory.")
+CatalogOption = typer.Option(
+    ..., "--catalog", "-c", help="Catalog: a directory, milvus://HOST:PORT/COLLECTION (a "
+    "Milvus server) or milvus-lite:PATH (a Milvus Lite database).")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -69,6 +71,10 @@ def friendly_errors(command: Callable) -> Callable:
             fail(str(exc))
         except KeyError as exc:
             fail(str(exc.args[0]) if exc.args else "not found")
+        except Exception as exc:
+            if type(exc).__module__.startswith("pymilvus"):  # server down, bad collection
+                fail(f"Milvus failed: {getattr(exc, 'message', None) or exc}")
+            raise
 
     return run
 
@@ -85,18 +91,24 @@ def parse_where(pairs: list[str] | None, option: str = "--where") -> dict[str, s
 
 
 def open_catalog(
-    path: Path,
+    location: str | Path,
     model: str | None = None,
     index: str | None = None,
     *,
     create: bool = False,
     backend: str = "auto",
 ):
+    """The catalog at ``location``: a directory or a Milvus URI (kept a string: a Path would
+    turn ``milvus://h:p/c`` into ``milvus:/h:p/c``)."""
     from vestis.catalog import Catalog
+    from vestis.catalog.backend import store_kind
+    from vestis.catalog.stores import store_exists
 
-    if not create and not (path / "catalog.db").exists():
-        raise FileNotFoundError(f"{path}: not a vestis catalog (no catalog.db); run vestis index")
-    return Catalog(path, model=model, index=index, backend=backend)
+    location = str(location)
+    if not create and not store_exists(location):
+        what = "no such Milvus catalog" if store_kind(location) == "milvus" else "no catalog.db"
+        raise FileNotFoundError(f"{location}: not a vestis catalog ({what}); run vestis index")
+    return Catalog(location, model=model, index=index, backend=backend)
 
 
 INDEX_HELP = (
@@ -112,7 +124,7 @@ BackendOption = typer.Option(
 @friendly_errors
 def index(
     source: Path = typer.Argument(..., help="Folder of photos or CSV with image,item_id columns."),
-    catalog: Path = CatalogOption,
+    catalog: str = CatalogOption,
     model: str | None = typer.Option(None, help="Model name or checkpoint (new catalogs)."),
     index_choice: str | None = typer.Option(None, "--index", help=INDEX_HELP),
     batch_size: int = typer.Option(BATCH_SIZE, min=1, help="Images per embedding batch."),
@@ -201,7 +213,7 @@ TEXT_HELP = ("Search by words ('navy full-zip hoodie'); with a photo: the photo 
 def search(
     image: Path | None = typer.Argument(
         None, help="Query photo or video (.mp4, .mov, .webm, ...); omit it with --text."),
-    catalog: Path = CatalogOption,
+    catalog: str = CatalogOption,
     k: int = typer.Option(10, "-k", "--k", min=1, help="Number of items per garment."),
     where: list[str] | None = typer.Option(None, "--where", help="Filter key=value (AND)."),
     garment: str | None = typer.Option(
@@ -273,7 +285,7 @@ def is_video(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_SUFFIXES
 
 
-def _search_video(video: Path, catalog: Path, k: int, where: dict, compatible: bool,
+def _search_video(video: Path, catalog: str, k: int, where: dict, compatible: bool,
                   fusion: str, every: int, thumbnails: Path | None, as_json: bool) -> None:
     from vestis.video.search import search_video
 
@@ -314,7 +326,7 @@ def _print_matches(matches) -> None:
                    f"{match.path}{box}")
 
 
-def _search_text(image: Path | None, catalog: Path, k: int, where: dict, text: str,
+def _search_text(image: Path | None, catalog: str, k: int, where: dict, text: str,
                  mode: str, text_weight: float, as_json: bool) -> None:
     from vestis.images import load_image
     from vestis.text.search import search_image_text, search_text
@@ -337,7 +349,7 @@ def _search_text(image: Path | None, catalog: Path, k: int, where: dict, text: s
 
 @app.command()
 @friendly_errors
-def remove(item_id: str, catalog: Path = CatalogOption) -> None:
+def remove(item_id: str, catalog: str = CatalogOption) -> None:
     """Remove an item (and all its images) from the catalog."""
     with open_catalog(catalog) as cat:
         removed = cat.remove(item_id)
@@ -348,7 +360,7 @@ def remove(item_id: str, catalog: Path = CatalogOption) -> None:
 @friendly_errors
 def update(
     item_id: str,
-    catalog: Path = CatalogOption,
+    catalog: str = CatalogOption,
     set_: list[str] = typer.Option(..., "--set", help="Metadata key=value to set."),
 ) -> None:
     """Set metadata fields of an item."""
@@ -360,7 +372,7 @@ def update(
 @app.command()
 @friendly_errors
 def reindex(
-    catalog: Path = CatalogOption,
+    catalog: str = CatalogOption,
     index_choice: str | None = typer.Option(
         None, "--index", help="New index (default: the catalog's own choice). " + INDEX_HELP
     ),
@@ -383,7 +395,7 @@ def reindex(
 @app.command()
 @friendly_errors
 def info(
-    catalog: Path = CatalogOption,
+    catalog: str = CatalogOption,
     as_json: bool = typer.Option(False, "--json"),
     recall: int = typer.Option(
         0, "--recall", min=0, help="Also measure recall@10 against Flat with N stored vectors."
@@ -539,7 +551,7 @@ def train_(
 @app.command()
 @friendly_errors
 def serve(
-    catalog: Path = CatalogOption,
+    catalog: str = CatalogOption,
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, min=1, max=65535, help="Port to listen on."),
     token_file: Path | None = typer.Option(
@@ -702,7 +714,7 @@ def eval_attributes(
 @friendly_errors
 def complete(
     image: Path = typer.Argument(..., help="Photo of a garment."),
-    catalog: Path = CatalogOption,
+    catalog: str = CatalogOption,
     k: int = typer.Option(10, "-k", "--k", min=1, help="Number of items."),
     model: str = typer.Option(DEFAULT_OUTFIT_MODEL, help="Outfit model name or checkpoint."),
     same_category: bool = typer.Option(

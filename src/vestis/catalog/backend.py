@@ -12,9 +12,12 @@ catalog writes there, the index choice); it knows no models. Its invariants:
   cache of the store's contents is fresh while its generation is the store's;
 * filter semantics (:meth:`CatalogStore.filtered_image_ids`) live in the store alone.
 
-Today's backend is :class:`vestis.catalog.local.LocalStore` (SQLite + FAISS in the catalog
-directory). ``milvus://HOST:PORT/COLLECTION`` and ``milvus-lite:PATH`` are reserved for a
-Milvus backend (pymilvus); :func:`store_kind` recognises them.
+Two backends: :class:`vestis.catalog.local.LocalStore` (SQLite + FAISS in the catalog
+directory) and :class:`vestis.catalog.milvus.MilvusStore` (``milvus://HOST:PORT/COLLECTION``
+or ``milvus-lite:PATH``, through pymilvus), which keeps these invariants as far as Milvus
+allows (its docstring and the README say where it cannot: no transaction across
+collections, no cross-process lock). :func:`store_kind` tells them apart;
+:func:`vestis.catalog.stores.open_store` opens either.
 """
 
 from __future__ import annotations

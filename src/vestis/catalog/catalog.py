@@ -2,8 +2,9 @@
 composed with a model (its identity checked on open and on every write) and ingest
 (:mod:`vestis.catalog.ingest`).
 
-The store is a :class:`vestis.catalog.local.LocalStore` today (SQLite + FAISS in the
-catalog directory; its docstring states the crash-safety and index-stamp invariants). The
+The store is a :class:`vestis.catalog.local.LocalStore` (SQLite + FAISS in the catalog
+directory; its docstring states the crash-safety and index-stamp invariants) or a
+:class:`vestis.catalog.milvus.MilvusStore` for a Milvus URI (:mod:`vestis.catalog.stores`). The
 catalog adds what needs a model: its identity (``model_name``, ``model_id``, ``dim``, set
 once, in one transaction with the index choice), embedding queries, and ingest.
 """
@@ -26,7 +27,7 @@ from vestis.catalog.garments import (
     check_crop_mode,
     search_garments,
 )
-from vestis.catalog.index import AUTO, create_index, default_search_params, resolve_factory
+from vestis.catalog.index import AUTO, default_search_params, resolve_factory
 from vestis.catalog.ingest import (
     Indexer,
     IngestReport,
@@ -36,9 +37,10 @@ from vestis.catalog.ingest import (
     vector_hash,
     vector_rows,
 )
-from vestis.catalog.local import DB_NAME, INDEX_NAME, INDEX_STAMP_NAME, LOCK_NAME, LocalStore
+from vestis.catalog.local import DB_NAME, INDEX_NAME, INDEX_STAMP_NAME, LOCK_NAME
 from vestis.catalog.sources import read_source, unique_records
 from vestis.catalog.store import ImageRow, ModelMismatchError
+from vestis.catalog.stores import check_index_choice, files_dir, open_store, store_exists
 from vestis.images import Box, ImageSource
 from vestis.models import DEFAULT_MODEL, Encoder
 from vestis.records import ImageRecord
@@ -101,6 +103,9 @@ class Catalog:
     ):
         """Open or create the catalog at ``path``.
 
+        ``path``: a directory (SQLite + FAISS), ``milvus://HOST:PORT/COLLECTION`` (a Milvus
+        server) or ``milvus-lite:PATH`` (a Milvus Lite database); see
+        :mod:`vestis.catalog.stores`.
         ``model``: a registered model, checkpoint or ONNX file (new catalogs; default
         ``vestis-lite0``). ``index``: the index choice of a new catalog (``auto``, a preset
         or a FAISS factory string; ``--index`` on the command line, stored as
@@ -109,16 +114,18 @@ class Catalog:
         ``cropper``: how shop photos are cropped to their garment and categories mapped to
         garment groups (default: the shipped parser and :data:`CATEGORY_KEYWORDS`).
         """
-        if store_kind(str(path)) != "local":
-            raise ValueError(f"{path}: Milvus catalogs (milvus://HOST:PORT/COLLECTION, "
-                             "milvus-lite:PATH) are not supported yet; use a directory")
-        index = _deprecated_factory(index, factory)
-        self.path = Path(path).expanduser()
+        milvus = store_kind(str(path)) == "milvus"
+        #: Where the catalog is, as given (a directory or a Milvus URI), for messages.
+        self.location = str(path) if milvus else str(Path(path).expanduser())
+        #: The directory of the catalog's files outside the store (relative image paths,
+        #: server uploads, caches): the catalog directory, or one for a Milvus catalog.
+        self.path = files_dir(path)
         self._backend = backend
         self.cropper = cropper or GarmentCropper()
-        if not LocalStore.exists(self.path):
+        index = _deprecated_factory(index, factory)
+        if not store_exists(self.location):
             encoder = self._check_new(model, index, encoder)
-        self._store = LocalStore(self.path)
+        self._store = open_store(self.location)
         self._encoder = encoder
         self._init_model(model or (encoder.name if encoder else None), index)
 
@@ -128,7 +135,7 @@ class Catalog:
         valid one, so a bad ``--model`` or ``--index`` leaves nothing behind."""
         encoder = encoder or Encoder.from_name(_model_reference(model or DEFAULT_MODEL),
                                                backend=self._backend)
-        create_index(encoder.dim, resolve_factory(choice or AUTO, 0, encoder.dim))
+        check_index_choice(self.location, choice or AUTO, encoder.dim)
         return encoder
 
     # -- identity ----------------------------------------------------------------------
@@ -159,7 +166,7 @@ class Catalog:
         candidate = self._encoder or Encoder.from_name(model, backend=self._backend)
         if candidate.model_id != self._store.get_meta("model_id"):
             raise ModelMismatchError(
-                f"catalog {self.path} was built with model {stored!r} "
+                f"catalog {self.location} was built with model {stored!r} "
                 f"({self._store.get_meta('model_id')}); it cannot use {model!r} "
                 f"({candidate.model_id}). Use a new catalog directory for another model."
             )
@@ -172,8 +179,9 @@ class Catalog:
         stored = self.factory
         if choice is not None and choice not in (stored, self.index_choice):
             raise ValueError(
-                f"catalog {self.path} uses index {self.index_choice!r} ({stored}); rebuild it "
-                f"to change to {choice!r}: vestis reindex --catalog {self.path} --index {choice}"
+                f"catalog {self.location} uses index {self.index_choice!r} ({stored}); rebuild "
+                f"it to change to {choice!r}: vestis reindex --catalog {self.location} "
+                f"--index {choice}"
             )
 
     @property
@@ -240,7 +248,7 @@ class Catalog:
     def _check_model(self, model_id: str) -> None:
         if model_id != self.model_id:
             raise ModelMismatchError(
-                f"vectors from model {model_id!r} cannot go into catalog {self.path}, "
+                f"vectors from model {model_id!r} cannot go into catalog {self.location}, "
                 f"built with {self.model_id!r}"
             )
 
@@ -273,7 +281,7 @@ class Catalog:
         against exact search over that many stored vectors (see :meth:`measure_recall`).
         ``index_in_sync`` compares the ids the index holds with the store's, not counts."""
         details = {
-            "path": str(self.path),
+            "path": self.location,
             "items": len(self),
             "images": self.num_images,
             "model": self.model_name,
@@ -385,7 +393,7 @@ class Catalog:
         try:
             ids = self._store.remove_item(item_id)
         except KeyError:
-            raise KeyError(f"no item {item_id!r} in catalog {self.path}") from None
+            raise KeyError(f"no item {item_id!r} in catalog {self.location}") from None
         return len(ids)
 
     def update(self, item_id: str, metadata: dict[str, Any]) -> dict[str, Any]:
@@ -397,13 +405,13 @@ class Catalog:
         try:
             return self._store.update_item(item_id, metadata)
         except KeyError:
-            raise KeyError(f"no item {item_id!r} in catalog {self.path}") from None
+            raise KeyError(f"no item {item_id!r} in catalog {self.location}") from None
 
     # -- reads -----------------------------------------------------------------------
     def get(self, item_id: str) -> Item:
         metadata = self._store.item_metadata(item_id)
         if metadata is None:
-            raise KeyError(f"no item {item_id!r} in catalog {self.path}")
+            raise KeyError(f"no item {item_id!r} in catalog {self.location}")
         return Item(item_id, metadata, self._store.images_of(item_id))
 
     def __contains__(self, item_id: str) -> bool:
@@ -427,10 +435,10 @@ class Catalog:
 
     def image(self, image_id: int) -> ImageRow:
         if not 0 <= image_id < 2**63:
-            raise KeyError(f"no image {image_id} in catalog {self.path}")
+            raise KeyError(f"no image {image_id} in catalog {self.location}")
         rows = self._store.images_by_id([image_id])
         if image_id not in rows:
-            raise KeyError(f"no image {image_id} in catalog {self.path}")
+            raise KeyError(f"no image {image_id} in catalog {self.location}")
         return rows[image_id]
 
     def embed(self, query: ImageSource, box: Box | None = None) -> np.ndarray:

@@ -32,11 +32,12 @@ from PIL import Image
 
 from vestis.atomic import write_atomic
 from vestis.catalog import Catalog, GarmentHits, Item, ReadOnlyCatalogError
-from vestis.catalog.backend import filter_text
+from vestis.catalog.backend import filter_text, store_kind
 from vestis.catalog.catalog import DB_NAME, RESERVED_KEYS, content_hash
 from vestis.catalog.garments import WHOLE_IMAGE
 from vestis.catalog.ingest import photo_view
 from vestis.catalog.store import ImageRow
+from vestis.catalog.stores import files_dir, store_exists
 from vestis.images import (
     SERVER_MAX_PIXELS,
     WORK_SIDE,
@@ -107,10 +108,17 @@ class CatalogService:
         self.pool = pool or InferencePool()
         self.max_pixels = max_pixels
         self.work_side = work_side
-        self.path = Path(catalog_dir).expanduser().absolute()
-        if not (self.path / DB_NAME).exists():
+        milvus = store_kind(str(catalog_dir)) == "milvus"
+        #: The catalog as opened: a directory or a Milvus URI.
+        self.location = str(catalog_dir) if milvus \
+            else str(Path(catalog_dir).expanduser().absolute())
+        #: The catalog's files outside its store (uploads): its directory, or the one a
+        #: Milvus catalog keeps them in (:func:`vestis.catalog.stores.files_dir`).
+        self.path = files_dir(self.location).absolute()
+        if not store_exists(self.location):
+            what = "no such Milvus catalog" if milvus else f"no {DB_NAME}"
             raise FileNotFoundError(
-                f"{self.path}: not a vestis catalog (no {DB_NAME}); create it with vestis index"
+                f"{self.location}: not a vestis catalog ({what}); create it with vestis index"
             )
         self.uploads = self.path / UPLOADS_DIR
         self.state = "loading"
@@ -125,7 +133,7 @@ class CatalogService:
     def load(self) -> None:
         """Open the catalog, load the model and its index, and run one warm-up embedding."""
         try:
-            catalog = Catalog(self.path)
+            catalog = Catalog(self.location)
             catalog.encoder.embed_one(Image.new("RGB", (64, 64), (127, 127, 127)))
             catalog.parser.parse(Image.new("RGB", (64, 96), (127, 127, 127)))
             catalog.info()  # loads (or rebuilds) the vector index
@@ -413,7 +421,7 @@ class CatalogService:
 
     def _save_upload(self, data: bytes) -> Path:
         """Keep an uploaded photo under the catalog, atomically, under a fresh name."""
-        self.uploads.mkdir(exist_ok=True)
+        self.uploads.mkdir(parents=True, exist_ok=True)  # a Milvus catalog's files dir too
         path = self.uploads / f"{uuid.uuid4().hex}{_suffix(data)}"
         write_atomic(path, data)
         return path
