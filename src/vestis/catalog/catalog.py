@@ -36,7 +36,14 @@ from vestis.catalog.ingest import (
     vector_hash,
     vector_rows,
 )
-from vestis.catalog.local import DB_NAME, INDEX_NAME, INDEX_STAMP_NAME, LOCK_NAME, LocalStore
+from vestis.catalog.local import (
+    DB_NAME,
+    INDEX_NAME,
+    INDEX_STAMP_NAME,
+    LOCK_NAME,
+    LocalStore,
+    recover_swap,
+)
 from vestis.catalog.sources import read_source, unique_records
 from vestis.catalog.store import ImageRow, ModelMismatchError
 from vestis.images import Box, ImageSource
@@ -116,6 +123,7 @@ class Catalog:
         self.path = Path(path).expanduser()
         self._backend = backend
         self.cropper = cropper or GarmentCropper()
+        recover_swap(self.path)  # a directory swap (vestis adapt --catalog) cut short
         if not LocalStore.exists(self.path):
             encoder = self._check_new(model, index, encoder)
         self._store = LocalStore(self.path)
