@@ -291,7 +291,7 @@ def test_a_failed_reembedding_leaves_the_old_catalog_whole(tmp_path, monkeypatch
 
 def test_the_two_rename_swap_recovers_from_a_crash_between_them(tmp_path, monkeypatch):
     """Without the atomic exchange: two renames; a crash between them leaves no catalog
-    directory, and opening it puts the old one back."""
+    directory, and opening it puts the old one back. A killed run's copy is removed."""
     import os
 
     from vestis.catalog import Catalog
@@ -304,6 +304,7 @@ def test_the_two_rename_swap_recovers_from_a_crash_between_them(tmp_path, monkey
 
     monkeypatch.setattr(module, "_renameat2", lambda a, b: False)
     model = mapped_checkpoint(tmp_path / "rotated.pt")
+    (tmp_path / "catalog.adapting-999999").mkdir()  # left by a killed run: removed
     module.reembed(Catalog(folder), str(model))
     assert snapshot(folder) == before and siblings(folder) == []
     with Catalog(folder) as catalog:
