@@ -92,3 +92,247 @@ def test_the_map_shrinks_what_varies_within_items():
     assert abs(weight[0, 0]) > 2 * abs(weight[1, 1])
     identity = fit_map(torch.from_numpy(vectors), torch.from_numpy(labels), 1.0).numpy()
     np.testing.assert_allclose(identity, np.eye(2), atol=1e-9)
+
+
+# -- vestis adapt --catalog: adapt on a catalog's images, then re-embed it, crash-safe ------
+
+def shop_catalog(folder: Path, n_items: int = 10) -> Path:
+    """A lite0 catalog of :func:`separable_shop`, with an item whose metadata was updated
+    after ingest and an upload stored relative to the catalog (as the server stores it)."""
+    from vestis.catalog import Catalog
+    from vestis.catalog.catalog import content_hash
+
+    source = separable_shop(folder.parent / f"{folder.name}-photos", n_items)
+    with Catalog(folder, model="lite0") as catalog:
+        catalog.add(source, metadata={"shop": "test"})
+        catalog.update("item0", {"price": 10, "shop": None})
+        upload = folder / "uploads" / "up.png"
+        upload.parent.mkdir()
+        upload.write_bytes((source.parent / "3-0.png").read_bytes())
+        catalog.add_vectors(["upload"], catalog.encoder.embed([upload]),
+                            model_id=catalog.model_id, paths=["uploads/up.png"],
+                            metadata=[{"colour": "blue"}],
+                            hashes=[content_hash(upload.read_bytes())])
+    return folder
+
+
+def snapshot(folder: Path) -> dict:
+    """Everything a catalog holds but its vectors: items, their metadata and images."""
+    from vestis.catalog import Catalog
+
+    with Catalog(folder) as catalog:
+        return {item_id: (catalog.get(item_id).metadata,
+                          [(row.path, row.sha256, row.box, row.metadata)
+                           for row in catalog.get(item_id).images])
+                for item_id in catalog.item_ids()}
+
+
+def mapped_checkpoint(path: Path, seed: int = 0) -> Path:
+    """lite0 followed by a random rotation: other vectors, same neighbours."""
+    from vestis.models import save_checkpoint
+    from vestis.models.adapted import AdaptedNet
+
+    model = AdaptedNet("lite0")
+    generator = torch.Generator().manual_seed(seed)
+    rotation, _ = torch.linalg.qr(torch.randn(model.embed_dim, model.embed_dim,
+                                              generator=generator))
+    with torch.no_grad():
+        model.transform.weight.copy_(rotation)
+    return save_checkpoint(model, path, include_backbone=False)
+
+
+def siblings(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(folder.name + "."))
+
+
+@pytest.mark.slow
+def test_adapt_catalog_reembeds_the_catalog_with_the_kept_map(luma_rows, data_dir, tmp_path):
+    from vestis.catalog import Catalog
+    from vestis.train.adapt import adapt_catalog
+
+    source = write_luma_subset(luma_rows, data_dir, tmp_path / "shop.csv", n_products=24)
+    folder = tmp_path / "catalog"
+    with Catalog(folder, model="lite0") as catalog:
+        catalog.add(source)
+        before_id = catalog.model_id
+    before = snapshot(folder)
+    out = tmp_path / "shop.pt"
+    done = adapt_catalog(folder, out, minutes=5, progress=False, holdout=0.4, views=2)
+    assert done.adapt.kept and done.adapt.base == "lite0"
+    assert done.reembedded == sum(len(images) for _, images in before.values())
+    assert snapshot(folder) == before
+    assert siblings(folder) == []
+    photo = next(iter(before.values()))[1][0][0]
+    with Catalog(folder) as catalog:
+        assert catalog.model_name == str(out.resolve()) and catalog.model_id != before_id
+        expected = Encoder.from_name(str(out)).embed([photo])
+        row = catalog.get(next(iter(before))).images[0]
+        np.testing.assert_allclose(
+            catalog._store.vectors_by_id([row.image_id]), expected, atol=1e-4)
+        assert catalog.search(photo, k=1)[0].item_id == next(iter(before))
+        assert catalog.info()["index_in_sync"]
+
+
+def test_adapt_catalog_that_does_not_help_leaves_the_catalog_untouched(tmp_path):
+    from vestis.catalog import Catalog
+
+    folder = shop_catalog(tmp_path / "catalog")
+    with Catalog(folder) as catalog:
+        model_id, generation = catalog.model_id, catalog.generation
+    before = snapshot(folder)
+    out = tmp_path / "shop.pt"
+    result = CliRunner().invoke(app, ["adapt", "--catalog", str(folder), "--out", str(out),
+                                      "--holdout", "0.5", "--minutes", "0"])
+    assert result.exit_code == 0, result.output
+    assert "did not help" in result.output and "is unchanged" in result.output
+    assert torch.load(out, weights_only=True)["meta"]["adapt"]["base"] == "lite0"
+    with Catalog(folder) as catalog:
+        assert (catalog.model_id, catalog.generation) == (model_id, generation)
+    assert snapshot(folder) == before
+
+
+def test_adapt_takes_a_source_or_a_catalog_and_no_milvus_yet(tmp_path):
+    source = separable_shop(tmp_path / "shop")
+    runner = CliRunner()
+    both = runner.invoke(app, ["adapt", str(source), "--catalog", str(tmp_path / "c"),
+                               "--out", str(tmp_path / "x.pt")])
+    neither = runner.invoke(app, ["adapt", "--out", str(tmp_path / "x.pt")])
+    assert both.exit_code == neither.exit_code == 2
+    assert "exactly one" in both.output
+    milvus = runner.invoke(app, ["adapt", "--catalog", "milvus://localhost:19530/shop",
+                                 "--out", str(tmp_path / "x.pt")])
+    assert milvus.exit_code == 1 and "not supported yet" in milvus.output
+    assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.slow
+def test_reembed_swaps_in_a_complete_copy_and_open_handles_notice(tmp_path):
+    """Every item, metadata value and upload is kept; a catalog opened before the swap
+    refuses writes (they would reach the new files); a server reopens it."""
+    from vestis.catalog import Catalog
+    from vestis.catalog.local import CatalogReplacedError
+    from vestis.catalog.reembed import reembed
+    from vestis.serve.service import CatalogService
+
+    folder = shop_catalog(tmp_path / "catalog")
+    before = snapshot(folder)
+    model = mapped_checkpoint(tmp_path / "rotated.pt")
+    service = CatalogService(folder)
+    service.load()
+    assert service.ready
+    old_model = service.catalog.model_name
+    stale = Catalog(folder)
+    assert reembed(Catalog(folder), str(model)) == 21
+    assert snapshot(folder) == before and siblings(folder) == []
+    with pytest.raises(CatalogReplacedError, match="open it again"):
+        stale.update("item1", {"price": 3})
+    stale.close()
+    assert service.catalog.model_name == str(model) != old_model
+    hits = service.catalog.search(folder / "uploads" / "up.png", k=2)
+    assert {hit.item_id for hit in hits} == {"upload", "item3"}
+    service.close()
+    with Catalog(folder) as catalog:
+        assert catalog.get("upload").images[0].path == "uploads/up.png"
+        assert catalog.file_of(catalog.get("upload").images[0]).is_file()
+
+
+def test_a_failed_reembedding_leaves_the_old_catalog_whole(tmp_path, monkeypatch):
+    """A failure at the swap, a photo gone bad, or a write meanwhile: the catalog stays as
+    it was (model, generation, contents, searches) and no temporary directory is left."""
+    from vestis.catalog import Catalog
+    from vestis.catalog import reembed as module
+    from vestis.catalog.reembed import CatalogChangedError, reembed
+
+    folder = shop_catalog(tmp_path / "catalog")
+    before = snapshot(folder)
+    with Catalog(folder) as catalog:
+        state = (catalog.model_id, catalog.generation)
+    model = str(mapped_checkpoint(tmp_path / "rotated.pt"))
+
+    def unchanged() -> None:
+        assert snapshot(folder) == before and siblings(folder) == []
+        with Catalog(folder) as catalog:
+            assert (catalog.model_id, catalog.generation) == state
+            assert catalog.search(tmp_path / "catalog-photos" / "2-1.png", k=1)[0].item_id \
+                == "item2"
+
+    def crash(new: Path, path: Path) -> None:
+        raise OSError("crashed at the swap")
+
+    with pytest.raises(OSError, match="crashed at the swap"):
+        reembed(Catalog(folder), model, swap=crash)
+    unchanged()
+
+    build = module._build
+
+    def write_meanwhile(old, tmp, name, progress):
+        count = build(old, tmp, name, progress)
+        with Catalog(folder) as other:
+            other.update("item1", {"price": 5})
+        return count
+
+    monkeypatch.setattr(module, "_build", write_meanwhile)
+    with pytest.raises(CatalogChangedError, match="changed while"):
+        reembed(Catalog(folder), model)
+    monkeypatch.setattr(module, "_build", build)
+    with Catalog(folder) as catalog:
+        catalog.update("item1", {"price": None})
+        state = (catalog.model_id, catalog.generation)
+    before = snapshot(folder)
+
+    photo = tmp_path / "catalog-photos" / "5-0.png"
+    good = photo.read_bytes()
+    photo.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot be re-embedded"):
+        reembed(Catalog(folder), model)
+    photo.write_bytes(good)
+    unchanged()
+
+
+def test_the_two_rename_swap_recovers_from_a_crash_between_them(tmp_path, monkeypatch):
+    """Without the atomic exchange: two renames; a crash between them leaves no catalog
+    directory, and opening it puts the old one back. A killed run's copy is removed."""
+    import os
+
+    from vestis.catalog import Catalog
+    from vestis.catalog import reembed as module
+
+    folder = shop_catalog(tmp_path / "catalog", n_items=4)
+    before = snapshot(folder)
+    os.rename(folder, tmp_path / "catalog.old-999999")  # the first rename, then a crash
+    assert snapshot(folder) == before and siblings(folder) == []
+
+    monkeypatch.setattr(module, "_renameat2", lambda a, b: False)
+    model = mapped_checkpoint(tmp_path / "rotated.pt")
+    (tmp_path / "catalog.adapting-999999").mkdir()  # left by a killed run: removed
+    module.reembed(Catalog(folder), str(model))
+    assert snapshot(folder) == before and siblings(folder) == []
+    with Catalog(folder) as catalog:
+        assert catalog.model_name == str(model)
+
+
+@pytest.mark.slow
+def test_reembedding_a_garment_crop_catalog_equals_indexing_it_anew(luma_subset_csv, tmp_path):
+    """Parser boxes are embedded in their photo's context again, as ``add(crop="garment")``
+    embeds them: the re-embedded catalog holds the vectors a new index with the model has."""
+    from vestis.catalog import Catalog
+    from vestis.catalog.reembed import reembed
+
+    model = str(mapped_checkpoint(tmp_path / "rotated.pt"))
+    with Catalog(tmp_path / "catalog", model="lite0") as catalog:
+        catalog.add(luma_subset_csv, crop="garment")
+        assert catalog.has_garment_groups
+    reembed(Catalog(tmp_path / "catalog"), model)
+    with Catalog(tmp_path / "fresh", model=model) as fresh:
+        fresh.add(luma_subset_csv, crop="garment")
+    vectors = []
+    for folder in ("catalog", "fresh"):
+        with Catalog(tmp_path / folder) as catalog:
+            assert catalog.crop_mode == "garment" and catalog.has_garment_groups
+            rows = sorted((row.item_id, row.sha256, row.box, row.image_id)
+                          for item_id in catalog.item_ids()
+                          for row in catalog.get(item_id).images)
+            assert any(row[2] is not None for row in rows)
+            vectors.append((rows, catalog._store.vectors_by_id([row[3] for row in rows])))
+    assert [row[:3] for row in vectors[0][0]] == [row[:3] for row in vectors[1][0]]
+    np.testing.assert_allclose(vectors[0][1], vectors[1][1], atol=1e-4)

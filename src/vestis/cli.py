@@ -834,11 +834,16 @@ def train_parser_(
 @app.command()
 @friendly_errors
 def adapt(
-    source: Path = typer.Argument(..., help="Folder or CSV of the shop's photos (as for "
-                                  "vestis index); photos sharing an item_id are one product."),
+    source: Path | None = typer.Argument(None, help="Folder or CSV of the shop's photos (as "
+                                         "for vestis index); photos sharing an item_id are one "
+                                         "product. Or --catalog."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write; then use it as "
                              "a model name anywhere (--model OUT)."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Base model to adapt."),
+    model: str | None = typer.Option(None, "--model", help=f"Base model to adapt (default "
+                                     f"{DEFAULT_MODEL}; with --catalog, the catalog's own)."),
+    catalog: str | None = typer.Option(None, "--catalog", "-c", help="Adapt on a catalog's "
+                                       "own images instead of SOURCE, then re-embed it with "
+                                       "the adapted model (when kept), crash-safe."),
     minutes: float = typer.Option(10.0, min=0.0, help="Time for augmented views; every "
                                   "photo keeps its own vector whatever the budget."),
     holdout: float = typer.Option(0.3, help="Share of the products held out to check that "
@@ -847,9 +852,24 @@ def adapt(
 ) -> None:
     """Adapt a model to a shop from its own catalog; keeps the base when it does not help."""
     from vestis.train.adapt import adapt as adapt_model
+    from vestis.train.adapt import adapt_catalog
 
-    report = adapt_model(source, out, base=model, minutes=minutes, holdout=holdout,
-                         seed=seed, progress=True)
+    if (source is None) == (catalog is None):
+        raise typer.BadParameter("give either SOURCE or --catalog DIR (exactly one)")
+    if catalog is not None:
+        from vestis.catalog.backend import store_kind
+
+        if store_kind(catalog) != "local":
+            typer.echo(f"{catalog}: adapt --catalog works on catalog directories; Milvus "
+                       "catalogs are not supported yet", err=True)
+            raise typer.Exit(1)
+        done = adapt_catalog(catalog, out, base=model, minutes=minutes, holdout=holdout,
+                             seed=seed, progress=True)
+        report, model = done.adapt, done.adapt.base
+    else:
+        model = model or DEFAULT_MODEL
+        report = adapt_model(source, out, base=model, minutes=minutes, holdout=holdout,
+                             seed=seed, progress=True)
     typer.echo(f"held out {report.held_out_items} items ({report.held_out_queries} queries) "
                f"of {report.train_items + report.held_out_items}; {report.photos} photos")
     for name in ("R@1", "R@10", "mAP"):
@@ -863,6 +883,12 @@ def adapt(
     else:
         typer.echo(f"adapting did not help on the held-out products: wrote {out} with "
                    f"{model}'s vectors unchanged ({report.seconds:.0f} s)")
+    if catalog is not None and report.kept:
+        typer.echo(f"re-embedded catalog {catalog} with {out}: {done.reembedded} images "
+                   f"({done.seconds:.0f} s in all); servers open it again on their next "
+                   "request")
+    elif catalog is not None:
+        typer.echo(f"catalog {catalog} is unchanged")
 
 
 @app.command()

@@ -37,7 +37,13 @@ from vestis.catalog.ingest import (
     vector_hash,
     vector_rows,
 )
-from vestis.catalog.local import DB_NAME, INDEX_NAME, INDEX_STAMP_NAME, LOCK_NAME
+from vestis.catalog.local import (
+    DB_NAME,
+    INDEX_NAME,
+    INDEX_STAMP_NAME,
+    LOCK_NAME,
+    recover_swap,
+)
 from vestis.catalog.sources import read_source, unique_records
 from vestis.catalog.store import ImageRow, ModelMismatchError
 from vestis.catalog.stores import check_index_choice, files_dir, open_store, store_exists
@@ -123,6 +129,8 @@ class Catalog:
         self._backend = backend
         self.cropper = cropper or GarmentCropper()
         index = _deprecated_factory(index, factory)
+        if not milvus:
+            recover_swap(self.path)  # a directory swap (vestis adapt --catalog) cut short
         if not store_exists(self.location):
             encoder = self._check_new(model, index, encoder)
         self._store = open_store(self.location)

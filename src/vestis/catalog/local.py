@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -47,9 +48,17 @@ DB_NAME = "catalog.db"
 INDEX_NAME = "index.faiss"
 INDEX_STAMP_NAME = "index.json"
 LOCK_NAME = "write.lock"
+#: Sibling a catalog directory is renamed to while another takes its place (two-rename swap,
+#: where the atomic exchange is unavailable; :mod:`vestis.catalog.reembed`).
+OLD_MARK = ".old-"
 #: Items have several images: a search for k items fetches k x this many images, then this
 #: many times more, until k distinct items are found (or the index is exhausted).
 ITEM_SEARCH_WIDENING = 4
+
+
+class CatalogReplacedError(ValueError):
+    """The catalog directory was replaced (``vestis adapt --catalog``) after this process
+    opened it: its writes would reach the new catalog's files; open the catalog again."""
 
 
 class LocalStore:
@@ -69,6 +78,13 @@ class LocalStore:
         self._index_dirty = False
         self._added = False
         self._sql = Store(self.path / DB_NAME)
+        self._db_file = _file_identity(self.path / DB_NAME)
+
+    @property
+    def replaced(self) -> bool:
+        """Whether ``catalog.db`` in the directory is no longer the file this store opened
+        (another catalog was swapped in its place)."""
+        return _file_identity(self.path / DB_NAME) != self._db_file
 
     @staticmethod
     def exists(path: str | Path) -> bool:
@@ -289,7 +305,7 @@ class LocalStore:
         stamp = self._read_stamp()
         index_file = self.path / INDEX_NAME
         if stamp.get("epoch") != epoch or stamp.get("factory") != self.factory \
-                or not index_file.exists():
+                or not index_file.exists() or self.replaced:
             return None
         with contextlib.suppress(RuntimeError, ValueError):
             index = FaissIndex.load(index_file, self.factory, self.search_params)
@@ -450,11 +466,40 @@ class LocalStore:
                 return
             self._write_depth = 1
             try:
+                if self.replaced:  # the files by this path are another catalog's now
+                    if blocking:
+                        raise CatalogReplacedError(
+                            f"catalog {self.path} was replaced by another process (vestis "
+                            "adapt --catalog) since it was opened here; open it again")
+                    yield False
+                    return
                 yield True
             finally:
                 self._write_depth = 0
                 if fcntl is not None:
                     fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino)
+
+
+def recover_swap(path: str | Path) -> None:
+    """After a crash between the two renames of a directory swap (see
+    :func:`vestis.catalog.reembed.exchange`): no catalog at ``path``, the old one beside it
+    as ``NAME.old-PID``: put it back."""
+    path = Path(path).expanduser()
+    if path.exists():
+        return
+    for old in sorted(path.parent.glob(f"{path.name}{OLD_MARK}*")):
+        if (old / DB_NAME).exists():
+            with contextlib.suppress(OSError):
+                os.rename(old, path)
+            return
 
 
 def _flock(handle, blocking: bool) -> bool:

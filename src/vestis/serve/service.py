@@ -124,6 +124,8 @@ class CatalogService:
         self.state = "loading"
         self.error: str | None = None
         self._catalog: Catalog | None = None
+        self._opened_db: tuple[int, int] | None = None  # catalog.db of self._catalog
+        self._reopen_lock = threading.Lock()
         self._loaded = threading.Event()
         self._write_lock = threading.Lock()
         self._facets: tuple[int, dict[str, dict[str, Any]]] | None = None  # by generation
@@ -133,6 +135,7 @@ class CatalogService:
     def load(self) -> None:
         """Open the catalog, load the model and its index, and run one warm-up embedding."""
         try:
+            self._opened_db = self._db_identity()
             catalog = Catalog(self.location)
             catalog.encoder.embed_one(Image.new("RGB", (64, 64), (127, 127, 127)))
             catalog.parser.parse(Image.new("RGB", (64, 96), (127, 127, 127)))
@@ -165,7 +168,30 @@ class CatalogService:
                 if self.state == "failed"
                 else "the model is still loading; retry when /health says ready"
             )
+        if self._db_identity() not in (None, self._opened_db):
+            self._reopen()
         return self._catalog
+
+    def _db_identity(self) -> tuple[int, int] | None:
+        try:
+            found = os.stat(self.path / DB_NAME)
+        except OSError:
+            return None
+        return (found.st_dev, found.st_ino)
+
+    def _reopen(self) -> None:
+        """The catalog directory was replaced since it was opened (``vestis adapt
+        --catalog`` swaps a re-embedded copy in): open the new one, with its model. The old
+        one serves until then, and requests still holding it finish on it (it is not
+        closed: its files are gone, and writes to it fail)."""
+        with self._reopen_lock:
+            identity = self._db_identity()
+            if identity in (None, self._opened_db):
+                return
+            catalog = Catalog(self.location)
+            catalog.encoder.embed_one(Image.new("RGB", (64, 64), (127, 127, 127)))
+            self._catalog, self._opened_db = catalog, identity
+            self._facets = None
 
     def run(self, work: Callable[[], T]) -> T:
         """``work()`` on one of the pool's workers (BusyError when all are taken and the

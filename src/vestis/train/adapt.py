@@ -18,11 +18,15 @@ saw (leave-one-out by item, paired bootstrap interval). Unless the map is better
 noise (the 95 % interval of its gain in R@1 and AP, averaged, lies above 0), the written
 checkpoint is the base unchanged (the identity map) and the report says so. Otherwise the
 map is fitted again on every product and written.
+
+:func:`adapt_catalog` does the same on a catalog's own images, then (when the map was kept)
+re-embeds the catalog with it, crash-safe (:mod:`vestis.catalog.reembed`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from vestis.catalog import Catalog
+from vestis.catalog.backend import store_kind
+from vestis.catalog.local import DB_NAME, LocalStore, recover_swap
+from vestis.catalog.reembed import catalog_records, reembed
 from vestis.catalog.sources import read_source
 from vestis.data import build_train_transform, split_by_group
 from vestis.evaluation import (
@@ -40,7 +48,7 @@ from vestis.evaluation import (
     compare_results,
     retrieval_metrics,
 )
-from vestis.images import ImageError, crop_box, load_image
+from vestis.images import ImageError, crop_box, is_uri, load_image
 from vestis.models import DEFAULT_MODEL, Encoder, save_checkpoint
 from vestis.models.adapted import AdaptedNet
 from vestis.records import ImageRecord
@@ -111,6 +119,57 @@ def adapt(
         intervals=comparison.intervals, seconds=time.perf_counter() - started)
     _save(base, weight, report)
     return report
+
+
+@dataclass
+class CatalogAdaptReport:
+    """What ``adapt_catalog`` did: the adaptation, and the images re-embedded (0: none,
+    the catalog is unchanged)."""
+
+    adapt: AdaptReport
+    reembedded: int = 0
+    seconds: float = 0.0
+
+
+def adapt_catalog(
+    catalog: str | Path,
+    out: str | Path,
+    *,
+    base: str | None = None,
+    minutes: float = 10.0,
+    progress: bool = True,
+    swap: Callable[[Path, Path], None] | None = None,
+    **settings: Any,
+) -> CatalogAdaptReport:
+    """:func:`adapt` on the images of the local catalog ``catalog`` (``base``: default its
+    own model); when the map is kept, the catalog is re-embedded with ``out`` and swapped
+    in whole (:func:`vestis.catalog.reembed.reembed`; ``swap`` replaces its directory
+    exchange, for tests). A write to the catalog meanwhile leaves it unchanged (an error)."""
+    started = time.perf_counter()
+    if store_kind(str(catalog)) != "local":
+        raise ValueError(f"{catalog}: adapt --catalog works on local catalogs (a directory); "
+                         "Milvus catalogs are not supported yet")
+    path = Path(catalog).expanduser()
+    recover_swap(path)
+    if not LocalStore.exists(path):
+        raise FileNotFoundError(f"{path}: not a vestis catalog (no {DB_NAME})")
+    old = Catalog(path)
+    try:
+        records = catalog_records(old)
+        missing = [str(record.path) for record in records
+                   if not is_uri(record.path) and not Path(record.path).is_file()]
+        if missing:
+            raise ValueError(f"{len(missing)} image(s) of catalog {path} have no file to "
+                             f"re-embed (first: {missing[0]}); nothing was changed")
+        report = adapt(records, out, base=base or old.model_name, minutes=minutes,
+                       progress=progress, **settings)
+        count = 0
+        if report.kept:
+            count = reembed(old, str(Path(out).expanduser().resolve()), progress=progress,
+                            swap=swap)
+    finally:
+        old.close()
+    return CatalogAdaptReport(report, count, time.perf_counter() - started)
 
 
 def _settings(settings: dict[str, Any]) -> dict[str, Any]:
