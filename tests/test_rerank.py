@@ -197,11 +197,18 @@ def vestis(*args) -> subprocess.CompletedProcess:
     return result
 
 
-def test_search_and_eval_rerank_end_to_end(tmp_path):
-    catalog_csv = generated_catalog_csv(tmp_path / "photos")
-    catalog = tmp_path / "catalog"
-    vestis("index", catalog_csv, "--catalog", catalog)
-    query = tmp_path / "photos" / "item2-1.jpg"
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> tuple[Path, Path]:
+    """A catalog (default model) of the generated photos, and their CSV."""
+    folder = tmp_path_factory.mktemp("rerank")
+    catalog_csv = generated_catalog_csv(folder / "photos")
+    vestis("index", catalog_csv, "--catalog", folder / "catalog")
+    return catalog_csv, folder / "catalog"
+
+
+def test_search_and_eval_rerank_end_to_end(generated, tmp_path):
+    catalog_csv, catalog = generated
+    query = catalog_csv.parent / "item2-1.jpg"
     plain = json.loads(vestis("search", query, "-c", catalog, "--whole", "-k", "4",
                               "--json").stdout)["garments"][0]["results"]
     found = json.loads(vestis("search", query, "-c", catalog, "--whole", "-k", "4",
@@ -223,3 +230,29 @@ def test_search_and_eval_rerank_end_to_end(tmp_path):
     assert "vestis-lite0 --rerank" in report.stdout and "R@1" in report.stdout
     payload = json.loads((tmp_path / "rerank.json").read_text())
     assert payload["n_queries"] == 12
+
+
+def test_http_search_takes_a_rerank_field(generated):
+    from tests.test_serve import serving
+    from vestis.catalog import Catalog
+    from vestis.serve import create_app
+
+    catalog_csv, catalog = generated
+    photo = (catalog_csv.parent / "item3-0.jpg").read_bytes()
+    with serving(create_app(catalog)) as client:
+        def search(**form):
+            response = client.post("/search", files={"image": ("q.jpg", photo)},
+                                   data={"whole": "true", "k": "3", **form})
+            assert response.status_code == 200, response.text
+            return response.json()["garments"][0]["matches"]
+
+        plain, reranked = search(), search(rerank="true")
+        refused = client.post("/search", files={"image": ("q.jpg", photo)},
+                              data={"rerank": "true", "text": "in red"})
+    assert refused.status_code == 422
+    with Catalog(catalog) as cat:
+        expected = cat.search(photo, k=3, rerank=True)
+    assert [r["item_id"] for r in reranked] == [m.item_id for m in expected]
+    assert [r["score"] for r in reranked] == pytest.approx([m.score for m in expected],
+                                                           abs=1e-4)
+    assert [r["score"] for r in plain] != pytest.approx([r["score"] for r in reranked])

@@ -63,7 +63,8 @@ ScalarValue = str | int | float | bool
 # -- response and request models (they document the API at /docs) --------------------------
 class MatchOut(BaseModel):
     item_id: str
-    score: float = Field(description="Cosine similarity, higher is closer.")
+    score: float = Field(description="Cosine similarity, higher is closer (with rerank: the "
+                         "matcher's logit).")
     image_id: int = Field(description="The item's best-matching catalog image.")
     image_url: str
     box: list[int] | None = Field(description="Garment box in that catalog image, if any.")
