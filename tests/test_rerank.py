@@ -256,3 +256,32 @@ def test_http_search_takes_a_rerank_field(generated):
     assert [r["score"] for r in reranked] == pytest.approx([m.score for m in expected],
                                                            abs=1e-4)
     assert [r["score"] for r in plain] != pytest.approx([r["score"] for r in reranked])
+
+
+def test_the_rerank_recipe_is_typed_and_trains_into_its_run_folder(tmp_path, monkeypatch):
+    import yaml
+
+    from vestis.train import rerank, tasks
+
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "rerank.yaml")
+                            .read_text())
+    assert tasks.recipe_task(recipe) == "rerank"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**recipe, "hiden": 8}))
+    with pytest.raises(ValueError, match=r"unknown recipe key\(s\): hiden"):
+        tasks.train_recipe(bad, tmp_path / "run")
+    with pytest.raises(ValueError, match="does not apply"):
+        tasks.train_recipe(bad, tmp_path / "run", minutes=1.0)
+    # The training path on generated vectors (no photos): it chooses its epochs on held-back
+    # products, refits and writes a small matcher bound to its model.
+    monkeypatch.setattr(rerank, "pair_data", lambda recipe, progress=True: colour_variants(2))
+    monkeypatch.setattr(rerank, "_model_id", lambda name: "generated")
+    good = tmp_path / "rerank.yaml"
+    good.write_text(yaml.safe_dump({**recipe, "epochs": 12, "hidden": 32, "lr": 0.005,
+                                    "synthetic_views": 0, "base_recipe": str(bad)}))
+    summary = tasks.train_recipe(good, tmp_path / "run")
+    assert summary.checkpoint == tmp_path / "run" / "matcher.pt"
+    matcher = load_matcher(str(summary.checkpoint))
+    assert matcher.model_id == "generated" and summary.checkpoint.stat().st_size < 100_000
+    check = matcher.meta["check"]
+    assert check["rerank"]["MRR"] > check["base"]["MRR"]
