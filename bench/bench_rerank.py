@@ -122,7 +122,11 @@ def cell(values) -> str:
 def diff_cell(values, significant: bool) -> str:
     mean, low, high = values
     mark = "" if significant else " ~"
-    return f"{mean:+.3f} ({low:+.2f} to {high:+.2f}){mark}"
+    return f"{mean:+.3f} ({low:+.3f} to {high:+.3f}){mark}"
+
+
+def _figure(value) -> str:
+    return "?" if value is None else f"{value:.3f}"
 
 
 def section(table: dict, costs: dict, matcher, model: str, k: int) -> list[str]:
@@ -138,8 +142,9 @@ def section(table: dict, costs: dict, matcher, model: str, k: int) -> list[str]:
         "products of `configs/vestis-lite0.yaml` (each photo plain, augmented and "
         "consumer-style; candidates are the model's own top 50); "
         f"{matcher.meta.get('epochs', '?')} epochs chosen on held-back training products "
-        f"(there: R@1 within the top {k} {check.get('base', {}).get('R@1', '?')} plain, "
-        f"{check.get('rerank', {}).get('R@1', '?')} re-ranked). Below: sets the matcher never "
+        f"(there: R@1 within the top {matcher.meta.get('top_k', k)} "
+        f"{_figure(check.get('base', {}).get('R@1'))} plain, "
+        f"{_figure(check.get('rerank', {}).get('R@1'))} re-ranked). Below: sets the matcher never "
         "saw, leave-one-out by item, whole photos, fair tie rule. Each cell: the metric and "
         "its 95 % bootstrap interval; the difference is re-ranked minus plain on the same "
         "queries (paired bootstrap, items resampled together; `~`: the interval holds 0, "

@@ -78,6 +78,7 @@ def test_an_untrained_head_ranks_exactly_as_the_cosine():
                        cosine.argsort(dim=1, descending=True, stable=True))
 
 
+@pytest.mark.train
 def test_a_trained_head_separates_the_pairs_the_cosine_confuses(trained):
     check = candidate_lists(colour_variants(7), top_k=10)  # unseen products
     base, learned = list_figures(None, check), list_figures(trained, check)
@@ -126,7 +127,7 @@ def test_eval_rerank_metrics_follow_the_head():
     assert reversed_.metrics["R@1"] == 0.0 and reversed_.metrics["R@5"] == 1.0
 
 
-def test_catalog_search_reorders_as_the_head_says(tmp_path, trained):
+def test_catalog_search_reorders_as_the_head_says(tmp_path):
     from vestis.catalog import Catalog
     from vestis.models import Encoder
 
@@ -148,6 +149,7 @@ def test_catalog_search_reorders_as_the_head_says(tmp_path, trained):
         catalog.search(query, k=3, rerank=other)
 
 
+@pytest.mark.train
 def test_a_saved_matcher_is_small_and_loads_by_name_or_file(tmp_path, trained):
     path = save_matcher(trained, tmp_path / "matcher.pt", {"model_id": "m"})
     assert path.stat().st_size < 1_000_000
@@ -206,6 +208,7 @@ def generated(tmp_path_factory) -> tuple[Path, Path]:
     return catalog_csv, folder / "catalog"
 
 
+@pytest.mark.slow
 def test_search_and_eval_rerank_end_to_end(generated, tmp_path):
     catalog_csv, catalog = generated
     query = catalog_csv.parent / "item2-1.jpg"
@@ -232,6 +235,7 @@ def test_search_and_eval_rerank_end_to_end(generated, tmp_path):
     assert payload["n_queries"] == 12
 
 
+@pytest.mark.slow
 def test_http_search_takes_a_rerank_field(generated):
     from tests.test_serve import serving
     from vestis.catalog import Catalog
@@ -258,6 +262,7 @@ def test_http_search_takes_a_rerank_field(generated):
     assert [r["score"] for r in plain] != pytest.approx([r["score"] for r in reranked])
 
 
+@pytest.mark.train
 def test_the_rerank_recipe_is_typed_and_trains_into_its_run_folder(tmp_path, monkeypatch):
     import yaml
 

@@ -491,7 +491,11 @@ class Catalog:
         hits = self._store.search_items(vectors, max(k, rerank_k), where)
         found = []
         for vector, row in zip(vectors, hits, strict=True):
-            stored = self._store.vectors_by_id([hit.row.image_id for hit in row])
+            try:
+                stored = self._store.vectors_by_id([hit.row.image_id for hit in row])
+            except KeyError:  # an item removed since the search: search again without it
+                row = self._store.search_items(vector[None], max(k, rerank_k), where)[0]
+                stored = self._store.vectors_by_id([hit.row.image_id for hit in row])
             order, logits = matcher.rerank(vector, stored) if row else ([], [])
             found.append([dataclasses.replace(_match(row[i]), score=float(logits[i]))
                           for i in order[:k]])
