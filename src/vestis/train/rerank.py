@@ -72,6 +72,7 @@ def train_from_recipe(path: str | Path, out: str | Path, overrides: dict | None 
     refuse_unknown_keys(recipe, RECIPE_DEFAULTS)
     recipe = {**RECIPE_DEFAULTS, **recipe}
     require_paths(recipe, ("base_recipe",), "recipe")
+    written = {key: value for key, value in recipe.items() if key != "task"}  # for the meta
     base_dir = path.resolve().parent
     recipe["base_recipe"] = str(resolve_path(recipe["base_recipe"], base_dir))
     if recipe["synthetic_views"] and recipe["backgrounds"]:
@@ -80,7 +81,8 @@ def train_from_recipe(path: str | Path, out: str | Path, overrides: dict | None 
         raise ValueError("synthetic_views needs backgrounds (a folder of photos, e.g. "
                          "../shared/data/ccp/photos)")
     data = pair_data(recipe, progress=progress)
-    summary = fit_and_save(data, recipe, Path(out) / RUN_FILE, progress=progress)
+    summary = fit_and_save(data, recipe, Path(out) / RUN_FILE, progress=progress,
+                           written=written)
     return summary
 
 
@@ -236,8 +238,10 @@ def split_products(data: PairData, fraction: float, seed: int) -> tuple[list[int
     return fit_rows, check_rows
 
 
-def fit_and_save(data: PairData, recipe: dict, out: Path, *, progress: bool = True) -> str:
-    """Choose the epoch count on held-back training products, refit on all, save."""
+def fit_and_save(data: PairData, recipe: dict, out: Path, *, progress: bool = True,
+                 written: dict | None = None) -> str:
+    """Choose the epoch count on held-back training products, refit on all, save (with
+    ``written``, the recipe as written, in its metadata)."""
     started = time.perf_counter()
     fit_rows, check_rows = split_products(data, recipe["check_fraction"], recipe["seed"])
     fit_lists = candidate_lists(data.subset(fit_rows), recipe["top_k"])
@@ -254,7 +258,7 @@ def fit_and_save(data: PairData, recipe: dict, out: Path, *, progress: bool = Tr
             "images": len(data.items), "views": int(data.views.shape[1]), "epochs": epochs,
             "top_k": recipe["top_k"],
             "check": {"base": _rounded(base), "rerank": _rounded(chosen)},
-            "recipe": {k: v for k, v in recipe.items() if k != "task"}}
+            "recipe": written or {k: v for k, v in recipe.items() if k != "task"}}
     save_matcher(head, out, meta)
     summary = (f"rerank head: {len(data.items)} images x {data.views.shape[1]} views; "
                f"{epochs} epochs chosen on held-back products (check R@1 within the top "
