@@ -57,6 +57,9 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in (
              "vestis-compnet", "configs/compnet.yaml", "best.pt"),
     Artifact("fusion", "video-fusion", "video/weights/fusion.pt",
              "vestis-video-fusion", "configs/video_fusion.yaml", "fusion.pt"),
+    # The learned re-ranker of search --rerank (models/matcher.py), fp16, for vestis-lite0.
+    Artifact("rerank-lite0", "rerank", "models/weights/rerank-lite0.pt",
+             "vestis-matcher/1", "configs/rerank.yaml", "matcher.pt"),
 )}
 
 

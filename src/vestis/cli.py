@@ -239,6 +239,12 @@ def search(
     thumbnails: Path | None = typer.Option(
         None, "--thumbnails", help="Video: write each track's best frame crop here."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    rerank: bool = typer.Option(
+        False, "--rerank", help="Re-rank each garment's top --rerank-k items with the learned "
+        "matcher rerank-lite0 (scores become its logits); see BENCHMARKS.md."),
+    rerank_k: int = typer.Option(50, "--rerank-k", min=1, help="Items re-ranked per garment."),
+    matcher: str = typer.Option(
+        "rerank-lite0", "--matcher", help="The matcher of --rerank: a name or a matcher.pt."),
 ) -> None:
     """Find the catalog items that best match each garment of a photo, or a text.
 
@@ -252,6 +258,9 @@ def search(
     mask_fill(mask)  # a bad value fails before any model loads
     if image is None and text is None:
         raise ValueError("give a photo, --text, or both")
+    if rerank and (text is not None or is_video(image)):
+        raise ValueError("--rerank re-ranks photo searches (not --text, not videos)")
+    reranker = {"rerank": matcher if rerank else None, "rerank_k": rerank_k}
     if text is not None:
         _search_text(image, catalog, k, parse_where(where), text, text_mode, text_weight,
                      as_json)
@@ -264,10 +273,10 @@ def search(
         if whole:
             photo = load_image(image)
             hits = [GarmentHits(WHOLE_IMAGE, (0, 0, photo.width, photo.height), 1.0,
-                                cat.search(photo, k=k, where=parse_where(where)))]
+                                cat.search(photo, k=k, where=parse_where(where), **reranker))]
         else:
             hits = cat.search_garments(image, k, garment=garment, compatible=not any_group,
-                                       where=parse_where(where), mask=mask)
+                                       where=parse_where(where), mask=mask, **reranker)
     if as_json:
         typer.echo(json.dumps({"query": str(image), "garments": [h.to_dict() for h in hits]},
                               indent=2))
@@ -489,6 +498,12 @@ def eval_(
         "none", "--crop", help="Images without a box: none (whole photo), garment (the garment "
         "each image's category names, as vestis index --crop garment does) or largest (the "
         "largest garment found)."),
+    rerank: bool = typer.Option(
+        False, "--rerank", help="Re-rank each query's top --rerank-k with the learned matcher "
+        "rerank-lite0: its metrics, and the paired difference against the plain ranking."),
+    rerank_k: int = typer.Option(50, "--rerank-k", min=1, help="Items re-ranked per query."),
+    matcher: str = typer.Option(
+        "rerank-lite0", "--matcher", help="The matcher of --rerank: a name or a matcher.pt."),
 ) -> None:
     """Measure retrieval quality: Recall@K (hit rate), P@1, mAP, MAP@R, R-precision, each with
     a 95% bootstrap interval; ties count at their expected value."""
@@ -498,6 +513,18 @@ def eval_(
 
     if format is not None and format not in ("csv", "inshop", "c2s", "df2"):
         raise ValueError(f"--format must be csv, inshop, c2s or df2, got {format!r}")
+    if rerank:
+        from vestis.evaluation.run import compare_rerank
+
+        if compare is not None or report is not None:
+            raise ValueError("--rerank compares the model with and without re-ranking: it "
+                             "takes neither --compare nor --report")
+        reranked, _, comparison = compare_rerank(
+            dataset, model, matcher, rerank_k=rerank_k, format=format, split=split,
+            batch_size=batch_size, json_path=json_out, crop=crop)
+        typer.echo(format_table(reranked.metrics, reranked.intervals))
+        typer.echo(format_comparison(comparison, (f"{model} --rerank", model)))
+        return
     options = dict(format=format, split=split, batch_size=batch_size, progress=True,
                    report_dir=report, json_path=json_out, crop=crop)
     if compare is None:

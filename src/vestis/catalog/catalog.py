@@ -12,6 +12,7 @@ once, in one transaction with the index choice), embedding queries, and ingest.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -49,6 +50,7 @@ from vestis.catalog.store import ImageRow, ModelMismatchError
 from vestis.catalog.stores import check_index_choice, files_dir, open_store, store_exists
 from vestis.images import Box, ImageSource
 from vestis.models import DEFAULT_MODEL, Encoder
+from vestis.models.matcher import DEFAULT_MATCHER, RERANK_K, Matcher, load_matcher
 from vestis.records import ImageRecord
 
 __all__ = ["DB_NAME", "INDEX_NAME", "INDEX_STAMP_NAME", "LOCK_NAME", "Catalog", "IngestReport",
@@ -459,14 +461,18 @@ class Catalog:
         *,
         where: dict[str, Any] | None = None,
         box: Box | None = None,
+        rerank: bool | str | Path | Matcher | None = None,
+        rerank_k: int = RERANK_K,
     ) -> list[Match]:
         """The ``k`` best items for an image (path, bytes, PIL) or a query vector.
 
         ``where`` keeps only images whose metadata equals every given value (AND).
-        Each item appears once, with its best-matching image.
+        Each item appears once, with its best-matching image. ``rerank`` (see
+        :meth:`search_vectors`) re-orders the top ``rerank_k`` with a learned matcher.
         """
         vector = query if isinstance(query, np.ndarray) else self.embed(query, box)
-        return self.search_vectors(np.atleast_2d(vector), k, where=where)[0]
+        return self.search_vectors(np.atleast_2d(vector), k, where=where, rerank=rerank,
+                                   rerank_k=rerank_k)[0]
 
     def search_garments(
         self,
@@ -477,24 +483,46 @@ class Catalog:
         compatible: bool = True,
         where: dict[str, Any] | None = None,
         mask: str = "none",
+        rerank: bool | str | Path | Matcher | None = None,
+        rerank_k: int = RERANK_K,
     ) -> list[GarmentHits]:
         """The ``k`` best items for each garment the parser finds in a photo: ``garment``
         limits it to one group; ``compatible`` matches only compatible catalog groups;
         ``mask`` (``none``, ``grey``, ``white``) paints the crop's non-garment pixels.
         See :func:`vestis.catalog.garments.search_garments`."""
         return search_garments(self, query, k, garment=garment, compatible=compatible,
-                               where=where, mask=mask)
+                               where=where, mask=mask, rerank=rerank, rerank_k=rerank_k)
 
     def search_vectors(
-        self, vectors: np.ndarray, k: int = 10, *, where: dict[str, Any] | None = None
+        self, vectors: np.ndarray, k: int = 10, *, where: dict[str, Any] | None = None,
+        rerank: bool | str | Path | Matcher | None = None, rerank_k: int = RERANK_K,
     ) -> list[list[Match]]:
+        """Per query vector, the ``k`` best items. ``rerank``: ``True`` (the shipped
+        matcher), a matcher name, file or :class:`~vestis.models.matcher.Matcher` re-orders
+        each query's top ``max(k, rerank_k)`` items by the matcher's logit on the query and
+        the item's best image's stored vector (then ``score`` is that logit)."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"query vectors must have shape (n, {self.dim}), got {vectors.shape}")
-        hits = self._store.search_items(vectors, k, where)
-        return [[_match(hit) for hit in row] for row in hits]
+        if rerank is None or rerank is False:
+            hits = self._store.search_items(vectors, k, where)
+            return [[_match(hit) for hit in row] for row in hits]
+        matcher = load_matcher(DEFAULT_MATCHER if rerank is True else rerank)
+        matcher.check(self.model_id, self.dim)
+        hits = self._store.search_items(vectors, max(k, rerank_k), where)
+        found = []
+        for vector, row in zip(vectors, hits, strict=True):
+            try:
+                stored = self._store.vectors_by_id([hit.row.image_id for hit in row])
+            except KeyError:  # an item removed since the search: search again without it
+                row = self._store.search_items(vector[None], max(k, rerank_k), where)[0]
+                stored = self._store.vectors_by_id([hit.row.image_id for hit in row])
+            order, logits = matcher.rerank(vector, stored) if row else ([], [])
+            found.append([dataclasses.replace(_match(row[i]), score=float(logits[i]))
+                          for i in order[:k]])
+        return found
 
 
 def _match(hit: ItemHit) -> Match:

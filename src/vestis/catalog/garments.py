@@ -135,8 +135,11 @@ class GarmentCropper:
 def search_garments(catalog: Catalog, query: ImageSource, k: int = 10, *,
                     garment: str | None = None, compatible: bool = True,
                     where: dict[str, Any] | None = None, mask: str = "none",
-                    parser: GarmentParser | None = None) -> list[GarmentHits]:
-    """Top-``k`` items for every garment of a query photo (see :func:`query_views`).
+                    parser: GarmentParser | None = None, rerank=None,
+                    rerank_k: int = 50) -> list[GarmentHits]:
+    """Top-``k`` items for every garment of a query photo (see :func:`query_views`);
+    ``rerank``: a learned matcher re-orders each garment's top items (see
+    :meth:`Catalog.search_vectors`).
 
     ``compatible``: each garment searches only catalog images of compatible groups, when
     the catalog has ``garment`` values (a ``garment`` key in ``where`` overrides it).
@@ -153,6 +156,7 @@ def search_garments(catalog: Catalog, query: ImageSource, k: int = 10, *,
         condition = dict(where or {})
         if filter_groups and group != WHOLE_IMAGE:
             condition[GARMENT_KEY] = list(compatible_groups(group))
-        matches = catalog.search_vectors(vector[None], k, where=condition or None)[0]
+        matches = catalog.search_vectors(vector[None], k, where=condition or None,
+                                         rerank=rerank, rerank_k=rerank_k)[0]
         hits.append(GarmentHits(group, box, score, matches))
     return hits

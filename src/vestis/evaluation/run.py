@@ -1,5 +1,6 @@
 """``evaluate()``: load a benchmark, embed its images, compute metrics with intervals, write
-a report; ``compare()``: two models on the same queries."""
+a report; ``compare()``: two models on the same queries; ``compare_rerank()``: a model's
+ranking with and without the learned re-ranker, on the same queries."""
 
 from __future__ import annotations
 
@@ -24,6 +25,13 @@ from vestis.evaluation.uncertainty import (
     compare_results,
 )
 from vestis.models import DEFAULT_MODEL, Encoder
+from vestis.models.matcher import (
+    DEFAULT_MATCHER,
+    RERANK_K,
+    Matcher,
+    load_matcher,
+    rerank_scores,
+)
 from vestis.records import ImageRecord
 from vestis.views import in_context, locate_groups
 
@@ -93,6 +101,69 @@ def compare(
     if json_path is not None:
         write_comparison_json(json_path, comparison, result_a, dataset, names)
     return result_a, result_b, comparison
+
+
+def compare_rerank(
+    dataset: str | Path | EvalDataset,
+    model: str | Path | Encoder = DEFAULT_MODEL,
+    matcher: str | Path | Matcher = DEFAULT_MATCHER,
+    *,
+    rerank_k: int = RERANK_K,
+    format: str | None = None,
+    split: str = "test",
+    batch_size: int = 32,
+    progress: bool = True,
+    json_path: str | Path | None = None,
+    crop: str = "none",
+    n_boot: int = N_BOOTSTRAP,
+) -> tuple[RetrievalResult, RetrievalResult, Comparison]:
+    """``vestis eval --rerank``: the model's ranking re-ranked by ``matcher`` (each query's
+    top ``rerank_k`` re-ordered by the matcher, the rest below in their order), the plain
+    ranking, and their paired comparison (re-ranked minus plain), on the same vectors."""
+    dataset = prepare_dataset(dataset, format=format, split=split, crop=crop, progress=progress)
+    encoder = _encoder(model, batch_size)
+    matcher = load_matcher(matcher)
+    matcher.check(encoder.model_id, encoder.dim)
+    query_emb, gallery_emb = embed_dataset(encoder, dataset, progress=progress)
+    plain = score_vectors(query_emb, gallery_emb, dataset, n_boot)
+    reranked = score_vectors(query_emb, gallery_emb, dataset, n_boot, matcher, rerank_k)
+    comparison = compare_results(reranked, plain, bootstrap_groups(plain, dataset),
+                                 n_boot=n_boot)
+    if json_path is not None:
+        names = (f"{encoder.name} + {matcher.name} (top {rerank_k})", encoder.name)
+        write_comparison_json(json_path, comparison, reranked, dataset, names)
+    return reranked, plain, comparison
+
+
+def rerank_metrics(query_emb: np.ndarray, gallery_emb: np.ndarray, dataset: EvalDataset,
+                   matcher: Matcher, rerank_k: int = RERANK_K) -> RetrievalResult:
+    """Metrics (with the fair tie rule) of the plain ranking with each query's top
+    ``rerank_k`` re-ordered by ``matcher`` (:func:`vestis.models.matcher.rerank_scores`)."""
+    scores = rerank_scores(query_emb @ gallery_emb.T, query_emb, gallery_emb, matcher,
+                           rerank_k, dataset.query_gallery_index)
+    # The scores as "query vectors" against the identity: the ranking metrics read a score
+    # matrix unchanged (exact in float32), whatever made it.
+    identity = np.eye(len(gallery_emb), dtype=np.float32)
+    return retrieval_metrics(scores.astype(np.float32), dataset.query_ids, identity,
+                             dataset.gallery_ids,
+                             query_gallery_index=dataset.query_gallery_index)
+
+
+def score_vectors(query_emb, gallery_emb, dataset: EvalDataset, n_boot: int = N_BOOTSTRAP,
+                  matcher: Matcher | None = None, rerank_k: int = RERANK_K
+                  ) -> RetrievalResult:
+    """Metrics with intervals of vectors already embedded, re-ranked by ``matcher`` if
+    given."""
+    if matcher is None:
+        result = retrieval_metrics(query_emb, dataset.query_ids, gallery_emb,
+                                   dataset.gallery_ids,
+                                   query_gallery_index=dataset.query_gallery_index)
+    else:
+        result = rerank_metrics(query_emb, gallery_emb, dataset, matcher, rerank_k)
+    if n_boot:
+        result.intervals = bootstrap_intervals(result.per_query(),
+                                               bootstrap_groups(result, dataset), n_boot=n_boot)
+    return result
 
 
 def prepare_dataset(dataset: str | Path | EvalDataset, *, format: str | None = None,

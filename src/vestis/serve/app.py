@@ -63,7 +63,8 @@ ScalarValue = str | int | float | bool
 # -- response and request models (they document the API at /docs) --------------------------
 class MatchOut(BaseModel):
     item_id: str
-    score: float = Field(description="Cosine similarity, higher is closer.")
+    score: float = Field(description="Cosine similarity, higher is closer (with rerank: the "
+                         "matcher's logit).")
     image_id: int = Field(description="The item's best-matching catalog image.")
     image_url: str
     box: list[int] | None = Field(description="Garment box in that catalog image, if any.")
@@ -275,6 +276,9 @@ def _add_search_routes(app: FastAPI, service: CatalogService, read: Callable) ->
             None, max_length=500, description="Words that change the photo's query ('but in "
             "red'): the photo is then searched whole, mixed with the text."),
         text_weight: float = Form(0.5, ge=0.0, le=1.0, description="The text's share."),
+        rerank: bool = Form(
+            False, description="Re-rank each garment's top 50 items with the learned matcher "
+            "rerank-lite0 (scores become its logits); not with text."),
     ) -> SearchOut:
         """Find the catalog items that best match each garment of a photo: the garment
         parser finds the garments, and each is searched on its own."""
@@ -283,13 +287,16 @@ def _add_search_routes(app: FastAPI, service: CatalogService, read: Callable) ->
         if garment and garment not in GARMENT_GROUPS:
             raise HTTPException(422, f"garment: one of {', '.join(GARMENT_GROUPS)}, got "
                                      f"{garment!r}")
+        if rerank and text and text.strip():
+            raise HTTPException(422, "rerank: re-ranks photo searches, not photo + text")
+
         def work():
             data = image.file.read()
             if text and text.strip():
                 return service.search_photo_text(data, text, k, filters,
                                                  text_weight=text_weight)
             return service.search(data, k, filters, whole=whole, garment=garment or None,
-                                  compatible=not any_group)
+                                  compatible=not any_group, rerank=rerank)
 
         try:
             result = service.run(work)

@@ -228,18 +228,21 @@ class CatalogService:
 
     def search(self, data: bytes, k: int, where: dict[str, str] | None = None, *,
                whole: bool = False, garment: str | None = None,
-               compatible: bool = True) -> SearchResult:
+               compatible: bool = True, rerank: bool = False) -> SearchResult:
         """Search every garment of an uploaded photo (or, with ``whole``, the photo as one
-        query); raises ImageError for a bad photo. See :meth:`Catalog.search_garments`."""
+        query); raises ImageError for a bad photo. See :meth:`Catalog.search_garments`.
+        ``rerank``: the learned matcher re-orders each top 50 (:meth:`Catalog.search`)."""
         catalog = self.catalog
         photo = self.decode(data)
         if whole:
             box = (0, 0, photo.width, photo.height)
             hits = [GarmentHits(WHOLE_IMAGE, box, 1.0,
-                                catalog.search(photo.image, k, where=where or None))]
+                                catalog.search(photo.image, k, where=where or None,
+                                               rerank=rerank or None))]
         else:
             found = catalog.search_garments(photo.image, k, garment=garment,
-                                            compatible=compatible, where=where or None)
+                                            compatible=compatible, where=where or None,
+                                            rerank=rerank or None)
             hits = [replace(hit, box=photo.full_box(hit.box)) for hit in found]
         return SearchResult(photo.width, photo.height, hits)
 

@@ -18,7 +18,7 @@ from vestis.recipe_files import read_recipe
 
 #: The training tasks, as a recipe's ``task`` names them; the artifact kinds of
 #: :mod:`vestis.artifacts` are the same words.
-TASKS = ("retrieval", "parser", "text", "attributes", "outfits", "video-fusion")
+TASKS = ("retrieval", "parser", "text", "attributes", "outfits", "video-fusion", "rerank")
 #: The command-line options each task takes (``epochs``, ``minutes``, ``resume``).
 OPTIONS: dict[str, tuple[str, ...]] = {
     "retrieval": ("epochs", "minutes", "resume"),
@@ -27,6 +27,7 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "attributes": ("epochs",),
     "outfits": ("epochs",),
     "video-fusion": ("epochs",),
+    "rerank": ("epochs",),
 }
 
 
@@ -121,7 +122,14 @@ def _fusion(recipe: Path, out: Path, epochs, minutes, resume, task) -> TrainSumm
     return TrainSummary(task, out / RUN_FILE, f"wrote {out / RUN_FILE}")
 
 
+def _rerank(recipe: Path, out: Path, epochs, minutes, resume, task) -> TrainSummary:
+    from vestis.train.rerank import RUN_FILE, train_from_recipe
+
+    summary = train_from_recipe(recipe, out, {"epochs": epochs} if epochs is not None else {})
+    return TrainSummary(task, out / RUN_FILE, f"{summary}; wrote {out / RUN_FILE}")
+
+
 _RUNNERS: dict[str, Callable[..., TrainSummary]] = {
     "retrieval": _retrieval, "parser": _parser, "text": _text,
-    "attributes": _heads, "outfits": _heads, "video-fusion": _fusion,
+    "attributes": _heads, "outfits": _heads, "video-fusion": _fusion, "rerank": _rerank,
 }
