@@ -24,12 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from vestis.catalog import Catalog
-from vestis.evaluation import EvalDataset, Sample, load_dataset
+from vestis.evaluation import EvalDataset, load_dataset
 from vestis.evaluation.datasets import leave_one_out
 from vestis.evaluation.run import bootstrap_groups, embed_dataset, score_vectors
 from vestis.evaluation.uncertainty import compare_results
 from vestis.models import DEFAULT_MODEL, Encoder
 from vestis.models.matcher import DEFAULT_MATCHER, RERANK_K, load_matcher
+from vestis.records import ImageRecord
 from vestis.train import load_config
 from vestis.train.sources import build_sources
 
@@ -46,7 +47,7 @@ def held_out_luma(recipe: Path) -> EvalDataset:
     """The held-out Luma products of ``recipe`` (its seed and split), leave-one-out."""
     _, validation = build_sources(load_config(recipe))
     split = next(v for v in validation if v.name == "luma")
-    samples = [Sample(Path(s.path), s.label, category=s.category) for s in split.samples]
+    samples = [ImageRecord(Path(s.path), s.item_id, category=s.category) for s in split.samples]
     return leave_one_out("luma held-out", samples)
 
 

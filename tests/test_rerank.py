@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from vestis.evaluation.datasets import Sample, leave_one_out
+from vestis.evaluation.datasets import leave_one_out
 from vestis.evaluation.run import rerank_metrics
 from vestis.models.matcher import (
     Matcher,
@@ -24,6 +24,7 @@ from vestis.models.matcher import (
     rerank_scores,
     save_matcher,
 )
+from vestis.records import ImageRecord
 from vestis.train.rerank import RECIPE_DEFAULTS, PairData, candidate_lists, fit, list_figures
 
 VESTIS = str(Path(sys.executable).with_name("vestis"))
@@ -118,7 +119,7 @@ def test_eval_rerank_metrics_follow_the_head():
     rng = np.random.default_rng(3)
     vectors = unit(rng.normal(size=(12, DIM)))
     vectors[1] = unit(vectors[0] + 0.05 * rng.normal(size=DIM))  # item a's two photos
-    samples = [Sample(Path(f"{i}.jpg"), "a" if i < 2 else f"x{i}") for i in range(12)]
+    samples = [ImageRecord(Path(f"{i}.jpg"), "a" if i < 2 else f"x{i}") for i in range(12)]
     dataset = leave_one_out("toy", samples)
     query = vectors[dataset.query_gallery_index]
     plain = rerank_metrics(query, vectors, dataset, Matcher(MatchHead(DIM)), rerank_k=5)

@@ -93,7 +93,7 @@ def training_samples(recipe: dict) -> list:
 
     train, _ = build_sources(load_config(recipe["base_recipe"]))
     prefix = f"{recipe['source']}:"
-    samples = [s for s in train if s.label.startswith(prefix)]
+    samples = [s for s in train if s.item_id.startswith(prefix)]
     if not samples:
         raise ValueError(f"{recipe['base_recipe']} has no training source {recipe['source']!r}")
     return samples
@@ -110,8 +110,8 @@ def pair_data(recipe: dict, *, progress: bool = True) -> PairData:
                                       "seed", "base_recipe")}, "version": 1}
     digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(recipe["cache"]).expanduser() / f"{digest}.pt" if recipe["cache"] else None
-    items = [s.label for s in samples]
-    products = [s.group or s.label for s in samples]
+    items = [s.item_id for s in samples]
+    products = [s.group or s.item_id for s in samples]
     if cache is not None and cache.is_file():
         return PairData(torch.load(cache, weights_only=True)["views"], items, products)
     views = embed_views(encoder, [s.path for s in samples], recipe, progress=progress)
