@@ -136,7 +136,7 @@ def test_catalog_search_reorders_as_the_head_says(tmp_path):
     rng = np.random.default_rng(5)
     gallery = unit(rng.normal(size=(20, encoder.dim))).astype(np.float32)
     ids = [f"item{i}" for i in range(20)]
-    catalog = Catalog(tmp_path / "c", encoder=encoder, factory="Flat")
+    catalog = Catalog(tmp_path / "c", encoder=encoder, index="Flat")
     catalog.add_vectors(ids, gallery, model_id=encoder.model_id)
     query = unit(gallery[3] + 0.3 * rng.normal(size=encoder.dim)).astype(np.float32)
     plain = catalog.search(query, k=6)

@@ -169,3 +169,14 @@ def test_test_size_embeds_validation_and_the_saved_model_larger_than_training_vi
 
     with pytest.raises(ValueError, match="test_size"):
         load_config(CONFIGS / "triplet.yaml", {"model": {"test_size": 16}})
+
+
+def test_imagenet_distillation_is_logged_and_needs_cached_stages(tmp_path, data_dir):
+    smoke = {**SMOKE, "epochs": 1,
+             "model": {"finetune_from_stage": 6, "imagenet_distill": 1.0}}
+    train(CONFIGS / "triplet.yaml", tmp_path / "run", overrides=smoke, progress=False)
+    values = [float(row["imagenet_distill"]) for row in read_log(tmp_path / "run")]
+    assert values and all(0 < value < 4 for value in values)
+    no_cut = {**SMOKE, "epochs": 1, "model": {"imagenet_distill": 1.0}}
+    with pytest.raises(ValueError, match="imagenet_distill needs finetune_from_stage"):
+        train(CONFIGS / "triplet.yaml", tmp_path / "bad", overrides=no_cut, progress=False)

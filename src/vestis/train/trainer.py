@@ -8,6 +8,7 @@ backbone, images go through the model every step.
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import json
@@ -37,6 +38,7 @@ from vestis.data import (
 from vestis.evaluation import retrieval_metrics
 from vestis.images import Preprocess, crop_box, load_image
 from vestis.losses import EpochContext, TrainBatch, create_loss
+from vestis.losses.distill import RelationalDistillation
 from vestis.models import create_model, save_checkpoint
 from vestis.models.registry import needs_category_count
 from vestis.records import ImageRecord
@@ -49,7 +51,7 @@ BEST, LAST, STATE, LOG, RESOLVED = "best.pt", "last.pt", "state.pt", "log.csv", 
 # Recipe `model` keys that steer training rather than build the network.
 TRAINING_KEYS = ("architecture", "freeze_backbone", "finetune_from_stage", "category_loss_weight",
                  "category_label_smoothing", "init_from", "test_size", "attention_pretrain",
-                 "landmark_pretrain")
+                 "landmark_pretrain", "imagenet_distill")
 ATTENTION_PRETRAIN, LANDMARK_PRETRAIN = "attention_pretrain.json", "landmark_pretrain.json"
 
 
@@ -124,6 +126,8 @@ class Trainer:
             embed_dim=self.model.embed_dim,
         ).to(device)
         self.features = self._make_feature_source()
+        self.distill_weight = float(config["model"].get("imagenet_distill") or 0.0)
+        self.teacher = self._imagenet_teacher() if self.distill_weight else None
         # The feature source has kept the backbone's own input size for training views; from
         # here on, validation and the saved model embed at test_size (see serving_preprocess).
         self.model.preprocess = serving_preprocess(self.model.preprocess,
@@ -293,9 +297,14 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = group["lr_scale"] * self.learning_rate(
                     epoch * self.steps_per_epoch + step)
-            batch = self._batch(indices, epoch)
+            rows = self.features.train_rows(indices) if self.teacher is not None else None
+            batch = self._batch(indices, epoch, rows)
             output = self.loss(batch)
             total = output.total
+            if rows is not None:
+                distill = self.distill(batch.embeddings, self._teacher_vectors(rows["entry"]))
+                total = total + self.distill_weight * distill
+                output.parts["imagenet_distill"] = float(distill.detach())
             if self.model.classifier is not None:
                 category = F.cross_entropy(self.model.category_logits(batch.features),
                                            batch.categories, ignore_index=-1,
@@ -313,8 +322,27 @@ class Trainer:
                 break
         return {key: value / max(1, steps) for key, value in totals.items()}
 
-    def _batch(self, indices: list[int], epoch: int) -> TrainBatch:
-        features = self.features.train_features(indices)
+    def _imagenet_teacher(self) -> nn.Module:
+        """A frozen copy of the backbone as it starts (ImageNet weights), for
+        ``model.imagenet_distill``: its head features of the cached views are the teacher."""
+        if self.cut is None:
+            raise ValueError("model.imagenet_distill needs finetune_from_stage (the teacher "
+                             "runs on the cached lower-stage maps)")
+        self.distill = RelationalDistillation()
+        teacher = copy.deepcopy(self.model.backbone).eval()
+        return teacher.requires_grad_(False)
+
+    def _teacher_vectors(self, entry: torch.Tensor) -> torch.Tensor:
+        """The ImageNet model's average-pooled head features (what ``lite0`` embeds)."""
+        with torch.no_grad():
+            x = entry.to(self.device).float()
+            if self.cut < len(self.teacher.stage_ends):
+                x = self.teacher.run_stages(x, self.cut)[-1]
+            return F.adaptive_avg_pool2d(self.teacher.head(x), 1).flatten(1)
+
+    def _batch(self, indices: list[int], epoch: int, rows: dict | None = None) -> TrainBatch:
+        features = (self.features.train_features(indices) if rows is None
+                    else self.features.features_of(rows))
         adapted, embeddings = self.model.head(features)
         index = torch.as_tensor(indices)
         return TrainBatch(
@@ -563,12 +591,19 @@ class CachedFeatures:
 
     def train_features(self, indices: list[int]) -> torch.Tensor:
         """One view per position; an image repeated in the batch gets different views."""
+        return self.features_of(self.train_rows(indices))
+
+    def train_rows(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """The cached tensors of one view per position (see :meth:`train_features`)."""
         picked, used = [], {}
         for index in indices:
             views = used.setdefault(index, self.rng.sample(range(self.views), self.views))
             picked.append(views.pop() if views else self.rng.randrange(self.views))
         rows = (torch.as_tensor(picked), torch.as_tensor(indices))
-        return self._features({name: value[rows] for name, value in self.cache.items()})
+        return {name: value[rows] for name, value in self.cache.items()}
+
+    def features_of(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._features(rows)
 
     def plain_train_features(self) -> torch.Tensor:
         return self._plain_features({name: value[0] for name, value in self.cache.items()})
