@@ -3,11 +3,15 @@ through keys or values), index choices, ids never reused, URIs. Runs on Milvus L
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import STORES, catalog_location
 from vestis.catalog import Catalog
+from vestis.models import Encoder, create_model
 
 pytest.importorskip("milvus_lite")
 
@@ -18,14 +22,12 @@ from vestis.catalog.milvus import (  # noqa: E402
 )
 
 
-class FakeEncoder:
-    """A model identity without weights: these tests give vectors, never photos."""
-
-    name = "fake-8"
-    model_id = "fake-8-v1"
-    dim = 8
-    backend_name = "none"
-    batch_size = 8
+@functools.cache
+def small_encoder() -> Encoder:
+    """A real 8-dimensional encoder (Lite0 with an untrained projection, no download): these
+    tests give vectors, never photos, and need only a model identity of that size."""
+    torch.manual_seed(0)
+    return Encoder(create_model("lite0", pretrained=False, embed_dim=8), backend="torch")
 
 
 def unit_vectors(n: int, dim: int = 8, seed: int = 0) -> np.ndarray:
@@ -78,8 +80,8 @@ def pair(tmp_path):
     vectors = unit_vectors(len(ITEMS))
     catalogs = []
     for store in ("local", "milvus-lite"):
-        catalog = Catalog(catalog_location(store, tmp_path, store), encoder=FakeEncoder())
-        catalog.add_vectors(ITEMS, vectors, model_id=FakeEncoder.model_id,
+        catalog = Catalog(catalog_location(store, tmp_path, store), encoder=small_encoder())
+        catalog.add_vectors(ITEMS, vectors, model_id=small_encoder().model_id,
                             metadata=IMAGE_METADATA)
         catalogs.append(catalog)
     yield catalogs, vectors
@@ -104,7 +106,7 @@ def test_updates_and_item_metadata_filter_the_same(pair):
     for catalog in (local, milvus):
         catalog.update("a", {"colour": "green", "season": "winter"})  # item value wins now
         catalog.update("b", {"on_sale": None})
-        catalog.add_vectors(["a"], unit_vectors(1, seed=9), model_id=FakeEncoder.model_id,
+        catalog.add_vectors(["a"], unit_vectors(1, seed=9), model_id=small_encoder().model_id,
                             metadata=[{"size": 42}])
     for where in [*FILTERS, {"colour": "green"}, {"season": "winter"}, {"size": 42},
                   {"season": "winter", "size": "40"}]:
@@ -143,11 +145,11 @@ def test_filter_expressions_hold_hex_digests_only():
 def test_image_ids_are_never_reused(store, tmp_path):
     location = catalog_location(store, tmp_path)
     vectors = unit_vectors(4)
-    with Catalog(location, encoder=FakeEncoder()) as catalog:
-        catalog.add_vectors(["a", "b"], vectors[:2], model_id=FakeEncoder.model_id)
+    with Catalog(location, encoder=small_encoder()) as catalog:
+        catalog.add_vectors(["a", "b"], vectors[:2], model_id=small_encoder().model_id)
         catalog.remove("b")
-    with Catalog(location, encoder=FakeEncoder()) as catalog:
-        catalog.add_vectors(["c"], vectors[2:3], model_id=FakeEncoder.model_id)
+    with Catalog(location, encoder=small_encoder()) as catalog:
+        catalog.add_vectors(["c"], vectors[2:3], model_id=small_encoder().model_id)
         assert [i.image_id for i in catalog.get("c").images] == [3]
         assert catalog.search(vectors[2], k=1)[0].item_id == "c"
 
@@ -179,15 +181,16 @@ def test_an_index_milvus_cannot_build_is_refused_before_anything_is_created(tmp_
     with pytest.raises(ValueError, match="no Milvus equivalent"):
         milvus_index("PQ16", 0, 285)
     with pytest.raises(ValueError, match="no Milvus equivalent"):
-        Catalog(f"milvus-lite:{tmp_path}/c.db", encoder=FakeEncoder(), factory="PQ16")
+        Catalog(f"milvus-lite:{tmp_path}/c.db", encoder=small_encoder(), index="PQ16")
     assert not (tmp_path / "c.db").exists()
 
 
 def test_reindex_moves_between_milvus_index_types(tmp_path):
     vectors = unit_vectors(300, seed=3)
     location = f"milvus-lite:{tmp_path}/c.db"
-    with Catalog(location, encoder=FakeEncoder(), factory="hnsw") as catalog:
-        catalog.add_vectors([f"i{n}" for n in range(300)], vectors, model_id="fake-8-v1")
+    with Catalog(location, encoder=small_encoder(), index="hnsw") as catalog:
+        catalog.add_vectors([f"i{n}" for n in range(300)], vectors,
+                            model_id=small_encoder().model_id)
         assert catalog.factory.startswith("HNSW") and catalog.search_params == "ef=128"
         for choice, kind in [("flat", "FLAT"), ("IVF_FLAT", "IVF_FLAT"), ("IVF_SQ8", "IVF_SQ8")]:
             catalog.rebuild_index(choice)
@@ -207,7 +210,7 @@ def test_reindex_moves_between_milvus_index_types(tmp_path):
         info = reopened.info()
         assert info["images"] == info["indexed_vectors"] == 300 and info["index_in_sync"]
         with pytest.raises(ValueError, match="rebuild"):
-            Catalog(location, factory="hnsw")
+            Catalog(location, index="hnsw")
 
 
 @pytest.mark.parametrize("uri, remote, name", [
@@ -247,10 +250,11 @@ def test_an_auto_milvus_catalog_moves_to_hnsw_when_it_grows(tmp_path, monkeypatc
 
     monkeypatch.setattr(index, "FLAT_LIMIT", 50)
     vectors = unit_vectors(80, seed=4)
-    with Catalog(f"milvus-lite:{tmp_path}/c.db", encoder=FakeEncoder()) as catalog:
-        catalog.add_vectors([f"i{n}" for n in range(40)], vectors[:40], model_id="fake-8-v1")
+    with Catalog(f"milvus-lite:{tmp_path}/c.db", encoder=small_encoder()) as catalog:
+        catalog.add_vectors([f"i{n}" for n in range(40)], vectors[:40],
+                            model_id=small_encoder().model_id)
         assert catalog.factory == "FLAT"
         catalog.add_vectors([f"i{n}" for n in range(40, 80)], vectors[40:],
-                            model_id="fake-8-v1")
+                            model_id=small_encoder().model_id)
         assert catalog.index_choice == "auto" and catalog.factory.startswith("HNSW(M=32")
         assert catalog.search(vectors[63], k=1)[0].item_id == "i63"
