@@ -37,6 +37,10 @@ app = typer.Typer(
 CatalogOption = typer.Option(
     ..., "--catalog", "-c", help="Catalog: a directory, milvus://HOST:PORT/COLLECTION (a "
     "Milvus server) or milvus-lite:PATH (a Milvus Lite database).")
+RerankKOption = typer.Option(50, "--rerank-k", min=1,
+                             help="With --rerank: items re-ranked per garment or query.")
+MatcherOption = typer.Option("rerank-lite0", "--matcher",
+                             help="The matcher of --rerank: a name or a matcher.pt.")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -242,9 +246,8 @@ def search(
     rerank: bool = typer.Option(
         False, "--rerank", help="Re-rank each garment's top --rerank-k items with the learned "
         "matcher rerank-lite0 (scores become its logits); see BENCHMARKS.md."),
-    rerank_k: int = typer.Option(50, "--rerank-k", min=1, help="Items re-ranked per garment."),
-    matcher: str = typer.Option(
-        "rerank-lite0", "--matcher", help="The matcher of --rerank: a name or a matcher.pt."),
+    rerank_k: int = RerankKOption,
+    matcher: str = MatcherOption,
 ) -> None:
     """Find the catalog items that best match each garment of a photo, or a text.
 
@@ -501,9 +504,8 @@ def eval_(
     rerank: bool = typer.Option(
         False, "--rerank", help="Re-rank each query's top --rerank-k with the learned matcher "
         "rerank-lite0: its metrics, and the paired difference against the plain ranking."),
-    rerank_k: int = typer.Option(50, "--rerank-k", min=1, help="Items re-ranked per query."),
-    matcher: str = typer.Option(
-        "rerank-lite0", "--matcher", help="The matcher of --rerank: a name or a matcher.pt."),
+    rerank_k: int = RerankKOption,
+    matcher: str = MatcherOption,
 ) -> None:
     """Measure retrieval quality: Recall@K (hit rate), P@1, mAP, MAP@R, R-precision, each with
     a 95% bootstrap interval; ties count at their expected value."""
