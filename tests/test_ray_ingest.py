@@ -161,3 +161,31 @@ def test_vestis_index_ray_reports_bad_files_as_without_ray(tmp_path):
     assert failures(on_ray) == failures(plain) and len(failures(plain)) == 2
     assert "indexed 3 images" in on_ray.stdout
     assert sorted(stored(tmp_path / "ray")) == sorted(stored(tmp_path / "plain"))
+
+
+@pytest.mark.slow
+def test_reembedding_a_catalog_on_ray_stores_the_plain_vectors(tmp_path, local_ray):
+    """``vestis adapt --catalog --ray``'s re-embedding step, with and without Ray."""
+    import shutil
+
+    from vestis.catalog import Catalog
+    from vestis.catalog.ray_ingest import RayRunner
+    from vestis.catalog.reembed import reembed
+
+    ingest(make_source(tmp_path / "photos"), tmp_path / "base", None)
+    for name in ("plain", "ray"):
+        shutil.copytree(tmp_path / "base", tmp_path / name)
+
+    def on_ray(catalog: Catalog) -> RayRunner:
+        return RayRunner.for_encoder(catalog.encoder, catalog.model_name, workers=2)
+
+    assert reembed(Catalog(tmp_path / "plain"), "lite0") == 6
+    assert reembed(Catalog(tmp_path / "ray"), "lite0", runner=on_ray) == 6
+    plain = {path: (item, vector) for path, item, vector in stored(tmp_path / "plain").values()}
+    got = {path: (item, vector) for path, item, vector in stored(tmp_path / "ray").values()}
+    assert sorted(got) == sorted(plain)
+    for path, (item, vector) in plain.items():
+        assert vector.shape == (1280,)  # lite0's vectors, not the catalog's old model's
+        assert got[path][0] == item and np.array_equal(got[path][1], vector), path
+    with Catalog(tmp_path / "ray") as catalog:
+        assert catalog.model_name == "lite0"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
@@ -41,6 +42,13 @@ RerankKOption = typer.Option(50, "--rerank-k", min=1,
                              help="With --rerank: items re-ranked per garment or query.")
 MatcherOption = typer.Option("rerank-lite0", "--matcher",
                              help="The matcher of --rerank: a name or a matcher.pt.")
+RayOption = typer.Option(
+    None, "--ray", metavar="[ADDRESS]", help="Embed on Ray Data (pip install "
+    "'vestis\\[ray]'): --ray alone starts a local Ray on all cores; --ray ADDRESS joins a "
+    "cluster (auto, ray://head:10001, HOST:PORT). Same vectors as without.")
+RayWorkersOption = typer.Option(
+    None, "--ray-workers", min=1, help="Embedding actors with --ray (default: one per CPU, or "
+    "per GPU when the cluster has GPUs).")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -94,6 +102,24 @@ def parse_where(pairs: list[str] | None, option: str = "--where") -> dict[str, s
     return where
 
 
+def ray_runner(address: str | None, workers: int | None, backend: str = "auto"):
+    """``--ray`` / ``--ray-workers`` as a factory: given a catalog, a RayRunner (a context
+    that starts and stops it) embedding with its model; None without ``--ray``."""
+    if address is None:
+        if workers is not None:
+            raise ValueError("--ray-workers needs --ray")
+        return None
+    from vestis.catalog.ray_ingest import RayRunner, require_ray
+
+    require_ray()
+
+    def make(cat):
+        return RayRunner.for_encoder(cat.encoder, cat.model_name, backend=backend,
+                                     address=address, workers=workers)
+
+    return make
+
+
 def open_catalog(
     location: str | Path,
     model: str | None = None,
@@ -143,13 +169,8 @@ def index(
     attributes: bool = typer.Option(
         False, "--attributes", help="Predict each item's category and attributes and store "
         "them as predicted.<family> metadata (filter with --where predicted.pattern=Solid)."),
-    ray: str | None = typer.Option(
-        None, "--ray", metavar="[ADDRESS]", help="Run the ingest on Ray Data (pip install "
-        "'vestis\\[ray]'): --ray alone starts a local Ray on all cores; --ray ADDRESS joins a "
-        "cluster (auto, ray://head:10001, HOST:PORT). Same vectors as without."),
-    ray_workers: int | None = typer.Option(
-        None, "--ray-workers", min=1, help="Embedding actors with --ray (default: one per "
-        "CPU, or per GPU when the cluster has GPUs)."),
+    ray: str | None = RayOption,
+    ray_workers: int | None = RayWorkersOption,
 ) -> None:
     """Add the images of SOURCE to the catalog (created if missing); prints images/s."""
     from tqdm.auto import tqdm
@@ -160,27 +181,12 @@ def index(
     def report_bad(path: str, reason: str) -> None:
         tqdm.write(f"failed: {path}: {reason}", file=sys.stderr)
 
-    runner = None
-    if ray is not None:
-        from vestis.catalog.ray_ingest import require_ray
-
-        require_ray()  # before a new catalog is created
-    elif ray_workers is not None:
-        raise ValueError("--ray-workers needs --ray")
+    runner = ray_runner(ray, ray_workers, backend)  # before a new catalog is created
     with open_catalog(catalog, model, index_choice, create=True, backend=backend) as cat:
         cat.encoder.batch_size = batch_size
-        if ray is not None:
-            from vestis.catalog.ray_ingest import RayRunner
-
-            runner = RayRunner.for_encoder(cat.encoder, cat.model_name, backend=backend,
-                                           address=ray, workers=ray_workers)
-            runner.start()
-        try:
+        with runner(cat) if runner else contextlib.nullcontext() as embedder:
             report = cat.add(source, progress=True, on_error=report_bad, crop=crop,
-                             runner=runner)
-        finally:
-            if runner is not None:
-                runner.stop()
+                             runner=embedder)
         typer.echo(
             f"indexed {report.added} images ({report.skipped} already present, "
             f"{len(report.failed)} failed) in {report.seconds:.1f} s "
@@ -878,13 +884,18 @@ def adapt(
     holdout: float = typer.Option(0.3, help="Share of the products held out to check that "
                                   "adapting helps."),
     seed: int = typer.Option(0, help="Seed of the held-out choice and the augmentations."),
+    ray: str | None = RayOption,
+    ray_workers: int | None = RayWorkersOption,
 ) -> None:
-    """Adapt a model to a shop from its own catalog; keeps the base when it does not help."""
+    """Adapt a model to a shop from its own catalog; keeps the base when it does not help.
+    With --catalog, --ray re-embeds the catalog on Ray Data."""
     from vestis.train.adapt import adapt as adapt_model
     from vestis.train.adapt import adapt_catalog
 
     if (source is None) == (catalog is None):
         raise typer.BadParameter("give either SOURCE or --catalog DIR (exactly one)")
+    if ray is not None and catalog is None:
+        raise typer.BadParameter("--ray re-embeds a catalog: it needs --catalog")
     if catalog is not None:
         from vestis.catalog.backend import store_kind
 
@@ -893,7 +904,8 @@ def adapt(
                        "catalogs are not supported yet", err=True)
             raise typer.Exit(1)
         done = adapt_catalog(catalog, out, base=model, minutes=minutes, holdout=holdout,
-                             seed=seed, progress=True)
+                             seed=seed, progress=True,
+                             runner=ray_runner(ray, ray_workers))
         report, model = done.adapt, done.adapt.base
     else:
         model = model or DEFAULT_MODEL

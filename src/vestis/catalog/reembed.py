@@ -32,6 +32,7 @@ import errno
 import os
 import shutil
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -39,14 +40,18 @@ from tqdm.auto import tqdm
 
 from vestis.catalog.catalog import Catalog
 from vestis.catalog.index import default_search_params
+from vestis.catalog.ingest import IngestRunner
 from vestis.catalog.local import DB_NAME, OLD_MARK
 from vestis.catalog.store import ImageRow, NewImage
 from vestis.images import file_digest, is_uri
+from vestis.models import Encoder
 from vestis.records import ImageRecord
 from vestis.views import context_vectors
 
 #: Images re-embedded and stored per transaction (whole items, so at least one item).
 BATCH = 512
+#: Given the new catalog, a context yielding where its embedding runs (e.g. a RayRunner).
+RunnerFactory = Callable[[Catalog], AbstractContextManager[IngestRunner]]
 #: renameat2(2) flag: exchange the two paths atomically.
 RENAME_EXCHANGE = 2
 AT_FDCWD = -100
@@ -99,11 +104,14 @@ def _alive(pid: int) -> bool:
 
 
 def reembed(old: Catalog, model: str, *, progress: bool = False,
-            swap: Callable[[Path, Path], None] | None = None) -> int:
+            swap: Callable[[Path, Path], None] | None = None,
+            runner: RunnerFactory | None = None) -> int:
     """Replace catalog ``old`` (open, local) by the same catalog embedded with ``model``;
     returns the number of images re-embedded. ``swap``: exchanges two directories (default
-    :func:`exchange`). On any error the catalog is left as it was and the temporary
-    directory is removed. ``old`` is closed afterwards."""
+    :func:`exchange`). ``runner``: given the new catalog, a context that yields where the
+    embedding runs (a :class:`vestis.catalog.ray_ingest.RayRunner`; default: here). On any
+    error the catalog is left as it was and the temporary directory is removed. ``old`` is
+    closed afterwards."""
     path = old.path.absolute()
     if old.read_only:
         raise ValueError(f"catalog {path} is read-only: it cannot be re-embedded")
@@ -112,7 +120,7 @@ def reembed(old: Catalog, model: str, *, progress: bool = False,
     tmp = temporary_dir(path)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        count = _build(old, tmp, model, progress)
+        count = _build(old, tmp, model, progress, runner)
         with old._store.writing():
             if old.generation != generation:
                 raise CatalogChangedError(
@@ -126,9 +134,11 @@ def reembed(old: Catalog, model: str, *, progress: bool = False,
         shutil.rmtree(tmp, ignore_errors=True)  # after the swap: the old catalog
 
 
-def _build(old: Catalog, tmp: Path, model: str, progress: bool) -> int:
+def _build(old: Catalog, tmp: Path, model: str, progress: bool,
+           runner: RunnerFactory | None) -> int:
     """The new catalog in ``tmp``, complete and closed."""
-    with Catalog(tmp, model=model, index=old.index_choice) as new:
+    with Catalog(tmp, model=model, index=old.index_choice) as new, \
+            (runner(new) if runner else contextlib.nullcontext(new.encoder)) as embedder:
         new._store.set_meta({"crop": old.crop_mode})
         if old.has_garment_groups:
             new._store.set_meta({"garment_groups": "1"})
@@ -140,10 +150,10 @@ def _build(old: Catalog, tmp: Path, model: str, progress: bool) -> int:
             items[item_id] = item.metadata
             rows += item.images
             if len(rows) >= BATCH:
-                _store_batch(old, new, tmp, items, rows, bar)
+                _store_batch(old, new, embedder, tmp, items, rows, bar)
                 items, rows = {}, []
         if items:
-            _store_batch(old, new, tmp, items, rows, bar)
+            _store_batch(old, new, embedder, tmp, items, rows, bar)
         bar.close()
         new._store.commit()
         if old.search_params != default_search_params(new.factory) \
@@ -152,15 +162,15 @@ def _build(old: Catalog, tmp: Path, model: str, progress: bool) -> int:
         return new.num_images
 
 
-def _store_batch(old: Catalog, new: Catalog, tmp: Path, items: dict[str, dict],
-                 rows: list[ImageRow], bar) -> None:
+def _store_batch(old: Catalog, new: Catalog, embedder: IngestRunner | Encoder, tmp: Path,
+                 items: dict[str, dict], rows: list[ImageRow], bar) -> None:
     files = [source_of(old, row) for row in rows]
     in_context = [row.box is not None and file_digest(file)[0] == row.sha256
                   for row, file in zip(rows, files, strict=True)]
     boxes = [None if context else row.box for row, context in zip(rows, in_context, strict=True)]
     vectors = np.zeros((len(rows), new.dim), dtype=np.float32)
     errors = []
-    for batch in new.encoder.iter_batches(files, boxes):
+    for batch in embedder.iter_batches(files, boxes):
         errors += [f"{files[position]}: {error.reason}" for position, error in batch.errors]
         vectors[batch.indices] = batch.vectors
     if errors:
@@ -181,8 +191,8 @@ def _store_batch(old: Catalog, new: Catalog, tmp: Path, items: dict[str, dict],
 def _link_inside(old_dir: Path, new_dir: Path, stored: str) -> None:
     """A file stored relative to the catalog (an upload) and inside it: hard-linked (or
     copied) to the same place in the new directory. A relative path leading out of the
-    catalog reaches the same file from the sibling directory."""
-    if not stored or Path(stored).is_absolute():
+    catalog reaches the same file from the sibling directory. A URI is read where it is."""
+    if not stored or is_uri(stored) or Path(stored).is_absolute():
         return
     source = old_dir / stored
     with contextlib.suppress(ValueError):

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from vestis.catalog import Catalog
 from vestis.catalog.backend import store_kind
 from vestis.catalog.local import DB_NAME, LocalStore, recover_swap
-from vestis.catalog.reembed import catalog_records, reembed
+from vestis.catalog.reembed import RunnerFactory, catalog_records, reembed
 from vestis.catalog.sources import read_source
 from vestis.data import build_train_transform, split_by_group
 from vestis.evaluation import (
@@ -139,12 +139,14 @@ def adapt_catalog(
     minutes: float = 10.0,
     progress: bool = True,
     swap: Callable[[Path, Path], None] | None = None,
+    runner: RunnerFactory | None = None,
     **settings: Any,
 ) -> CatalogAdaptReport:
     """:func:`adapt` on the images of the local catalog ``catalog`` (``base``: default its
     own model); when the map is kept, the catalog is re-embedded with ``out`` and swapped
     in whole (:func:`vestis.catalog.reembed.reembed`; ``swap`` replaces its directory
-    exchange, for tests). A write to the catalog meanwhile leaves it unchanged (an error)."""
+    exchange, for tests; ``runner``: where the re-embedding runs, e.g. Ray). A write to the
+    catalog meanwhile leaves it unchanged (an error)."""
     started = time.perf_counter()
     if store_kind(str(catalog)) != "local":
         raise ValueError(f"{catalog}: adapt --catalog works on local catalogs (a directory); "
@@ -166,7 +168,7 @@ def adapt_catalog(
         count = 0
         if report.kept:
             count = reembed(old, str(Path(out).expanduser().resolve()), progress=progress,
-                            swap=swap)
+                            swap=swap, runner=runner)
     finally:
         old.close()
     return CatalogAdaptReport(report, count, time.perf_counter() - started)
