@@ -265,8 +265,8 @@ def test_a_failed_reembedding_leaves_the_old_catalog_whole(tmp_path, monkeypatch
 
     build = module._build
 
-    def write_meanwhile(old, tmp, name, progress):
-        count = build(old, tmp, name, progress)
+    def write_meanwhile(*args):
+        count = build(*args)
         with Catalog(folder) as other:
             other.update("item1", {"price": 5})
         return count
