@@ -25,17 +25,14 @@ import numpy as np
 
 from vestis.catalog import Catalog
 from vestis.evaluation import EvalDataset, load_dataset
-from vestis.evaluation.datasets import leave_one_out
 from vestis.evaluation.run import bootstrap_groups, embed_dataset, score_vectors
 from vestis.evaluation.uncertainty import compare_results
 from vestis.models import DEFAULT_MODEL, Encoder
 from vestis.models.matcher import DEFAULT_MATCHER, RERANK_K, load_matcher
-from vestis.records import ImageRecord
-from vestis.train import load_config
-from vestis.train.sources import build_sources
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipes import replace_section  # noqa: E402
+from transfer import held_out_sets  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -43,16 +40,8 @@ TITLE = "## Learned re-ranking (`bench/bench_rerank.py`)"
 METRICS = ("R@1", "R@10", "mAP")
 
 
-def held_out_luma(recipe: Path) -> EvalDataset:
-    """The held-out Luma products of ``recipe`` (its seed and split), leave-one-out."""
-    _, validation = build_sources(load_config(recipe))
-    split = next(v for v in validation if v.name == "luma")
-    samples = [ImageRecord(Path(s.path), s.item_id, category=s.category) for s in split.samples]
-    return leave_one_out("luma held-out", samples)
-
-
 def datasets(recipe: Path) -> dict[str, EvalDataset]:
-    return {"Luma held-out": held_out_luma(recipe),
+    return {"Luma held-out": held_out_sets(recipe)["luma held-out"],
             "Bagisto": load_dataset(DATA / "bagisto" / "catalog.csv"),
             "Solidus": load_dataset(DATA / "solidus" / "catalog.csv")}
 

@@ -30,6 +30,8 @@ from vestis.evaluation.datasets import leave_one_out
 from vestis.evaluation.run import score_dataset
 from vestis.models import Encoder
 from vestis.records import ImageRecord
+from vestis.train import load_config
+from vestis.train.sources import build_sources
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipes import RECIPES, SCORED_CHECKPOINT, replace_section  # noqa: E402
@@ -81,6 +83,19 @@ def shop_dataset(shop: Shop) -> EvalDataset:
     dataset = leave_one_out(f"{shop.csv.parent.name} categories", samples)
     dataset.match = "category"
     return dataset
+
+
+def held_out_sets(recipe: Path) -> dict[str, EvalDataset]:
+    """The held-out splits of ``recipe`` (its seed and split), each leave-one-out, named
+    ``"<source> held-out"``; clothing matches by category."""
+    _, validation = build_sources(load_config(recipe))
+    sets = {}
+    for split in validation:
+        dataset = leave_one_out(f"{split.name} held-out", list(split.samples))
+        if split.name == "clothing":
+            dataset.match = "category"
+        sets[dataset.name] = dataset
+    return sets
 
 
 def trained_kinds(model: str) -> set[str]:

@@ -23,16 +23,18 @@ import sys
 from pathlib import Path
 
 from vestis.evaluation import EvalDataset, bootstrap_intervals
-from vestis.evaluation.datasets import leave_one_out
 from vestis.evaluation.run import bootstrap_groups, score_dataset
 from vestis.evaluation.uncertainty import compare_results
 from vestis.models import Encoder
-from vestis.train import load_config
-from vestis.train.sources import build_sources
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipes import replace_section  # noqa: E402
-from transfer import default_shops, interval_cell, shop_dataset  # noqa: E402
+from transfer import (  # noqa: E402
+    default_shops,
+    held_out_sets,
+    interval_cell,
+    shop_dataset,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TITLE = "## Transfer ablations (`bench/transfer_ablation.py`)"
@@ -49,13 +51,7 @@ TRANSFER = ("Bagisto", "Solidus", "Solidus category")
 
 def eval_sets(recipe: Path) -> dict[str, EvalDataset]:
     shops = {shop.name: shop_dataset(shop) for shop in default_shops() if shop.name in TRANSFER}
-    _, validation = build_sources(load_config(recipe))
-    for split in validation:
-        dataset = leave_one_out(f"{split.name} held-out", list(split.samples))
-        if split.name == "clothing":
-            dataset.match = "category"
-        shops[f"{split.name} held-out"] = dataset
-    return shops
+    return {**shops, **held_out_sets(recipe)}
 
 
 def score(model: str, sets: dict[str, EvalDataset], names) -> dict:

@@ -128,6 +128,7 @@ class Trainer:
         self.features = self._make_feature_source()
         self.distill_weight = float(config["model"].get("imagenet_distill") or 0.0)
         self.teacher = self._imagenet_teacher() if self.distill_weight else None
+        self.distill = RelationalDistillation()
         # The feature source has kept the backbone's own input size for training views; from
         # here on, validation and the saved model embed at test_size (see serving_preprocess).
         self.model.preprocess = serving_preprocess(self.model.preprocess,
@@ -328,7 +329,6 @@ class Trainer:
         if self.cut is None:
             raise ValueError("model.imagenet_distill needs finetune_from_stage (the teacher "
                              "runs on the cached lower-stage maps)")
-        self.distill = RelationalDistillation()
         teacher = copy.deepcopy(self.model.backbone).eval()
         return teacher.requires_grad_(False)
 
