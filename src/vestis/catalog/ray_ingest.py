@@ -1,8 +1,11 @@
-"""Ingest on Ray Data: hashing and decoding as Ray tasks, embedding in a pool of actors that
+"""Ingest on Ray Data: hashing as Ray tasks (in the driver's threads when a local Ray reads
+local files), decoding and embedding in a pool of actors that
 each hold the catalog's model, writes in the driver (``vestis index SOURCE --ray``).
 
 The pipeline is cut into the batches :meth:`vestis.models.Encoder.iter_batches` would make
-(``batch_size`` records each, in input order), and each batch goes through the same
+(``batch_size`` records each, in input order). On CPUs each actor decodes and embeds its own
+batches on the one core Ray gives it (so N workers use N cores, and no pixels cross the
+object store); with GPUs, CPU tasks decode for the GPU actors. Each batch goes through the same
 functions as the plain ingest (:mod:`vestis.ray_workers`): :func:`vestis.images.file_digest`
 for the content hash, the model's :class:`vestis.images.Preprocess` for the pixels, and for
 the vectors the very ONNX model the driver's encoder runs (its bytes, shipped to the
@@ -31,6 +34,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +42,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from vestis.catalog.ingest import Digest
-from vestis.images import Box, ImageError, ImageSource, Preprocess
+from vestis.catalog.ingest import HASH_THREADS, Digest, digest_record
+from vestis.images import Box, ImageError, ImageSource, Preprocess, is_uri
 from vestis.models import Encoder
 from vestis.models.encoder import EncodedBatch
 from vestis.ray_workers import EmbedActor, batch_row, decode_batch, hash_batch
@@ -147,6 +151,12 @@ class RayRunner:
 
         if not records:
             return
+        if self.address == LOCAL and not any(is_uri(r.path) for r in records):
+            # The files are on this machine's disk: threads hash them as the plain ingest
+            # does, without the start of a Ray dataset (seconds on a small machine).
+            with ThreadPoolExecutor(HASH_THREADS) as pool:
+                yield from pool.map(digest_record, records)
+            return
         workers, _ = self._resources()
         rows = _batch_rows([r.path for r in records], [r.box for r in records], self.batch_size)
         dataset = _dataset(rows).map(hash_batch, num_cpus=0,
@@ -159,25 +169,26 @@ class RayRunner:
     def iter_batches(self, sources: Sequence[ImageSource], boxes: Sequence[Box | None], *,
                      progress: bool = False, desc: str = "embedding") -> Iterator[EncodedBatch]:
         """The batches :meth:`Encoder.iter_batches` yields for the same input, computed on
-        Ray: decoded by tasks, embedded by the actor pool, in input order."""
+        Ray by the actor pool, in input order."""
         from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
         if not sources:
             return
         workers, actor_resources = self._resources()
         on_gpu = "num_gpus" in actor_resources
+        preprocess = self.preprocess.to_dict()
         model = {"onnx": None if on_gpu else self.onnx, "name": self.model,
                  "model_id": self.model_id,
                  "size": self.preprocess.size, "dim": self.dim,
                  "backend": "torch" if on_gpu else self.backend,
-                 "device": "cuda" if on_gpu else None}
-        dataset = (
-            _dataset(_batch_rows(sources, boxes, self.batch_size))
-            .map(decode_batch, fn_kwargs={"preprocess": self.preprocess.to_dict()},
-                 num_cpus=0, compute=TaskPoolStrategy(size=workers))
-            .map(EmbedActor, fn_constructor_kwargs=model,
-                 compute=ActorPoolStrategy(size=workers), **actor_resources)
-        )
+                 "device": "cuda" if on_gpu else None,
+                 "preprocess": None if on_gpu else preprocess}
+        dataset = _dataset(_batch_rows(sources, boxes, self.batch_size))
+        if on_gpu:  # CPU tasks decode, so that the GPU never waits on JPEG decoding
+            dataset = dataset.map(decode_batch, fn_kwargs={"preprocess": preprocess},
+                                  num_cpus=1, compute=TaskPoolStrategy(size=workers))
+        dataset = dataset.map(EmbedActor, fn_constructor_kwargs=model,
+                              compute=ActorPoolStrategy(size=workers), **actor_resources)
         bar = tqdm(total=len(sources), desc=desc, unit="img", disable=not progress)
         for row in dataset.iter_rows():
             batch = self._batch(row, sources)
