@@ -163,6 +163,17 @@ def test_the_parsers_onnx_runner_gives_torchs_garments(ccp_photo):
         assert found == [(g.group, g.box) for g in torch_parser.parse(image)]
 
 
+def test_the_parsers_onnx_runner_splits_a_photo_and_its_mirror_over_two_streams():
+    from vestis.detect.onnx import OnnxParserRunner, export_parser
+
+    model = export_parser(load_parser(backend="torch").net)
+    one, two = OnnxParserRunner(model, streams=1), OnnxParserRunner(model, streams=2)
+    assert two.streams == 2 and two.session.get_session_options().intra_op_num_threads == 1
+    x = np.random.default_rng(0).standard_normal((2, 3, 384, 256)).astype(np.float32)
+    assert np.array_equal(one(x), two(x))  # the same logits, whatever the split
+    assert np.array_equal(two(x[:1]), one(x[:1]))
+
+
 # -- catalog side ---------------------------------------------------------------------------
 def test_garment_crops_store_a_box_and_a_group_per_image(cropped_catalog, luma_by_category,
                                                          parser):

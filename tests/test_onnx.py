@@ -93,3 +93,12 @@ def test_threads_one_stream_per_core(default_model):
     assert backend.streams == physical_cores() and backend.threads == 1
     pinned = Encoder(default_model, threads=2, streams=1).backend
     assert pinned.streams == 1 and pinned.threads == 2
+
+
+def test_a_few_photos_are_spread_over_the_streams_with_the_same_vectors(default_model, photos):
+    spread = Encoder(default_model, streams=2, threads=1)
+    batches = list(spread.iter_batches(photos[:3]))
+    assert [len(b.indices) for b in batches] == [2, 1]  # both streams work on a query
+    one_batch = Encoder(default_model, streams=1, threads=1).embed(photos[:3])
+    assert np.array_equal(np.concatenate([b.vectors for b in batches]), one_batch)
+    assert [len(b.indices) for b in spread.iter_batches(photos * 4)] == [16, 16]

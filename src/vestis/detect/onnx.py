@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -46,20 +47,36 @@ class TorchParserRunner:
 
 
 class OnnxParserRunner:
+    """The parser on ONNX Runtime, as the encoder runs (:class:`vestis.models.backends.
+    OnnxBackend`): ``streams`` inferences at once (default one per physical core), each on
+    ``threads`` intra-op threads (default one). A batch (a photo and its mirror image) is
+    split over the streams: on 2 cores two one-thread runs of one image each took 13 ms
+    where one two-thread run of both took 30, with the same logits."""
+
     name = "onnxruntime"
 
-    def __init__(self, model: bytes | str, threads: int | None = None):
+    def __init__(self, model: bytes | str, threads: int | None = None,
+                 streams: int | None = None):
         import onnxruntime as ort
 
+        self.streams = streams or physical_cores()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or physical_cores()
+        options.intra_op_num_threads = threads or max(1, physical_cores() // self.streams)
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self._pool = ThreadPoolExecutor(self.streams) if self.streams > 1 else None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        (logits,) = self.session.run(["logits"], {"image": np.ascontiguousarray(x, np.float32)})
+        x = np.ascontiguousarray(x, np.float32)
+        if self._pool is None or len(x) == 1:
+            return self._run(x)
+        parts = np.array_split(x, min(self.streams, len(x)))
+        return np.concatenate(list(self._pool.map(self._run, parts)))
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        (logits,) = self.session.run(["logits"], {"image": np.ascontiguousarray(x)})
         return logits
 
 

@@ -120,8 +120,7 @@ class GarmentParser:
         if self.flip:  # log of the mean probability: a logit for softmax and argmax
             probs = out.softmax(1)
             out = ((probs[:1] + probs[1:].flip(-1)) / 2).clamp_min(1e-8).log()
-        out = F.interpolate(out, size=(pad_h, pad_w), mode="bilinear", align_corners=False)
-        return out[:, :, :new_h, :new_w]
+        return _resized(out, (pad_w, pad_h))[:, :, :new_h, :new_w]
 
     @torch.inference_mode()
     def segment(self, image: ImageSource, size: tuple[int, int] | None = None) -> Parsing:
@@ -189,11 +188,17 @@ class GarmentParser:
 
 def _parsing(logits: torch.Tensor, size: tuple[int, int], photo_width: int) -> Parsing:
     """Labels and probabilities of class ``logits`` (1 x G x h x w) resized to ``size``."""
-    logits = F.interpolate(logits, size=(size[1], size[0]), mode="bilinear",
-                           align_corners=False)
-    probs = logits.softmax(1)[0]
-    labels = probs.argmax(0).to(torch.uint8)
+    probs = _resized(logits, size).softmax(1)[0]
+    labels = probs.max(0).indices.to(torch.uint8)  # argmax's first maximum, several times faster
     return Parsing(labels.numpy(), probs.numpy(), size[0] / photo_width)
+
+
+def _resized(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``maps`` (N x C x h x w) resized bilinearly to ``size`` (w, h); as they are when they
+    already have that size (where bilinear resizing is the identity)."""
+    if tuple(maps.shape[-2:]) == (size[1], size[0]):
+        return maps
+    return F.interpolate(maps, size=(size[1], size[0]), mode="bilinear", align_corners=False)
 
 
 def _scale_box(box: Box, factor: float, size: tuple[int, int]) -> Box:

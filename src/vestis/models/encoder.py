@@ -7,6 +7,7 @@ model name: it embeds without torch weights.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +28,13 @@ from vestis.models.registry import create_model
 #: Fewest decoding threads an encoder runs: even on one core, decoding the next batch while
 #: the current one runs overlaps I/O and decompression with inference.
 MIN_DECODE_WORKERS = 2
+
+
+def batch_span(count: int, batch_size: int, streams: int) -> int:
+    """Images per inference batch for ``count`` images: ``batch_size``, or fewer when that
+    would leave inference streams idle (a query's few garments then run on every core,
+    not one; the backends give each image the same vector whatever its batch)."""
+    return max(1, min(batch_size, math.ceil(count / streams)))
 
 
 class BadImagesError(ImageError):
@@ -181,10 +189,11 @@ class Encoder:
         boxes = boxes if boxes is not None else [None] * len(sources)
         bar = tqdm(total=len(sources), desc=desc, unit="img", disable=not progress)
         streams = max(1, self.backend.streams)
+        size = batch_span(len(sources), self.batch_size, streams)
         with ThreadPoolExecutor(self.workers) as decoders, ThreadPoolExecutor(streams) as runners:
             in_flight: deque[Future] = deque()
-            for start in range(0, len(sources), self.batch_size):
-                decoded = self._submit(decoders, sources, boxes, start)
+            for start in range(0, len(sources), size):
+                decoded = self._submit(decoders, sources, boxes, start, size)
                 in_flight.append(runners.submit(self._finish, start, decoded))
                 # Keep one batch decoding ahead of every inference stream.
                 if len(in_flight) > streams:
@@ -198,8 +207,8 @@ class Encoder:
         bar.update(len(batch.indices) + len(batch.errors))
         return batch
 
-    def _submit(self, pool, sources, boxes, start: int) -> list[Future]:
-        stop = min(start + self.batch_size, len(sources))
+    def _submit(self, pool, sources, boxes, start: int, size: int) -> list[Future]:
+        stop = min(start + size, len(sources))
         return [pool.submit(self.preprocess, sources[i], boxes[i]) for i in range(start, stop)]
 
     def _finish(self, start: int, futures: list[Future]) -> EncodedBatch:
