@@ -15,6 +15,7 @@ import csv
 import json
 import os
 import platform
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -169,7 +170,49 @@ def main() -> None:
     section = recipes_section(args.reuse, recipes)
     print("\n".join(section))
     if args.update:
+        if set(recipes) != set(RECIPES) and args.update.exists():
+            section = kept_rows(args.update.read_text().splitlines(), section)
+            section.insert(-1, f"Re-run on {date.today()}: {', '.join(recipes)}; the other "
+                               "rows are from earlier runs.")
+            section.insert(-1, "")
         replace_section(args.update, section)
+
+
+def kept_rows(report: list[str], section: list[str]) -> list[str]:
+    """``section`` (some recipes re-run) with the report's rows of the other recipes kept,
+    in the report's order: each re-run recipe's row replaces its old one."""
+    if section[0] not in report:
+        return section
+    start = report.index(section[0])
+    header_end = section.index(next(line for line in section if line.startswith("|---")))
+    body = section[header_end + 1:]
+    new = {_row_name(line): line for line in body if line.startswith("| ")}
+    rows = [new.pop(_row_name(line), line) for line in _table(report, start)]
+    tail = [line for line in body if not line.startswith("| ")]
+    old_notes = [line for line in _after_table(report, start)
+                 if line and line not in tail and not line.startswith("Hardware")]
+    notes = [note for line in old_notes for note in (line, "")]
+    return [*section[:header_end + 1], *rows, *new.values(), *tail[:1], *notes, *tail[1:]]
+
+
+def _after_table(report: list[str], start: int) -> list[str]:
+    """The section's lines after its first table."""
+    lines = report[start + 1:]
+    first = next(i for i, line in enumerate(lines) if line.startswith("|---")) + 1
+    end = next((i for i in range(first, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return [line for line in lines[first:end] if not line.startswith("| ")]
+
+
+def _table(report: list[str], start: int) -> list[str]:
+    """The body rows of the first table after line ``start``."""
+    lines = report[start + 1:]
+    first = next(i for i, line in enumerate(lines) if line.startswith("|---")) + 1
+    end = next((i for i in range(first, len(lines)) if not lines[i].startswith("| ")), len(lines))
+    return lines[first:end]
+
+
+def _row_name(line: str) -> str:
+    return line.split("|")[1].strip()
 
 
 def replace_section(path: Path, section: list[str]) -> None:
