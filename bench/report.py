@@ -83,23 +83,29 @@ def baseline_section() -> list[str]:
 HELD_OUT_METRICS = ("R@1", "mAP", "MAP@R", "R-precision")
 
 
-def held_out_section() -> list[str]:
-    """The shipped default and the ImageNet models on the default recipe's held-out splits,
-    with intervals: what the single-split tables below are read against."""
+def held_out_section(runs: Path = REPO / "runs" / "bench") -> list[str]:
+    """The shipped default, the ImageNet models and every finished recipe run in ``runs``
+    whose held-out splits are the default recipe's, on those splits, with intervals: what
+    the single-split tables below are read against."""
     _, validation = build_sources(load_config(REPO / "configs" / "vestis-lite0.yaml"))
+    recipes = [(name, checkpoint) for name, checkpoint in recipe_runs(runs)
+               if name != "vestis-lite0" and same_splits(name, validation)]
     lines = [
         "## Held-out splits with intervals",
         "",
         "The held-out Luma products and clothing contributors of `configs/vestis-lite0.yaml` "
         "(seed 0), leave-one-out within each split, scored with the fair tie rule; a cell is "
         "the figure and its 95 % bootstrap interval (Luma items resampled whole, clothing "
-        "queries one by one). `tied`: queries whose first correct photo ties with a wrong one.",
+        "queries one by one). `tied`: queries whose first correct photo ties with a wrong one. "
+        "Recipe rows (runs in `runs/bench` whose recipe holds out the same splits) are scored "
+        "with the checkpoint `bench/recipes.py` scores.",
         "",
         "| model | split | queries | " + " | ".join(HELD_OUT_METRICS) + " | tied |",
         "|---|---|---:|" + "---:|" * (len(HELD_OUT_METRICS) + 1),
     ]
-    for model in ("vestis-lite0", "lite0", "lite2"):
-        encoder = Encoder.from_name(model)
+    models = [(name, name) for name in ("vestis-lite0", "lite0", "lite2")] + recipes
+    for model, checkpoint in models:
+        encoder = Encoder.from_name(checkpoint)
         for split in validation:
             labels = [sample.item_id for sample in split.samples]
             vectors = encoder.embed([s.path for s in split.samples],
@@ -114,6 +120,17 @@ def held_out_section() -> list[str]:
             lines.append(f"| {model} | {split.name} | {result.metrics['n_queries']} | "
                          + " | ".join(cells) + f" | {result.metrics['n_queries_tied']} |")
     return lines
+
+
+def same_splits(recipe: str, validation) -> bool:
+    """Whether ``configs/RECIPE.yaml`` holds out exactly the photos of ``validation``."""
+    _, own = build_sources(load_config(REPO / "configs" / f"{recipe}.yaml"))
+    return _split_photos(own) == _split_photos(validation)
+
+
+def _split_photos(splits) -> dict[str, list]:
+    return {split.name: [(str(s.path), s.box, s.item_id) for s in split.samples]
+            for split in splits}
 
 
 def main() -> None:
