@@ -207,7 +207,7 @@ def test_adapt_takes_a_source_or_a_catalog(tmp_path):
     if importlib.util.find_spec("milvus_lite") is not None:
         missing = runner.invoke(app, ["adapt", "--catalog", f"milvus-lite:{tmp_path}/no.db#s",
                                       "--out", str(tmp_path / "x.pt")])
-        assert missing.exit_code == 1 and "no such Milvus catalog" in missing.output
+        assert missing.exit_code != 0 and "no such Milvus catalog" in missing.output
         assert not (tmp_path / "x.pt").exists() and not (tmp_path / "no.db").exists()
 
 
