@@ -432,6 +432,7 @@ def test_a_milvus_switch_cut_short_is_finished_when_the_catalog_is_opened(
     its plain items collection was dropped, before the alias took its name): opening the
     catalog finishes the switch and drops the old generation."""
     from vestis.catalog import Catalog, milvus_switch
+    from vestis.catalog.local import CatalogReplacedError
     from vestis.catalog.reembed import reembed
 
     location = milvus_shop(tmp_path, legacy=legacy, n_items=4)
@@ -450,6 +451,8 @@ def test_a_milvus_switch_cut_short_is_finished_when_the_catalog_is_opened(
         point(client, name, kind, prefix)
 
     catalog = Catalog(location)  # opening it points its names too
+    stale = Catalog(location)
+    photo = tmp_path / "catalog-photos" / "2-1.png"
     monkeypatch.setattr(milvus_switch, "point", crash_at_the_second)
     with pytest.raises(OSError, match="crashed between"):
         reembed(catalog, model)
@@ -458,13 +461,20 @@ def test_a_milvus_switch_cut_short_is_finished_when_the_catalog_is_opened(
     cut = collections(tmp_path)
     assert cut["shop_images"] == "shop_g1_images" and cut["shop_meta"] == f"{old}_meta"
     assert ("shop_items" in cut) != legacy
+    if legacy:  # its images name reads the new vectors: refused, not searched
+        with pytest.raises(CatalogReplacedError):
+            stale.search(photo, k=1)
+    else:  # it reads its own generation, still whole
+        assert stale.search(photo, k=1)[0].item_id == "item2"
 
     assert snapshot(location) == before  # opening it finished the switch
     assert collections(tmp_path) == generation("shop_g1")
     with Catalog(location) as catalog:
         assert catalog.model_name == model
-        assert catalog.search(tmp_path / "catalog-photos" / "2-1.png", k=1)[0].item_id \
-            == "item2"
+        assert catalog.search(photo, k=1)[0].item_id == "item2"
+    with pytest.raises(CatalogReplacedError):
+        stale.search(photo, k=1)
+    stale.close()
 
 
 def test_a_failed_milvus_reembedding_leaves_the_catalog_whole(tmp_path, monkeypatch):

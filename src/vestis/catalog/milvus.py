@@ -320,9 +320,20 @@ class MilvusStore:
 
     @property
     def replaced(self) -> bool:
-        """Whether the catalog's meta name reads another generation than this store's
-        (a re-embedding switched it since this store was opened)."""
-        return self.current_prefix() != self.prefix
+        """Whether the catalog's meta name reads another generation than this store's (a
+        re-embedding switched it since this store was opened); for a legacy catalog, read
+        through names that a switch turns into aliases, also whether its images name
+        already reads another collection (the switch moves it first)."""
+        if self.current_prefix() != self.prefix:
+            return True
+        if self._legacy:
+            images = f"{self.prefix}_images"
+            return milvus_switch.target(self.raw_client, images) not in (images, None)
+        return False
+
+    @property
+    def _legacy(self) -> bool:
+        return self._aliased and self.prefix == self.location.name
 
     def current_prefix(self) -> str | None:
         """The generation the catalog's names read now (:attr:`prefix` until a switch)."""
@@ -656,6 +667,8 @@ class MilvusStore:
         """The ``k`` best items per query: Milvus groups the hits by ``item_id`` (each item
         once, by its best image); where grouping is not available the image search widens
         until ``k`` items appear, as the embedded store's does."""
+        if self._legacy:  # its names may read a new generation: never with this model
+            self._check_replaced()
         expression = filter_expression(where) if where else ""
         if expression is None or not self._has_images():
             return [[] for _ in vectors]

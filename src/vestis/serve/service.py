@@ -177,10 +177,12 @@ class CatalogService:
         return self._catalog
 
     def _db_identity(self) -> tuple[int, int] | str | None:
-        """What tells that the catalog was replaced: ``catalog.db``'s inode, or the Milvus
-        generation the catalog's names read now (one call to Milvus)."""
+        """What tells that the catalog was replaced: ``catalog.db``'s inode; for Milvus,
+        the generation the open catalog reads, ``""`` once it was switched to another one
+        (a call or two to Milvus)."""
         if self._milvus:
-            return self._catalog._store.current_prefix() if self._catalog is not None else None
+            store = self._catalog._store if self._catalog is not None else None
+            return None if store is None else "" if store.replaced else store.prefix
         try:
             found = os.stat(self.path / DB_NAME)
         except OSError:
