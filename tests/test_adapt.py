@@ -536,6 +536,20 @@ def test_a_failed_milvus_reembedding_leaves_the_catalog_whole(tmp_path, monkeypa
     assert now == generation(now["shop_meta"][: -len("_meta")])
     assert not set(now) & {*half_built, "shop_g0_meta"}
 
+    # A store that resolved the old generation just before that switch dropped it: it
+    # neither makes the old collections again nor moves the catalog's names back.
+    from vestis.catalog import milvus_switch
+    from vestis.catalog.local import CatalogReplacedError
+    from vestis.catalog.milvus import MilvusStore
+
+    resolved = milvus_switch.current_prefix
+    stale = iter(["shop_g0"])
+    monkeypatch.setattr(milvus_switch, "current_prefix",
+                        lambda client, name: next(stale, None) or resolved(client, name))
+    with pytest.raises(CatalogReplacedError):
+        MilvusStore(location)
+    assert collections(tmp_path) == now
+
 
 def snapshot_item1(before: dict) -> tuple:
     """Item 1 of a :func:`snapshot` after ``update("item1", {"price": 5})``."""

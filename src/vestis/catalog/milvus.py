@@ -351,6 +351,9 @@ class MilvusStore:
         from pymilvus import DataType, MilvusClient
 
         client = self._client
+        if not (client.has_collection(self._meta_name) and
+                client.has_collection(self._items_name)):
+            self._check_not_dropped()
         if not client.has_collection(self._meta_name):
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=128)
@@ -373,7 +376,15 @@ class MilvusStore:
     def _alias(self, kind: str) -> None:
         """The catalog's name for one of its collections (a new catalog's, once made)."""
         if self._aliased and self.prefix != self.location.name:
-            milvus_switch.point(self.raw_client, self.location.name, kind, self.prefix)
+            milvus_switch.name_if_missing(self.raw_client, self.location.name, kind,
+                                          self.prefix)
+
+    def _check_not_dropped(self) -> None:
+        """Before a missing collection is created: the catalog is new (no meta name yet),
+        not one switched to another generation since this store resolved its own."""
+        current = self.current_prefix()
+        if current is not None and current != self.prefix:
+            self._check_replaced()
 
     def _load(self, name: str) -> None:
         """Collections of an existing catalog are loaded (a new process finds them released)."""

@@ -28,7 +28,9 @@ generations and finishes the switch to the newest complete one, then drops the r
 A legacy catalog is migrated by its first switch: Milvus refuses an alias named like an
 existing collection, so each plain collection is dropped just before its alias is made. For
 that moment (two calls per name) the name is missing: a reader of another process fails
-there, a crash there is finished by :func:`recover` (the name's alias is created).
+there, a crash there is finished by :func:`recover` (the name's alias is created). A store
+of a legacy catalog reads through those very names, so it checks before each search that its
+images name (moved first) is still its own collection.
 """
 
 from __future__ import annotations
@@ -81,6 +83,13 @@ def point(client, name: str, kind: str, prefix: str) -> None:
         client.create_alias(wanted, alias)
     else:
         client.alter_alias(wanted, alias)
+
+
+def name_if_missing(client, name: str, kind: str, prefix: str) -> None:
+    """A new catalog's name for its collection (made once: a store opening the catalog
+    never moves a name, so one that opened just before a switch cannot undo it)."""
+    if target(client, collection(name, kind)) is None:
+        client.create_alias(collection(prefix, kind), collection(name, kind))
 
 
 def meta_value(client, prefix: str, key: str) -> str | None:
