@@ -4,6 +4,7 @@ help; the written checkpoint is a model name like any other."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -96,27 +97,30 @@ def test_the_map_shrinks_what_varies_within_items():
 
 # -- vestis adapt --catalog: adapt on a catalog's images, then re-embed it, crash-safe ------
 
-def shop_catalog(folder: Path, n_items: int = 10) -> Path:
-    """A lite0 catalog of :func:`separable_shop`, with an item whose metadata was updated
-    after ingest and an upload stored relative to the catalog (as the server stores it)."""
+def shop_catalog(folder: Path, n_items: int = 10, location: str | None = None,
+                 store=None) -> Path | str:
+    """A lite0 catalog of :func:`separable_shop` (at ``location``, default ``folder``;
+    photos beside ``folder``), with an item whose metadata was updated after ingest and an
+    upload stored relative to the catalog (as the server stores it). ``store``: as for
+    :class:`Catalog`."""
     from vestis.catalog import Catalog
     from vestis.catalog.catalog import content_hash
 
     source = separable_shop(folder.parent / f"{folder.name}-photos", n_items)
-    with Catalog(folder, model="lite0") as catalog:
+    with Catalog(location or folder, model="lite0", store=store) as catalog:
         catalog.add(source, metadata={"shop": "test"})
         catalog.update("item0", {"price": 10, "shop": None})
-        upload = folder / "uploads" / "up.png"
-        upload.parent.mkdir()
+        upload = catalog.path / "uploads" / "up.png"
+        upload.parent.mkdir(parents=True)
         upload.write_bytes((source.parent / "3-0.png").read_bytes())
         catalog.add_vectors(["upload"], catalog.encoder.embed([upload]),
                             model_id=catalog.model_id, paths=["uploads/up.png"],
                             metadata=[{"colour": "blue"}],
                             hashes=[content_hash(upload.read_bytes())])
-    return folder
+    return location or folder
 
 
-def snapshot(folder: Path) -> dict:
+def snapshot(folder: Path | str) -> dict:
     """Everything a catalog holds but its vectors: items, their metadata and images."""
     from vestis.catalog import Catalog
 
@@ -191,7 +195,7 @@ def test_adapt_catalog_that_does_not_help_leaves_the_catalog_untouched(tmp_path)
     assert snapshot(folder) == before
 
 
-def test_adapt_takes_a_source_or_a_catalog_and_no_milvus_yet(tmp_path):
+def test_adapt_takes_a_source_or_a_catalog(tmp_path):
     source = separable_shop(tmp_path / "shop")
     runner = CliRunner()
     both = runner.invoke(app, ["adapt", str(source), "--catalog", str(tmp_path / "c"),
@@ -199,10 +203,12 @@ def test_adapt_takes_a_source_or_a_catalog_and_no_milvus_yet(tmp_path):
     neither = runner.invoke(app, ["adapt", "--out", str(tmp_path / "x.pt")])
     assert both.exit_code == neither.exit_code == 2
     assert "exactly one" in both.output
-    milvus = runner.invoke(app, ["adapt", "--catalog", "milvus://localhost:19530/shop",
-                                 "--out", str(tmp_path / "x.pt")])
-    assert milvus.exit_code == 1 and "not supported yet" in milvus.output
     assert not (tmp_path / "x.pt").exists()
+    if importlib.util.find_spec("milvus_lite") is not None:
+        missing = runner.invoke(app, ["adapt", "--catalog", f"milvus-lite:{tmp_path}/no.db#s",
+                                      "--out", str(tmp_path / "x.pt")])
+        assert missing.exit_code != 0 and "no such Milvus catalog" in missing.output
+        assert not (tmp_path / "x.pt").exists() and not (tmp_path / "no.db").exists()
 
 
 @pytest.mark.slow
@@ -336,3 +342,256 @@ def test_reembedding_a_garment_crop_catalog_equals_indexing_it_anew(luma_subset_
             vectors.append((rows, catalog._store.vectors_by_id([row[3] for row in rows])))
     assert [row[:3] for row in vectors[0][0]] == [row[:3] for row in vectors[1][0]]
     np.testing.assert_allclose(vectors[0][1], vectors[1][1], atol=1e-4)
+
+
+# -- on a Milvus catalog: a new generation of collections, switched in by aliases -----------
+
+def milvus_shop(tmp_path: Path, *, legacy: bool = False, n_items: int = 10) -> str:
+    """:func:`shop_catalog` in a Milvus Lite database; ``legacy``: with plain collections
+    named after the catalog, as catalogs were made before generations."""
+    pytest.importorskip("milvus_lite")
+    from vestis.catalog.milvus import MilvusStore
+
+    location = f"milvus-lite:{tmp_path / 'shop.db'}#shop"
+    store = (lambda: MilvusStore(location, aliased=False)) if legacy else None
+    return shop_catalog(tmp_path / "catalog", n_items, location=location, store=store)
+
+
+def collections(tmp_path: Path) -> dict[str, str]:
+    """Every collection of the database, and what each catalog name reads."""
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(str(tmp_path / "shop.db"))
+    try:
+        names = {name: name for name in client.list_collections()}
+        for kind in ("images", "items", "meta"):
+            if client.has_collection(f"shop_{kind}"):
+                names[f"shop_{kind}"] = client.describe_collection(
+                    f"shop_{kind}")["collection_name"]
+        return names
+    finally:
+        client.close()
+
+
+def generation(prefix: str) -> dict[str, str]:
+    """The collections of one generation, each catalog name reading its own."""
+    return {**{f"{prefix}_{kind}": f"{prefix}_{kind}" for kind in ("images", "items", "meta")},
+            **{f"shop_{kind}": f"{prefix}_{kind}" for kind in ("images", "items", "meta")}}
+
+
+@pytest.mark.slow
+def test_a_milvus_catalog_is_reembedded_and_open_handles_notice(tmp_path):
+    """Every item, metadata value and upload is kept in a new generation the catalog's names
+    now read; a catalog opened before refuses writes and searches (never the new vectors
+    with the old model); a server opens the new generation."""
+    from vestis.catalog import Catalog
+    from vestis.catalog.local import CatalogReplacedError
+    from vestis.catalog.reembed import reembed
+    from vestis.serve.service import CatalogService
+
+    location = milvus_shop(tmp_path)
+    before = snapshot(location)
+    assert collections(tmp_path) == generation("shop_g0")
+    model = str(mapped_checkpoint(tmp_path / "rotated.pt"))
+    service = CatalogService(location)
+    service.load()
+    assert service.ready
+    old_model = service.catalog.model_name
+    stale = Catalog(location)
+    photo = tmp_path / "catalog-photos" / "3-1.png"
+    assert stale.search(photo, k=1)[0].item_id == "item3"
+
+    assert reembed(Catalog(location), model) == 21
+    assert snapshot(location) == before
+    assert collections(tmp_path) == generation("shop_g1")
+    with pytest.raises(CatalogReplacedError, match="open it again"):
+        stale.update("item1", {"price": 3})
+    with pytest.raises(CatalogReplacedError, match="open it again"):
+        stale.search(photo, k=1)
+    stale.close()
+    assert service.catalog.model_name == model != old_model
+    upload = service.catalog.path / "uploads" / "up.png"
+    assert {hit.item_id for hit in service.catalog.search(upload, k=2)} == {"upload", "item3"}
+    service.close()
+    with Catalog(location) as catalog:
+        assert catalog.model_name == model
+        expected = Encoder.from_name(model).embed([photo])
+        row = next(r for r in catalog.get("item3").images if r.path.endswith("3-1.png"))
+        np.testing.assert_allclose(catalog._store.vectors_by_id([row.image_id]), expected,
+                                   atol=1e-4)
+        assert catalog.info()["index_in_sync"]
+        catalog.update("item1", {"price": 4})  # the new generation takes writes
+    assert reembed(Catalog(location), "lite0") == 21  # and is re-embedded in its turn
+    assert collections(tmp_path) == generation("shop_g2")
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["generations", "legacy-collections"])
+def test_a_milvus_switch_cut_short_is_finished_when_the_catalog_is_opened(
+        tmp_path, monkeypatch, legacy):
+    """A crash after the images name moved to the new generation (a legacy catalog: after
+    its plain items collection was dropped, before the alias took its name): opening the
+    catalog finishes the switch and drops the old generation."""
+    from vestis.catalog import Catalog, milvus_switch
+    from vestis.catalog.local import CatalogReplacedError
+    from vestis.catalog.reembed import reembed
+
+    location = milvus_shop(tmp_path, legacy=legacy, n_items=4)
+    old = "shop" if legacy else "shop_g0"
+    assert collections(tmp_path)["shop_meta"] == f"{old}_meta"
+    before = snapshot(location)
+    model = str(mapped_checkpoint(tmp_path / "rotated.pt"))
+    point, calls = milvus_switch.point, []
+
+    def crash_at_the_second(client, name, kind, prefix):
+        calls.append(kind)
+        if len(calls) == 2:
+            if legacy:
+                client.drop_collection(f"{name}_{kind}")
+            raise OSError("crashed between two alias moves")
+        point(client, name, kind, prefix)
+
+    catalog = Catalog(location)  # opening it points its names too
+    stale = Catalog(location)
+    photo = tmp_path / "catalog-photos" / "2-1.png"
+    monkeypatch.setattr(milvus_switch, "point", crash_at_the_second)
+    with pytest.raises(OSError, match="crashed between"):
+        reembed(catalog, model)
+    assert calls == ["images", "items"]
+    monkeypatch.setattr(milvus_switch, "point", point)
+    cut = collections(tmp_path)
+    assert cut["shop_images"] == "shop_g1_images" and cut["shop_meta"] == f"{old}_meta"
+    assert ("shop_items" in cut) != legacy
+    if legacy:  # its images name reads the new vectors: refused, not searched
+        with pytest.raises(CatalogReplacedError):
+            stale.search(photo, k=1)
+    else:  # it reads its own generation, still whole
+        assert stale.search(photo, k=1)[0].item_id == "item2"
+
+    assert snapshot(location) == before  # opening it finished the switch
+    assert collections(tmp_path) == generation("shop_g1")
+    with Catalog(location) as catalog:
+        assert catalog.model_name == model
+        assert catalog.search(photo, k=1)[0].item_id == "item2"
+    with pytest.raises(CatalogReplacedError):
+        stale.search(photo, k=1)
+    stale.close()
+
+
+def test_a_failed_milvus_reembedding_leaves_the_catalog_whole(tmp_path, monkeypatch):
+    """A failure at the switch, a write meanwhile, or a process killed while it builds: the
+    catalog stays as it was; the new collections are dropped (a killed run's by the next
+    re-embedding)."""
+    from vestis.catalog import Catalog
+    from vestis.catalog import reembed as module
+    from vestis.catalog.milvus_switch import MilvusBeside
+    from vestis.catalog.reembed import CatalogChangedError, reembed
+
+    location = milvus_shop(tmp_path, n_items=4)
+    model = str(mapped_checkpoint(tmp_path / "rotated.pt"))
+
+    def state() -> tuple:
+        with Catalog(location) as catalog:
+            return (catalog.model_id, catalog.generation,
+                    catalog.search(tmp_path / "catalog-photos" / "2-1.png", k=1)[0].item_id)
+
+    before, kept = snapshot(location), state()
+
+    def crash(new: str, old: str) -> None:
+        raise OSError("crashed at the switch")
+
+    with pytest.raises(OSError, match="crashed at the switch"):
+        reembed(Catalog(location), model, swap=crash)
+    assert (snapshot(location), state()) == (before, kept)
+    assert collections(tmp_path) == generation("shop_g0")
+
+    build = module._build
+
+    def write_meanwhile(*args):
+        count = build(*args)
+        with Catalog(location) as other:
+            other.update("item1", {"price": 5})
+        return count
+
+    monkeypatch.setattr(module, "_build", write_meanwhile)
+    with pytest.raises(CatalogChangedError, match="changed while"):
+        reembed(Catalog(location), model)
+    assert collections(tmp_path) == generation("shop_g0")
+    with Catalog(location) as catalog:
+        assert catalog.model_id == kept[0] and catalog.get("item1").metadata["price"] == 5
+
+    def killed(*args):
+        build(*args)
+        raise KeyboardInterrupt  # the process dies: nothing of it cleans up
+    monkeypatch.setattr(module, "_build", killed)
+    monkeypatch.setattr(MilvusBeside, "discard", lambda self: None)
+    with pytest.raises(KeyboardInterrupt):
+        reembed(Catalog(location), model)
+    monkeypatch.undo()
+    half_built = sorted(set(collections(tmp_path)) - set(generation("shop_g0")))
+    assert [name.rsplit("_", 1)[1] for name in half_built] == ["images", "items", "meta"]
+    assert (snapshot(location), state()[0]) == ({**before, "item1": snapshot_item1(before)},
+                                                 kept[0])
+    assert reembed(Catalog(location), model) == 9
+    now = collections(tmp_path)
+    assert now == generation(now["shop_meta"][: -len("_meta")])
+    assert not set(now) & {*half_built, "shop_g0_meta"}
+
+    # A store that resolved the old generation just before that switch dropped it: it
+    # neither makes the old collections again nor moves the catalog's names back.
+    from vestis.catalog import milvus_switch
+    from vestis.catalog.local import CatalogReplacedError
+    from vestis.catalog.milvus import MilvusStore
+
+    resolved = milvus_switch.current_prefix
+    stale = iter(["shop_g0"])
+    monkeypatch.setattr(milvus_switch, "current_prefix",
+                        lambda client, name: next(stale, None) or resolved(client, name))
+    with pytest.raises(CatalogReplacedError):
+        MilvusStore(location)
+    assert collections(tmp_path) == now
+
+
+def snapshot_item1(before: dict) -> tuple:
+    """Item 1 of a :func:`snapshot` after ``update("item1", {"price": 5})``."""
+    metadata, images = before["item1"]
+    return {**metadata, "price": 5}, images
+
+
+def test_adapt_catalog_on_milvus_that_does_not_help_leaves_it_untouched(tmp_path):
+    from vestis.catalog import Catalog
+
+    location = milvus_shop(tmp_path)
+    with Catalog(location) as catalog:
+        model_id, generation_ = catalog.model_id, catalog.generation
+    before = snapshot(location)
+    out = tmp_path / "shop.pt"
+    result = CliRunner().invoke(app, ["adapt", "--catalog", location, "--out", str(out),
+                                      "--holdout", "0.5", "--minutes", "0"])
+    assert result.exit_code == 0, result.output
+    assert "did not help" in result.output and "is unchanged" in result.output
+    with Catalog(location) as catalog:
+        assert (catalog.model_id, catalog.generation) == (model_id, generation_)
+    assert snapshot(location) == before
+    assert collections(tmp_path) == generation("shop_g0")
+
+
+@pytest.mark.slow
+def test_vestis_adapt_reembeds_a_milvus_catalog_with_the_kept_map(
+        luma_rows, data_dir, tmp_path):
+    pytest.importorskip("milvus_lite")
+    from vestis.catalog import Catalog
+
+    source = write_luma_subset(luma_rows, data_dir, tmp_path / "shop.csv", n_products=24)
+    location = f"milvus-lite:{tmp_path / 'shop.db'}#shop"
+    with Catalog(location, model="lite0") as catalog:
+        catalog.add(source)
+    before = snapshot(location)
+    out = tmp_path / "shop.pt"
+    result = CliRunner().invoke(app, ["adapt", "--catalog", location, "--out", str(out),
+                                      "--minutes", "5", "--holdout", "0.4"])
+    assert result.exit_code == 0, result.output
+    assert f"re-embedded catalog {location}" in result.output
+    assert snapshot(location) == before
+    assert collections(tmp_path) == generation("shop_g1")
+    with Catalog(location) as catalog:
+        assert catalog.model_name == str(out.resolve())

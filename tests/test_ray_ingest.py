@@ -189,3 +189,32 @@ def test_reembedding_a_catalog_on_ray_stores_the_plain_vectors(tmp_path, local_r
         assert got[path][0] == item and np.array_equal(got[path][1], vector), path
     with Catalog(tmp_path / "ray") as catalog:
         assert catalog.model_name == "lite0"
+
+
+@pytest.mark.slow
+def test_reembedding_a_milvus_catalog_on_ray_stores_the_plain_vectors(tmp_path, local_ray):
+    """``vestis adapt --catalog milvus-lite:… --ray``'s re-embedding step: the new
+    generation holds the vectors a directory re-embedded without Ray holds."""
+    pytest.importorskip("milvus_lite")
+    from vestis.catalog import Catalog
+    from vestis.catalog.ray_ingest import RayRunner
+    from vestis.catalog.reembed import reembed
+
+    location = f"milvus-lite:{tmp_path / 'shop.db'}#shop"
+    source = make_source(tmp_path / "photos")
+    ingest(source, tmp_path / "plain", None)
+    ingest(source, location, None)
+
+    def on_ray(catalog: Catalog) -> RayRunner:
+        return RayRunner.for_encoder(catalog.encoder, catalog.model_name, workers=2)
+
+    assert reembed(Catalog(tmp_path / "plain"), "lite0") == 6
+    assert reembed(Catalog(location), "lite0", runner=on_ray) == 6
+    plain = {path: (item, vector) for path, item, vector in stored(tmp_path / "plain").values()}
+    got = {path: (item, vector) for path, item, vector in stored(location).values()}
+    assert sorted(got) == sorted(plain)
+    for path, (item, vector) in plain.items():
+        assert got[path][0] == item
+        np.testing.assert_allclose(got[path][1], vector, atol=1e-6, err_msg=path)
+    with Catalog(location) as catalog:
+        assert catalog.model_name == "lite0" and catalog._store.prefix == "shop_g1"

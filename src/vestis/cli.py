@@ -877,8 +877,9 @@ def adapt(
     model: str | None = typer.Option(None, "--model", help=f"Base model to adapt (default "
                                      f"{DEFAULT_MODEL}; with --catalog, the catalog's own)."),
     catalog: str | None = typer.Option(None, "--catalog", "-c", help="Adapt on a catalog's "
-                                       "own images instead of SOURCE, then re-embed it with "
-                                       "the adapted model (when kept), crash-safe."),
+                                       "own images instead of SOURCE (a directory or a Milvus "
+                                       "URI), then re-embed it with the adapted model (when "
+                                       "kept), crash-safe."),
     minutes: float = typer.Option(10.0, min=0.0, help="Time for augmented views; every "
                                   "photo keeps its own vector whatever the budget."),
     holdout: float = typer.Option(0.3, help="Share of the products held out to check that "
@@ -897,12 +898,6 @@ def adapt(
     if ray is not None and catalog is None:
         raise typer.BadParameter("--ray re-embeds a catalog: it needs --catalog")
     if catalog is not None:
-        from vestis.catalog.backend import store_kind
-
-        if store_kind(catalog) != "local":
-            typer.echo(f"{catalog}: adapt --catalog works on catalog directories; Milvus "
-                       "catalogs are not supported yet", err=True)
-            raise typer.Exit(1)
         done = adapt_catalog(catalog, out, base=model, minutes=minutes, holdout=holdout,
                              seed=seed, progress=True,
                              runner=ray_runner(ray, ray_workers))

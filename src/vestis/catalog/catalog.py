@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from vestis.catalog.backend import ItemHit, ReadOnlyCatalogError, store_kind
+from vestis.catalog.backend import CatalogStore, ItemHit, ReadOnlyCatalogError, store_kind
 from vestis.catalog.garments import (
     GarmentCropper,
     GarmentHits,
@@ -108,6 +108,7 @@ class Catalog:
         backend: str = "auto",
         cropper: GarmentCropper | None = None,
         factory: str | None = None,
+        store: Callable[[], CatalogStore] | None = None,
     ):
         """Open or create the catalog at ``path``.
 
@@ -121,6 +122,8 @@ class Catalog:
         ``auto``, ``onnx`` or ``torch`` inference.
         ``cropper``: how shop photos are cropped to their garment and categories mapped to
         garment groups (default: the shipped parser and :data:`CATEGORY_KEYWORDS`).
+        ``store``: opens the store at ``path`` instead of :func:`open_store` (a Milvus
+        catalog's next generation, built by :mod:`vestis.catalog.reembed`).
         """
         milvus = store_kind(str(path)) == "milvus"
         #: Where the catalog is, as given (a directory or a Milvus URI), for messages.
@@ -135,7 +138,7 @@ class Catalog:
             recover_swap(self.path)  # a directory swap (vestis adapt --catalog) cut short
         if not store_exists(self.location):
             encoder = self._check_new(model, index, encoder)
-        self._store = open_store(self.location)
+        self._store = store() if store is not None else open_store(self.location)
         self._encoder = encoder
         self._init_model(model or (encoder.name if encoder else None), index)
 

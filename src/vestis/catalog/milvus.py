@@ -2,7 +2,11 @@
 on a Milvus server (``milvus://HOST:PORT/COLLECTION``) or an embedded Milvus Lite database
 (``milvus-lite:PATH``), through the same ``pymilvus`` client code.
 
-Three collections, named ``<name>_images``, ``<name>_items`` and ``<name>_meta``:
+Three collections, read through the names ``<name>_images``, ``<name>_items`` and
+``<name>_meta``: aliases of one generation's collections (``<name>_g0_images`` … as created;
+re-embedding switches them to a new generation, crash-safe: :mod:`vestis.catalog.milvus_switch`;
+a catalog created before generations holds plain collections of those names, migrated by its
+first re-embedding):
 
 * images: ``id`` (INT64 primary key, never reused: the next id is kept in meta and
   reserved before rows are inserted), ``item_id``, ``item_key``, ``path``, ``sha256``,
@@ -21,6 +25,12 @@ the embedded store compares (the image's value, else its item's, as text; boolea
 ``1``/``0``), so ``where={"colour": ["red", "navy"]}`` becomes
 ``(filt["k…"] == "v…" or filt["k…"] == "v…")``: hex digits only, nothing to escape, no
 injection through keys or values, and exactly the embedded store's text equality.
+
+A store reads the collections its catalog's names led to when it was opened
+(:attr:`MilvusStore.prefix`): once a re-embedding switched the catalog to another generation,
+its writes raise :class:`~vestis.catalog.local.CatalogReplacedError` and so do its reads once
+the old collections are dropped (the server then opens the catalog again), never the new
+vectors searched with the old model.
 
 What Milvus does not do as the embedded store does (README, "Scale"): a write spanning
 several rows or collections is not one transaction (a crash can leave an item without its
@@ -43,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from vestis.catalog import milvus_switch
 from vestis.catalog.backend import ItemHit
 from vestis.catalog.index import (
     AUTO,
@@ -55,6 +66,7 @@ from vestis.catalog.index import (
     recall_at_k,
     resolve_factory,
 )
+from vestis.catalog.local import CatalogReplacedError
 from vestis.catalog.store import ImageRow, ModelMismatchError, NewImage, filter_text
 
 LITE_PREFIX = "milvus-lite:"
@@ -111,6 +123,12 @@ class MilvusLocation:
             return self.file.parent / f"{self.file.name}.files"
         host = self.uri.removeprefix("http://").replace(":", "_")
         return Path.home() / ".cache" / "vestis" / "milvus" / host / self.name
+
+    def with_name(self, name: str) -> str:
+        """This location's URI for another collection name (a generation of it)."""
+        if self.file is not None:
+            return f"{LITE_PREFIX}{self.file}#{name}"
+        return f"{SERVER_PREFIX}//{self.uri.removeprefix('http://')}/{name}"
 
     def __str__(self) -> str:
         return self.text
@@ -256,11 +274,13 @@ class MilvusStore:
     """:class:`vestis.catalog.backend.CatalogStore` on Milvus (server or Lite).
 
     Thread-safe within one process: ``lock`` serialises this object's client calls.
+    ``aliased=False``: plain collections named after the location (a generation being
+    built, :class:`vestis.catalog.milvus_switch.MilvusBeside`).
     """
 
     read_only = False
 
-    def __init__(self, location: str | MilvusLocation, *, client=None):
+    def __init__(self, location: str | MilvusLocation, *, client=None, aliased: bool = True):
         self.location = location if isinstance(location, MilvusLocation) \
             else MilvusLocation(location)
         self.lock = threading.RLock()
@@ -268,10 +288,18 @@ class MilvusStore:
             if self.location.file is not None:
                 self.location.file.parent.mkdir(parents=True, exist_ok=True)
             client = _connect(self.location)
-        self._client = client
+        #: The pymilvus client itself (this store's calls go through :class:`_Guarded`).
+        self.raw_client = client
+        self._client = _Guarded(client, self)
         name = self.location.name
+        self._aliased = aliased
+        if aliased:
+            milvus_switch.recover(client, name)
+        #: The generation this store reads (``NAME_gK``; ``NAME`` for a legacy catalog).
+        self.prefix = (milvus_switch.current_prefix(client, name) or f"{name}_g0") \
+            if aliased else name
         self._images_name, self._items_name, self._meta_name = (
-            f"{name}_images", f"{name}_items", f"{name}_meta")
+            f"{self.prefix}_images", f"{self.prefix}_items", f"{self.prefix}_meta")
         self._fixed: dict[str, str] = {}  # meta that never changes once set (model, dim)
         self._added = False
         self._ensure_collections()
@@ -285,15 +313,47 @@ class MilvusStore:
             return False
         client = _connect(location)
         try:
+            milvus_switch.recover(client, location.name)  # a switch cut short
             return client.has_collection(f"{location.name}_meta")
         finally:
             client.close()
+
+    @property
+    def replaced(self) -> bool:
+        """Whether the catalog's meta name reads another generation than this store's (a
+        re-embedding switched it since this store was opened); for a legacy catalog, read
+        through names that a switch turns into aliases, also whether its images name
+        already reads another collection (the switch moves it first)."""
+        if self.current_prefix() != self.prefix:
+            return True
+        if self._legacy:
+            images = f"{self.prefix}_images"
+            return milvus_switch.target(self.raw_client, images) not in (images, None)
+        return False
+
+    @property
+    def _legacy(self) -> bool:
+        return self._aliased and self.prefix == self.location.name
+
+    def current_prefix(self) -> str | None:
+        """The generation the catalog's names read now (:attr:`prefix` until a switch)."""
+        return milvus_switch.current_prefix(self.raw_client, self.location.name) \
+            if self._aliased else self.prefix
+
+    def _check_replaced(self) -> None:
+        if self.replaced:
+            raise CatalogReplacedError(
+                f"catalog {self.location} was re-embedded by another process or object "
+                "(vestis adapt --catalog) since it was opened here; open it again")
 
     # -- collections ---------------------------------------------------------------------
     def _ensure_collections(self) -> None:
         from pymilvus import DataType, MilvusClient
 
         client = self._client
+        if not (client.has_collection(self._meta_name) and
+                client.has_collection(self._items_name)):
+            self._check_not_dropped()
         if not client.has_collection(self._meta_name):
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=128)
@@ -307,8 +367,24 @@ class MilvusStore:
             schema.add_field("meta", DataType.JSON)
             schema.add_field("v", DataType.FLOAT_VECTOR, dim=2)
             self._create(self._items_name, schema, "v", {"index_type": "FLAT", "params": {}})
+        for kind in ("meta", "items", "images"):
+            if client.has_collection(f"{self.prefix}_{kind}"):
+                self._alias(kind)
         for name in (self._meta_name, self._items_name, self._images_name):
             self._load(name)
+
+    def _alias(self, kind: str) -> None:
+        """The catalog's name for one of its collections (a new catalog's, once made)."""
+        if self._aliased and self.prefix != self.location.name:
+            milvus_switch.name_if_missing(self.raw_client, self.location.name, kind,
+                                          self.prefix)
+
+    def _check_not_dropped(self) -> None:
+        """Before a missing collection is created: the catalog is new (no meta name yet),
+        not one switched to another generation since this store resolved its own."""
+        current = self.current_prefix()
+        if current is not None and current != self.prefix:
+            self._check_replaced()
 
     def _load(self, name: str) -> None:
         """Collections of an existing catalog are loaded (a new process finds them released)."""
@@ -340,10 +416,16 @@ class MilvusStore:
             schema.add_field("filt", DataType.JSON)
             schema.add_field("vec", DataType.FLOAT_VECTOR, dim=self.dim)
             self._create(self._images_name, schema, "vec", self._index_spec())
+            self._alias("images")
         return self._images_name
 
     def _has_images(self) -> bool:
-        return self._client.has_collection(self._images_name)
+        """Whether the images collection exists (CatalogReplacedError when it was dropped
+        by a switch to another generation)."""
+        found = self._client.has_collection(self._images_name)
+        if not found and self._aliased:
+            self._check_replaced()
+        return found
 
     # -- meta --------------------------------------------------------------------------
     def get_meta(self, key: str, default: str | None = None) -> str | None:
@@ -396,8 +478,10 @@ class MilvusStore:
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
         """This object's lock: writers of this process take turns; Milvus has no lock
-        across processes (see the module docstring)."""
+        across processes (see the module docstring). CatalogReplacedError once the catalog
+        was switched to another generation."""
         with self.lock:
+            self._check_replaced()
             yield
 
     @property
@@ -594,6 +678,8 @@ class MilvusStore:
         """The ``k`` best items per query: Milvus groups the hits by ``item_id`` (each item
         once, by its best image); where grouping is not available the image search widens
         until ``k`` items appear, as the embedded store's does."""
+        if self._legacy:  # its names may read a new generation: never with this model
+            self._check_replaced()
         expression = filter_expression(where) if where else ""
         if expression is None or not self._has_images():
             return [[] for _ in vectors]
@@ -912,6 +998,35 @@ def _search_params(text: str) -> dict[str, int]:
                              "or search_list=N")
         params[key] = int(value)
     return params
+
+
+class _Guarded:
+    """The store's pymilvus client: a call that fails once the catalog was switched to
+    another generation (its collections dropped) raises CatalogReplacedError instead."""
+
+    def __init__(self, client, store: MilvusStore):
+        self._raw, self._store = client, store
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self._raw, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            try:
+                return attribute(*args, **kwargs)
+            except Exception:
+                if name != "close" and _replaced_quietly(self._store):
+                    self._store._check_replaced()
+                raise
+        return call
+
+
+def _replaced_quietly(store: MilvusStore) -> bool:
+    try:
+        return store.replaced
+    except Exception:  # noqa: BLE001 - the call's own error is the one to report
+        return False
 
 
 def _connect(location: MilvusLocation):

@@ -1,4 +1,10 @@
-"""Re-embed a local catalog with another model, crash-safe (``vestis adapt --catalog``).
+"""Re-embed a catalog with another model, crash-safe (``vestis adapt --catalog``).
+
+The new catalog is built complete beside the old one, from the old one's records, then
+swapped in whole if no write reached the old one meanwhile: for a directory, as below
+(:class:`LocalBeside`); for a Milvus catalog, as a new generation of collections switched in
+by aliases (:class:`vestis.catalog.milvus_switch.MilvusBeside`, whose module says how a
+crash is recovered).
 
 The new catalog is built complete in a sibling directory (``DIR.adapting-<pid>``): the same
 items (their metadata exactly as stored), the same images (path, box, content hash, image
@@ -38,6 +44,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from vestis.catalog.backend import store_kind
 from vestis.catalog.catalog import Catalog
 from vestis.catalog.index import default_search_params
 from vestis.catalog.ingest import IngestRunner
@@ -103,41 +110,68 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class LocalBeside:
+    """Where a catalog directory's copy is built (``DIR.adapting-<pid>``) and how it is
+    swapped in (``swap``: exchanges two directories, default :func:`exchange`)."""
+
+    def __init__(self, old: Catalog, swap: Callable[[Path, Path], None] | None = None):
+        self.path = old.path.absolute()
+        remove_stale(self.path)
+        self.link_dir = temporary_dir(self.path)
+        shutil.rmtree(self.link_dir, ignore_errors=True)
+        self._swap = swap or exchange
+
+    def new_catalog(self, model: str, index: str) -> Catalog:
+        return Catalog(self.link_dir, model=model, index=index)
+
+    def swap(self) -> None:
+        self._swap(self.link_dir, self.path)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.link_dir, ignore_errors=True)  # after the swap: the old catalog
+
+
 def reembed(old: Catalog, model: str, *, progress: bool = False,
-            swap: Callable[[Path, Path], None] | None = None,
-            runner: RunnerFactory | None = None) -> int:
-    """Replace catalog ``old`` (open, local) by the same catalog embedded with ``model``;
-    returns the number of images re-embedded. ``swap``: exchanges two directories (default
-    :func:`exchange`). ``runner``: given the new catalog, a context that yields where the
+            swap: Callable | None = None, runner: RunnerFactory | None = None) -> int:
+    """Replace catalog ``old`` (open) by the same catalog embedded with ``model``; returns
+    the number of images re-embedded. ``swap``: replaces the final step, for tests (a
+    directory's exchange of two paths, :func:`exchange`; a Milvus catalog's switch, given
+    both locations). ``runner``: given the new catalog, a context that yields where the
     embedding runs (a :class:`vestis.catalog.ray_ingest.RayRunner`; default: here). On any
-    error the catalog is left as it was and the temporary directory is removed. ``old`` is
-    closed afterwards."""
-    path = old.path.absolute()
+    error before the swap the catalog is left as it was and the new copy removed. ``old``
+    is closed afterwards."""
     if old.read_only:
-        raise ValueError(f"catalog {path} is read-only: it cannot be re-embedded")
-    remove_stale(path)
+        raise ValueError(f"catalog {old.location} is read-only: it cannot be re-embedded")
     generation = old.generation
-    tmp = temporary_dir(path)
-    shutil.rmtree(tmp, ignore_errors=True)
+    beside = _beside(old, swap)
     try:
-        count = _build(old, tmp, model, progress, runner)
+        count = _build(old, beside, model, progress, runner)
         with old._store.writing():
             if old.generation != generation:
                 raise CatalogChangedError(
-                    f"catalog {path} was changed while it was being re-embedded; it is "
-                    "unchanged: run vestis adapt --catalog again")
-            (swap or exchange)(tmp, path)
+                    f"catalog {old.location} was changed while it was being re-embedded; it "
+                    "is unchanged: run vestis adapt --catalog again")
+            beside.swap()
         return count
     finally:
         with contextlib.suppress(Exception):
+            beside.discard()
+        with contextlib.suppress(Exception):
             old.close()
-        shutil.rmtree(tmp, ignore_errors=True)  # after the swap: the old catalog
 
 
-def _build(old: Catalog, tmp: Path, model: str, progress: bool,
+def _beside(old: Catalog, swap: Callable | None):
+    if store_kind(old.location) == "milvus":
+        from vestis.catalog.milvus_switch import MilvusBeside
+
+        return MilvusBeside(old, swap)
+    return LocalBeside(old, swap)
+
+
+def _build(old: Catalog, beside, model: str, progress: bool,
            runner: RunnerFactory | None) -> int:
-    """The new catalog in ``tmp``, complete and closed."""
-    with Catalog(tmp, model=model, index=old.index_choice) as new, \
+    """The new catalog (``beside.new_catalog``), complete and closed."""
+    with beside.new_catalog(model, old.index_choice) as new, \
             (runner(new) if runner else contextlib.nullcontext(new.encoder)) as embedder:
         new._store.set_meta({"crop": old.crop_mode})
         if old.has_garment_groups:
@@ -150,10 +184,10 @@ def _build(old: Catalog, tmp: Path, model: str, progress: bool,
             items[item_id] = item.metadata
             rows += item.images
             if len(rows) >= BATCH:
-                _store_batch(old, new, embedder, tmp, items, rows, bar)
+                _store_batch(old, new, embedder, beside.link_dir, items, rows, bar)
                 items, rows = {}, []
         if items:
-            _store_batch(old, new, embedder, tmp, items, rows, bar)
+            _store_batch(old, new, embedder, beside.link_dir, items, rows, bar)
         bar.close()
         new._store.commit()
         if old.search_params != default_search_params(new.factory) \
@@ -162,8 +196,10 @@ def _build(old: Catalog, tmp: Path, model: str, progress: bool,
         return new.num_images
 
 
-def _store_batch(old: Catalog, new: Catalog, embedder: IngestRunner | Encoder, tmp: Path,
-                 items: dict[str, dict], rows: list[ImageRow], bar) -> None:
+def _store_batch(old: Catalog, new: Catalog, embedder: IngestRunner | Encoder,
+                 tmp: Path | None, items: dict[str, dict], rows: list[ImageRow], bar) -> None:
+    """Embed and store one batch; files inside a catalog directory are linked into ``tmp``
+    (None: the new catalog keeps the old one's files directory)."""
     files = [source_of(old, row) for row in rows]
     in_context = [row.box is not None and file_digest(file)[0] == row.sha256
                   for row, file in zip(rows, files, strict=True)]
@@ -180,7 +216,7 @@ def _store_batch(old: Catalog, new: Catalog, embedder: IngestRunner | Encoder, t
     if parsed:
         vectors[parsed] = context_vectors(new.encoder, [files[n] for n in parsed],
                                           [rows[n].box for n in parsed], whole=vectors[parsed])
-    for row in rows:
+    for row in rows if tmp is not None else ():
         _link_inside(old.path, tmp, row.path)
     images = [NewImage(row.item_id, row.path, row.sha256, vector, row.metadata, row.box)
               for row, vector in zip(rows, vectors, strict=True)]

@@ -109,6 +109,7 @@ class CatalogService:
         self.max_pixels = max_pixels
         self.work_side = work_side
         milvus = store_kind(str(catalog_dir)) == "milvus"
+        self._milvus = milvus
         #: The catalog as opened: a directory or a Milvus URI.
         self.location = str(catalog_dir) if milvus \
             else str(Path(catalog_dir).expanduser().absolute())
@@ -124,7 +125,8 @@ class CatalogService:
         self.state = "loading"
         self.error: str | None = None
         self._catalog: Catalog | None = None
-        self._opened_db: tuple[int, int] | None = None  # catalog.db of self._catalog
+        #: catalog.db of self._catalog; for Milvus, the generation its store reads
+        self._opened_db: tuple[int, int] | str | None = None
         self._reopen_lock = threading.Lock()
         self._loaded = threading.Event()
         self._write_lock = threading.Lock()
@@ -137,6 +139,8 @@ class CatalogService:
         try:
             self._opened_db = self._db_identity()
             catalog = Catalog(self.location)
+            if self._milvus:
+                self._opened_db = catalog._store.prefix
             catalog.encoder.embed_one(Image.new("RGB", (64, 64), (127, 127, 127)))
             catalog.parser.parse(Image.new("RGB", (64, 96), (127, 127, 127)))
             catalog.info()  # loads (or rebuilds) the vector index
@@ -172,7 +176,13 @@ class CatalogService:
             self._reopen()
         return self._catalog
 
-    def _db_identity(self) -> tuple[int, int] | None:
+    def _db_identity(self) -> tuple[int, int] | str | None:
+        """What tells that the catalog was replaced: ``catalog.db``'s inode; for Milvus,
+        the generation the open catalog reads, ``""`` once it was switched to another one
+        (a call or two to Milvus)."""
+        if self._milvus:
+            store = self._catalog._store if self._catalog is not None else None
+            return None if store is None else "" if store.replaced else store.prefix
         try:
             found = os.stat(self.path / DB_NAME)
         except OSError:
@@ -181,15 +191,18 @@ class CatalogService:
 
     def _reopen(self) -> None:
         """The catalog directory was replaced since it was opened (``vestis adapt
-        --catalog`` swaps a re-embedded copy in): open the new one, with its model. The old
-        one serves until then, and requests still holding it finish on it (it is not
-        closed: its files are gone, and writes to it fail)."""
+        --catalog`` swaps a re-embedded copy in; a Milvus catalog was switched to a new
+        generation): open the new one, with its model. The old one serves until then, and
+        requests still holding it finish on it (it is not closed: its files are gone, and
+        writes to it fail)."""
         with self._reopen_lock:
             identity = self._db_identity()
             if identity in (None, self._opened_db):
                 return
             catalog = Catalog(self.location)
             catalog.encoder.embed_one(Image.new("RGB", (64, 64), (127, 127, 127)))
+            if self._milvus:
+                identity = catalog._store.prefix
             self._catalog, self._opened_db = catalog, identity
             self._facets = None
 

@@ -20,7 +20,8 @@ checkpoint is the base unchanged (the identity map) and the report says so. Othe
 map is fitted again on every product and written.
 
 :func:`adapt_catalog` does the same on a catalog's own images, then (when the map was kept)
-re-embeds the catalog with it, crash-safe (:mod:`vestis.catalog.reembed`).
+re-embeds the catalog with it, crash-safe (:mod:`vestis.catalog.reembed`): a directory or a
+Milvus catalog.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from vestis.catalog.backend import store_kind
 from vestis.catalog.local import DB_NAME, LocalStore, recover_swap
 from vestis.catalog.reembed import RunnerFactory, catalog_records, reembed
 from vestis.catalog.sources import read_source
+from vestis.catalog.stores import store_exists
 from vestis.data import build_train_transform, split_by_group
 from vestis.evaluation import (
     Comparison,
@@ -138,24 +140,18 @@ def adapt_catalog(
     base: str | None = None,
     minutes: float = 10.0,
     progress: bool = True,
-    swap: Callable[[Path, Path], None] | None = None,
+    swap: Callable | None = None,
     runner: RunnerFactory | None = None,
     **settings: Any,
 ) -> CatalogAdaptReport:
-    """:func:`adapt` on the images of the local catalog ``catalog`` (``base``: default its
-    own model); when the map is kept, the catalog is re-embedded with ``out`` and swapped
-    in whole (:func:`vestis.catalog.reembed.reembed`; ``swap`` replaces its directory
-    exchange, for tests; ``runner``: where the re-embedding runs, e.g. Ray). A write to the
-    catalog meanwhile leaves it unchanged (an error)."""
+    """:func:`adapt` on the images of catalog ``catalog`` (a directory or a Milvus URI;
+    ``base``: default its own model); when the map is kept, the catalog is re-embedded with
+    ``out`` and swapped in whole (:func:`vestis.catalog.reembed.reembed`; ``swap`` replaces
+    its last step, for tests; ``runner``: where the re-embedding runs, e.g. Ray). A write to
+    the catalog meanwhile leaves it unchanged (an error)."""
     started = time.perf_counter()
-    if store_kind(str(catalog)) != "local":
-        raise ValueError(f"{catalog}: adapt --catalog works on local catalogs (a directory); "
-                         "Milvus catalogs are not supported yet")
-    path = Path(catalog).expanduser()
-    recover_swap(path)
-    if not LocalStore.exists(path):
-        raise FileNotFoundError(f"{path}: not a vestis catalog (no {DB_NAME})")
-    old = Catalog(path)
+    old = _open_existing(catalog)
+    path = old.location
     try:
         records = catalog_records(old)
         missing = [str(record.path) for record in records
@@ -172,6 +168,19 @@ def adapt_catalog(
     finally:
         old.close()
     return CatalogAdaptReport(report, count, time.perf_counter() - started)
+
+
+def _open_existing(catalog: str | Path) -> Catalog:
+    """The catalog at ``catalog``, which must exist (a swap cut short is finished first)."""
+    if store_kind(str(catalog)) == "milvus":
+        if not store_exists(str(catalog)):
+            raise FileNotFoundError(f"{catalog}: no such Milvus catalog")
+        return Catalog(str(catalog))
+    path = Path(catalog).expanduser()
+    recover_swap(path)
+    if not LocalStore.exists(path):
+        raise FileNotFoundError(f"{path}: not a vestis catalog (no {DB_NAME})")
+    return Catalog(path)
 
 
 def _settings(settings: dict[str, Any]) -> dict[str, Any]:
