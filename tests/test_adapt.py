@@ -307,6 +307,10 @@ def test_the_two_rename_swap_recovers_from_a_crash_between_them(tmp_path, monkey
     before = snapshot(folder)
     os.rename(folder, tmp_path / "catalog.old-999999")  # the first rename, then a crash
     assert snapshot(folder) == before and siblings(folder) == []
+    os.rename(folder, tmp_path / "catalog.old-999999")  # again: `vestis info` finds it back
+    result = CliRunner().invoke(app, ["info", "--catalog", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert snapshot(folder) == before and siblings(folder) == []
 
     monkeypatch.setattr(module, "_renameat2", lambda a, b: False)
     model = mapped_checkpoint(tmp_path / "rotated.pt")

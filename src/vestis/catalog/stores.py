@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vestis.catalog.backend import CatalogStore, store_kind
 from vestis.catalog.index import create_index, resolve_factory
-from vestis.catalog.local import LocalStore
+from vestis.catalog.local import LocalStore, recover_swap
 
 
 def _milvus():
@@ -29,10 +29,13 @@ def open_store(location: str | Path) -> CatalogStore:
 
 
 def store_exists(location: str | Path) -> bool:
-    """Whether a catalog is stored there (nothing is created to find out)."""
+    """Whether a catalog is stored there (nothing is created to find out; a re-embedding's
+    switch that a crash cut short is finished first, as opening the catalog would)."""
     if store_kind(str(location)) == "milvus":
         return _milvus().MilvusStore.exists(str(location))
-    return LocalStore.exists(Path(location).expanduser())
+    path = Path(location).expanduser()
+    recover_swap(path)
+    return LocalStore.exists(path)
 
 
 def check_index_choice(location: str | Path, choice: str, dim: int) -> None:
