@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,24 @@ def snapshot(folder: Path | str) -> dict:
                           [(row.path, row.sha256, row.box, row.metadata)
                            for row in catalog.get(item_id).images])
                 for item_id in catalog.item_ids()}
+
+
+def write_during_the_build(monkeypatch, location) -> Callable:
+    """Make re-embedding's build write to the catalog from another handle before it returns;
+    the original build function, to put back."""
+    from vestis.catalog import Catalog
+    from vestis.catalog import reembed as module
+
+    build = module._build
+
+    def write_meanwhile(*args):
+        count = build(*args)
+        with Catalog(location) as other:
+            other.update("item1", {"price": 5})
+        return count
+
+    monkeypatch.setattr(module, "_build", write_meanwhile)
+    return build
 
 
 def mapped_checkpoint(path: Path, seed: int = 0) -> Path:
@@ -269,15 +288,7 @@ def test_a_failed_reembedding_leaves_the_old_catalog_whole(tmp_path, monkeypatch
         reembed(Catalog(folder), model, swap=crash)
     unchanged()
 
-    build = module._build
-
-    def write_meanwhile(*args):
-        count = build(*args)
-        with Catalog(folder) as other:
-            other.update("item1", {"price": 5})
-        return count
-
-    monkeypatch.setattr(module, "_build", write_meanwhile)
+    build = write_during_the_build(monkeypatch, folder)
     with pytest.raises(CatalogChangedError, match="changed while"):
         reembed(Catalog(folder), model)
     monkeypatch.setattr(module, "_build", build)
@@ -508,15 +519,7 @@ def test_a_failed_milvus_reembedding_leaves_the_catalog_whole(tmp_path, monkeypa
     assert (snapshot(location), state()) == (before, kept)
     assert collections(tmp_path) == generation("shop_g0")
 
-    build = module._build
-
-    def write_meanwhile(*args):
-        count = build(*args)
-        with Catalog(location) as other:
-            other.update("item1", {"price": 5})
-        return count
-
-    monkeypatch.setattr(module, "_build", write_meanwhile)
+    build = write_during_the_build(monkeypatch, location)
     with pytest.raises(CatalogChangedError, match="changed while"):
         reembed(Catalog(location), model)
     assert collections(tmp_path) == generation("shop_g0")
