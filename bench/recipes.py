@@ -75,8 +75,13 @@ def _pretraining(recipe: dict) -> str:
     """What a recipe trains on without labels, or starts from."""
     if recipe["loss"].get("name") == "video_triplet":
         return ", unlabelled synthetic clips only"
-    start = recipe["model"].get("init_from")
-    return f", started from {Path(start).parent.name}" if start else ""
+    model = recipe["model"]
+    steps = [text for key, text in (
+        ("attention_pretrain", ", attention pre-trained on CCP person/garment masks"),
+        ("landmark_pretrain", ", landmark branch pre-trained on landmarks from CCP masks"),
+    ) if model.get(key)]
+    start = model.get("init_from")
+    return "".join(steps) + (f", started from {Path(start).parent.name}" if start else "")
 
 
 def baseline_metrics(recipe: str, model: str = "lite0") -> dict[str, float]:

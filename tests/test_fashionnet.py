@@ -20,12 +20,15 @@ from vestis.detect.landmarks import LANDMARKS, described_garment, garment_landma
 from vestis.losses import LandmarkLoss, TrainBatch, create_loss
 from vestis.models import Encoder, create_model
 from vestis.models.fashionnet import FashionNet, LandmarkHead, cell_centres
+from vestis.train import load_config
 from vestis.train.landmark_targets import (
     fit_landmarks,
     landmark_error,
     landmark_set,
     letterboxed_points,
 )
+from vestis.train.sources import build_sources
+from vestis.train.trainer import split_metrics
 
 SMOKE = {**smoke(max_images=32, batches_per_epoch=4),
          "model": {"landmark_pretrain": {"max_images": 6, "epochs": 3}}}
@@ -220,3 +223,11 @@ def test_the_fashionnet_recipe_trains_end_to_end_on_a_smoke_budget(tmp_path, dat
     vectors = encoder.embed(photos)
     assert vectors.shape == (2, 256) and np.allclose(np.linalg.norm(vectors, axis=1), 1)
     assert encoder.backend_name == "torch"
+    # What training reported is what the saved model gives (its landmark branch in eval mode).
+    logged = torch.load(tmp_path / "last.pt", weights_only=True)["meta"]["metrics"]
+    saved = Encoder.from_name(str(tmp_path / "last.pt"))
+    _, validation = build_sources(load_config(tmp_path / "config.yaml"))
+    for split in validation:
+        split_vectors = saved.embed([s.path for s in split.samples], [s.box for s in split.samples])
+        for name, value in split_metrics(split_vectors, split).items():
+            assert value == pytest.approx(logged[name], abs=1e-4), name

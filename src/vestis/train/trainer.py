@@ -562,12 +562,20 @@ class CachedFeatures:
         return out
 
     def _extract(self, arrays: np.ndarray) -> dict[str, torch.Tensor]:
-        with torch.inference_mode():
-            batch = torch.from_numpy(arrays).to(self.device)
-            if self.cut is None:
-                return {"features": self.model.extract(batch).float().cpu()}
-            entry, lower = self.model.extract_lower(batch, self.cut)
-            return {"entry": entry.half().cpu(), "lower": lower.float().cpu()}
+        """Frozen features of preprocessed views, always in eval mode: the validation views
+        are first extracted mid-training, and a module of ``extract`` with batch norm (such
+        as FashionNet's landmark branch) must give what the saved model gives at search."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                batch = torch.from_numpy(arrays).to(self.device)
+                if self.cut is None:
+                    return {"features": self.model.extract(batch).float().cpu()}
+                entry, lower = self.model.extract_lower(batch, self.cut)
+                return {"entry": entry.half().cpu(), "lower": lower.float().cpu()}
+        finally:
+            self.model.train(was_training)
 
     def _features(self, cached: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.cut is None:
