@@ -188,32 +188,29 @@ def kept_rows(report: list[str], section: list[str]) -> list[str]:
     in the report's order: each re-run recipe's row replaces its old one."""
     if section[0] not in report:
         return section
-    start = report.index(section[0])
-    header_end = section.index(next(line for line in section if line.startswith("|---")))
-    body = section[header_end + 1:]
+    old_rows, old_rest = _split_table(report[report.index(section[0]) + 1:])
+    head, body = section[:_table_start(section)], section[_table_start(section):]
     new = {_row_name(line): line for line in body if line.startswith("| ")}
-    rows = [new.pop(_row_name(line), line) for line in _table(report, start)]
+    rows = [new.pop(_row_name(line), line) for line in old_rows]
     tail = [line for line in body if not line.startswith("| ")]
-    old_notes = [line for line in _after_table(report, start)
-                 if line and line not in tail and not line.startswith("Hardware")]
+    old_notes = [line for line in old_rest
+                 if line and line not in tail and not line.startswith(("Hardware", "Re-run on"))]
     notes = [note for line in old_notes for note in (line, "")]
-    return [*section[:header_end + 1], *rows, *new.values(), *tail[:1], *notes, *tail[1:]]
+    return [*head, *rows, *new.values(), *tail[:1], *notes, *tail[1:]]
 
 
-def _after_table(report: list[str], start: int) -> list[str]:
-    """The section's lines after its first table."""
-    lines = report[start + 1:]
-    first = next(i for i, line in enumerate(lines) if line.startswith("|---")) + 1
+def _table_start(lines: list[str]) -> int:
+    """The index of the first table's first body row."""
+    return next(i for i, line in enumerate(lines) if line.startswith("|---")) + 1
+
+
+def _split_table(lines: list[str]) -> tuple[list[str], list[str]]:
+    """A section's lines (its title left out): the first table's body rows, and its lines
+    after that table up to the next section."""
+    first = _table_start(lines)
     end = next((i for i in range(first, len(lines)) if lines[i].startswith("## ")), len(lines))
-    return [line for line in lines[first:end] if not line.startswith("| ")]
-
-
-def _table(report: list[str], start: int) -> list[str]:
-    """The body rows of the first table after line ``start``."""
-    lines = report[start + 1:]
-    first = next(i for i, line in enumerate(lines) if line.startswith("|---")) + 1
-    end = next((i for i in range(first, len(lines)) if not lines[i].startswith("| ")), len(lines))
-    return lines[first:end]
+    rows = [line for line in lines[first:end] if line.startswith("| ")]
+    return rows, [line for line in lines[first:end] if not line.startswith("| ")]
 
 
 def _row_name(line: str) -> str:

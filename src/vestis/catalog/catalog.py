@@ -43,7 +43,6 @@ from vestis.catalog.local import (
     INDEX_NAME,
     INDEX_STAMP_NAME,
     LOCK_NAME,
-    recover_swap,
 )
 from vestis.catalog.sources import read_source, unique_records
 from vestis.catalog.store import ImageRow, ModelMismatchError
@@ -134,9 +133,7 @@ class Catalog:
         self._backend = backend
         self.cropper = cropper or GarmentCropper()
         index = _deprecated_factory(index, factory)
-        if not milvus:
-            recover_swap(self.path)  # a directory swap (vestis adapt --catalog) cut short
-        if not store_exists(self.location):
+        if not store_exists(self.location):  # also finishes a re-embedding's swap cut short
             encoder = self._check_new(model, index, encoder)
         self._store = store() if store is not None else open_store(self.location)
         self._encoder = encoder

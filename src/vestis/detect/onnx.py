@@ -21,6 +21,7 @@ import torch
 from vestis.models.backends import onnxruntime_available, physical_cores
 from vestis.models.efficientnet_lite import SameConv2d
 from vestis.models.onnx_export import cache_dir, write_atomic
+from vestis.onnx_session import cpu_session
 
 from .model import STRIDE, ParserNet
 
@@ -57,15 +58,8 @@ class OnnxParserRunner:
 
     def __init__(self, model: bytes | str, threads: int | None = None,
                  streams: int | None = None):
-        import onnxruntime as ort
-
         self.streams = streams or physical_cores()
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or max(1, physical_cores() // self.streams)
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(model, threads or max(1, physical_cores() // self.streams))
         self._pool = ThreadPoolExecutor(self.streams) if self.streams > 1 else None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

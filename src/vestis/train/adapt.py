@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from vestis.catalog import Catalog
 from vestis.catalog.backend import store_kind
-from vestis.catalog.local import DB_NAME, LocalStore, recover_swap
+from vestis.catalog.local import DB_NAME
 from vestis.catalog.reembed import RunnerFactory, catalog_records, reembed
 from vestis.catalog.sources import read_source
 from vestis.catalog.stores import store_exists
@@ -172,15 +172,12 @@ def adapt_catalog(
 
 def _open_existing(catalog: str | Path) -> Catalog:
     """The catalog at ``catalog``, which must exist (a swap cut short is finished first)."""
-    if store_kind(str(catalog)) == "milvus":
-        if not store_exists(str(catalog)):
-            raise FileNotFoundError(f"{catalog}: no such Milvus catalog")
-        return Catalog(str(catalog))
-    path = Path(catalog).expanduser()
-    recover_swap(path)
-    if not LocalStore.exists(path):
-        raise FileNotFoundError(f"{path}: not a vestis catalog (no {DB_NAME})")
-    return Catalog(path)
+    milvus = store_kind(str(catalog)) == "milvus"
+    location = str(catalog) if milvus else Path(catalog).expanduser()
+    if not store_exists(location):
+        raise FileNotFoundError(f"{location}: no such Milvus catalog" if milvus
+                                else f"{location}: not a vestis catalog (no {DB_NAME})")
+    return Catalog(location)
 
 
 def _settings(settings: dict[str, Any]) -> dict[str, Any]:
