@@ -57,6 +57,33 @@ def test_runs_are_reproducible_from_the_seed_and_resumable(tmp_path, data_dir):
     assert resumed.history[-1]["epoch"] == 2
 
 
+def test_folds_share_each_images_cached_views(tmp_path, data_dir):
+    """Views depend on the image, not on its place in a sample list: a second fold reuses
+    the views the first cached and extracts only its own new images."""
+    from vestis.data.datasets import ImageDataset
+    from vestis.train.trainer import CachedFeatures
+
+    config = load_config(CONFIGS / "triplet.yaml", {**SMOKE, "cache": {"views": 3}})
+    samples, _ = build_sources(load_config(CONFIGS / "triplet.yaml", SMOKE))
+    model = create_model("lite0").eval()
+    first, second = samples[:6], samples[3:6][::-1] + samples[6:8]
+
+    def cached(images, folder):
+        run = {**config, "cache": {**config["cache"], "dir": folder}}
+        return CachedFeatures(model, ImageDataset(images), run, torch.device("cpu"),
+                              progress=False).cache["features"]
+
+    shared = tmp_path / "cache"
+    one = cached(first, str(shared))
+    written = {path: path.stat().st_mtime_ns for path in shared.rglob("*.pt")}
+    two = cached(second, str(shared))
+    assert len(written) == 6 and len(list(shared.rglob("*.pt"))) == 8
+    assert all(path.stat().st_mtime_ns == when for path, when in written.items())
+    assert torch.equal(two[:, :3], one[:, 3:6].flip(1))
+    assert torch.equal(cached(second, None), two)  # the same views without a cache folder
+    assert not torch.equal(one[1], one[2])  # views differ from each other
+
+
 def test_bad_recipes_are_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="sources"):
         load_config({"data": {"sources": []}})

@@ -95,7 +95,14 @@ class ConsumerStyle:
     def reseed(self, seed: int) -> None:
         self.rng = random.Random(seed)
 
-    def __call__(self, shop: Image.Image) -> Image.Image:
+    def __call__(self, shop: Image.Image, rng: random.Random | None = None) -> Image.Image:
+        """A consumer-style photo of ``shop``; ``rng`` (default: the own one) draws it."""
+        if rng is not None:
+            own, self.rng = self.rng, rng
+            try:
+                return self(shop)
+            finally:
+                self.rng = own
         shop = shop.convert("RGB")
         width, height = self.size or shop.size
         garment = self._cut_out(shop)

@@ -515,49 +515,72 @@ class CachedFeatures:
                                              seed=config["seed"])
         self.synthesis = _consumer_style(cache, config["seed"])
         self.synthetic_fraction = float(cache.get("synthetic_fraction", 0.0))
-        self.rng = random.Random(config["seed"])
+        self.seed = config["seed"]
+        self.rng = random.Random(self.seed)
         self.batch_size = config["batch_size_eval"]
         self.progress = progress
         self.cache = self._load_or_extract(dataset.samples, config)  # name → (views, N, ...)
         self._validation_cache: dict[str, dict[str, torch.Tensor]] = {}
 
-    def _view(self, image, view: int) -> np.ndarray:
+    def _view(self, image, sample: ImageRecord, view: int) -> np.ndarray:
+        """View ``view`` of one image. Its randomness depends on the image and the view alone,
+        not on the sample list, so every run with the same settings (another fold, another
+        recipe) can reuse an image's cached views."""
         if view == 0:
             return self.preprocess.to_array(image)
-        if self.synthesis is not None and self.rng.random() < self.synthetic_fraction:
-            image = self.synthesis(image)
-        return self.augment(image)
+        rng = random.Random(f"{self.seed}:{_image_key(sample)}:{view}")
+        if self.synthesis is not None and rng.random() < self.synthetic_fraction:
+            image = self.synthesis(image, rng)
+        return self.augment(image, rng)
 
     def _load_or_extract(self, samples: list[ImageRecord], config: dict) -> dict:
-        """Reuse features cached on disk by an earlier run with the same inputs."""
+        """Reuse the views of every image that an earlier run with the same settings cached.
+
+        The cache is a folder per setting (backbone, cut, augmentation, views, seed) with one
+        file per image, so folds and recipes that share images share their views."""
         folder = config["cache"].get("dir")
         if not folder:
             return self._extract_views(samples)
-        key = _cache_key(samples, config, self.model.cache_tag)
-        path = Path(folder) / f"{key}.pt"
-        if path.exists():
-            cached = torch.load(path, weights_only=True)
-            return cached if isinstance(cached, dict) else {"features": cached}
-        features = self._extract_views(samples)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            torch.save(features, tmp)
-        return features
+        root = Path(folder) / _cache_key(config, self.model.cache_tag)
+        paths = [root / f"{_image_key(sample)}.pt" for sample in samples]
+        missing = [i for i, path in enumerate(paths) if not path.exists()]
+        if missing:
+            root.mkdir(parents=True, exist_ok=True)
+            self._extract_views([samples[i] for i in missing], [paths[i] for i in missing])
+        loaded = [torch.load(path, weights_only=True) for path in paths]
+        return {name: torch.stack([entry[name] for entry in loaded], dim=1)
+                for name in loaded[0]}
 
-    def _extract_views(self, samples: list[ImageRecord]) -> dict[str, torch.Tensor]:
+    def _extract_views(self, samples: list[ImageRecord],
+                       paths: list[Path] | None = None) -> dict[str, torch.Tensor]:
+        """(views, N, ...) tensors of ``samples``; with ``paths``, each image's views are
+        written to its file as soon as they exist (an interrupted run keeps what it did)
+        and nothing is returned."""
         out: dict[str, torch.Tensor] = {}
         bar = tqdm(total=len(samples) * self.views, desc="caching features", unit="view",
                    disable=not self.progress)
         for start in range(0, len(samples), self.batch_size):
             chunk = samples[start:start + self.batch_size]
             images = [_open(sample) for sample in chunk]
+            part: dict[str, torch.Tensor] = {}
             for view in range(self.views):
-                arrays = np.stack([self._view(image, view) for image in images])
+                arrays = np.stack([self._view(image, sample, view)
+                                   for image, sample in zip(images, chunk, strict=True)])
                 for name, value in self._extract(arrays).items():
-                    if name not in out:
-                        out[name] = value.new_zeros((self.views, len(samples), *value.shape[1:]))
-                    out[name][view, start:start + len(chunk)] = value
+                    if name not in part:
+                        part[name] = value.new_zeros((self.views, len(chunk), *value.shape[1:]))
+                    part[name][view] = value
                 bar.update(len(chunk))
+            if paths is None:
+                for name, value in part.items():
+                    if name not in out:
+                        out[name] = value.new_zeros((self.views, len(samples), *value.shape[2:]))
+                    out[name][:, start:start + len(chunk)] = value
+                continue
+            for offset, path in enumerate(paths[start:start + len(chunk)]):
+                with atomic_path(path) as tmp:
+                    torch.save({name: value[:, offset].clone() for name, value in part.items()},
+                               tmp)
         bar.close()
         return out
 
@@ -659,7 +682,8 @@ def _open(sample: ImageRecord):
     return crop_box(load_image(sample.path), sample.box)
 
 
-def _cache_key(samples: list[ImageRecord], config: dict, tag: str | None = None) -> str:
+def _cache_key(config: dict, tag: str | None = None) -> str:
+    """The cache folder of one setting: what changes a cached view, except the images."""
     model = {k: config["model"].get(k) for k in ("backbone", "pooling", "gem_p", "levels")}
     if tag:  # the model's extract_lower caches something else than RetrievalNet's
         model["tag"] = tag
@@ -672,10 +696,15 @@ def _cache_key(samples: list[ImageRecord], config: dict, tag: str | None = None)
         "augment": config["augment"],
         "cache": {k: v for k, v in config["cache"].items() if k != "dir"},
         "seed": config["seed"],
-        "samples": [(str(s.path), s.box) for s in samples],
-        "version": 1,
+        "version": 2,
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _image_key(sample: ImageRecord) -> str:
+    """One image (and box) of a cache folder."""
+    text = json.dumps([str(sample.path), sample.box], default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def _consumer_style(cache: dict, seed: int) -> ConsumerStyle | None:
