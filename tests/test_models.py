@@ -188,3 +188,34 @@ def test_shipped_default_stores_its_trained_weights_in_int8():
     payload = torch.load(_TRAINED["vestis-lite0"], weights_only=True)
     packed = [v for v in payload["state_dict"].values() if isinstance(v, dict)]
     assert packed and all(v["q"].dtype == torch.int8 for v in packed)
+
+
+def test_imagenet_blend_adds_the_backbones_own_features_at_a_weight(tmp_path, data_dir):
+    """Cosine similarity of blended vectors is w x ImageNet's + (1 - w) x the trained one's;
+    the ImageNet network is the package's, even after the model's own stages are tuned."""
+    torch.manual_seed(0)
+    model = create_model("lite0", embed_dim=32, category_classes=3, category_weight=0.5)
+    tuned = [f"backbone.{name}" for name, _ in model.backbone.named_parameters()
+             if name.startswith(("_blocks.15", "_conv_head"))]  # stage 6 and the head conv
+    with torch.no_grad():
+        model.backbone._conv_head.weight.mul_(0.5)
+    images = [data_dir / "luma" / "images" / name
+              for name in ("mh06-blue_main.jpg", "mh07-black_main.jpg", "wj01-red_main.jpg")]
+    trained = Encoder(model).embed(images)
+    imagenet = Encoder.from_name("lite0").embed(images)
+    model.blend_imagenet(0.7, from_stage=6)
+    assert model.output_dim == 1280 + 35
+    path = save_checkpoint(model, tmp_path / "blend.pt", include_backbone=tuned)
+    stored = torch.load(path, weights_only=True)["state_dict"]
+    assert not any(key.startswith("imagenet.") for key in stored)
+    blended = Encoder.from_name(str(path)).embed(images)
+    expected = 0.7 * (imagenet @ imagenet.T) + 0.3 * (trained @ trained.T)
+    assert np.allclose(blended @ blended.T, expected, atol=2e-3)
+    model.train()
+    assert not model.imagenet.training  # its batch norm keeps the ImageNet statistics
+    model.blend_imagenet(0.0)
+    assert model.output_dim == 35 and "imagenet_weight" not in model.config
+    with pytest.raises(ValueError, match="imagenet_weight"):
+        model.blend_imagenet(1.0)
+    with pytest.raises(ValueError, match="own feature extraction"):
+        create_model("impdrop_net").blend_imagenet(0.5)

@@ -24,6 +24,9 @@ from vestis.models.quantize import pack, unpack
 FORMAT = "vestis-checkpoint"
 VERSION = 2
 BACKBONE_PREFIX = "backbone."
+# A frozen ImageNet network beside the model (RetrievalNet.blend_imagenet): never trained,
+# never saved, always loaded from the weight package.
+IMAGENET_PREFIX = "imagenet."
 
 
 def save_checkpoint(
@@ -45,8 +48,9 @@ def save_checkpoint(
     state = {
         key: pack(value) if int8 else _store_tensor(value, half)
         for key, value in model.state_dict().items()
-        if not key.startswith(BACKBONE_PREFIX) or include_backbone is True
-        or (kept is not None and key in kept)
+        if not key.startswith(IMAGENET_PREFIX) and (
+            not key.startswith(BACKBONE_PREFIX) or include_backbone is True
+            or (kept is not None and key in kept))
     }
     payload = {
         "format": FORMAT,
@@ -99,6 +103,7 @@ def load_checkpoint(path: str | Path) -> nn.Module:
         for key, value in payload["state_dict"].items()
     }
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [key for key in missing if not key.startswith(IMAGENET_PREFIX)]
     if includes_backbone is not True:
         missing = [key for key in missing if not key.startswith(BACKBONE_PREFIX)]
     if missing or unexpected:

@@ -44,6 +44,8 @@ class RetrievalNet(ModelHooks):
         adapter_dim: int | None = None,
         category_classes: int = 0,
         category_weight: float = 0.0,
+        imagenet_weight: float = 0.0,
+        imagenet_from_stage: int = 0,
         pretrained: bool = True,
     ):
         super().__init__()
@@ -65,6 +67,10 @@ class RetrievalNet(ModelHooks):
         self._build_head(sum(self._level_channels(level) for level in self.levels),
                          adapter_dim, embed_dim, category_classes)
         self.preprocess = Preprocess(size=VARIANTS[backbone].resolution)
+        self.imagenet: nn.Module | None = None
+        self.imagenet_weight, self.imagenet_from_stage = 0.0, 0
+        if imagenet_weight:
+            self.blend_imagenet(imagenet_weight, imagenet_from_stage)
 
     def _build_head(self, feature_dim: int, adapter_dim: int | None, embed_dim: int | None,
                     category_classes: int) -> None:
@@ -150,8 +156,57 @@ class RetrievalNet(ModelHooks):
         return torch.cat([F.normalize(embedding, dim=1),
                           self.category_weight * probabilities], dim=1)
 
+    def blend_imagenet(self, weight: float, from_stage: int = 0) -> None:
+        """Concatenate the backbone's own ImageNet features (average-pooled head map) to the
+        vector, so that cosine similarity is ``weight`` times theirs plus ``1 - weight`` times
+        the trained vector's. The ImageNet network is a frozen copy from the weight package,
+        never trained or saved; it shares the stages below ``from_stage`` with this model,
+        which must be the ImageNet ones (a backbone fine-tuned from ``from_stage`` or above).
+        ``weight`` 0 removes it."""
+        weight, from_stage = float(weight), int(from_stage)
+        if not 0.0 <= weight < 1.0:
+            raise ValueError(f"imagenet_weight must be in [0, 1), got {weight}")
+        if not 0 <= from_stage < len(self.backbone.stage_ends):
+            raise ValueError(f"imagenet_from_stage must be a stage index 0-"
+                             f"{len(self.backbone.stage_ends) - 1}, got {from_stage}")
+        own = [name for name in ("forward", "extract", "extract_lower", "extract_upper")
+               if getattr(type(self), name) is not getattr(RetrievalNet, name)]
+        if weight and own:
+            raise ValueError(f"{self.architecture} has its own feature extraction ({own[0]}): "
+                             "no ImageNet blend")
+        trained_dim = self.output_dim - (self.imagenet.num_features if self.imagenet else 0)
+        self.imagenet_weight, self.imagenet_from_stage = weight, from_stage
+        self.config.pop("imagenet_weight", None)
+        self.config.pop("imagenet_from_stage", None)
+        self.imagenet = None
+        self.output_dim = trained_dim
+        if weight:
+            self.config.update(imagenet_weight=weight, imagenet_from_stage=from_stage)
+            imagenet = efficientnet_lite(self.config["backbone"], pretrained=True)
+            self.imagenet = imagenet.eval().requires_grad_(False)
+            self.output_dim = trained_dim + imagenet.num_features
+
+    def train(self, mode: bool = True) -> RetrievalNet:
+        super().train(mode)
+        if self.imagenet is not None:
+            self.imagenet.eval()  # a frozen ImageNet network keeps its running statistics
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embed_features(self.extract(x))
+        if self.imagenet is None:
+            return self.embed_features(self.extract(x))
+        cut = self.imagenet_from_stage
+        if cut == 0:
+            trained, shared = self.embed_features(self.extract(x)), x
+        else:
+            shared, lower = self.extract_lower(x, cut)
+            trained = self.embed_features(self.extract_upper(shared, lower, cut))
+        start = self.imagenet.run_stages(shared, cut)[-1] if cut else \
+            self.imagenet.run_stages(shared)[-1]
+        generic = self.imagenet.head(start).mean(dim=(2, 3))
+        return torch.cat([self.imagenet_weight ** 0.5 * F.normalize(generic, dim=1),
+                          (1 - self.imagenet_weight) ** 0.5 * F.normalize(trained, dim=1)],
+                         dim=1)
 
 
 def _check_levels(levels: tuple, n_stages: int) -> tuple:
