@@ -1,0 +1,192 @@
+"""The shipped model blended with its own ImageNet features, weight chosen leave-one-shop-out.
+
+    python bench/imagenet_blend.py [--model vestis-lite0] [--weights 0,0.1,...,0.9]
+                                   [--recipe configs/vestis-lite0.yaml] [--save PATH]
+                                   [--update BENCHMARKS.md]
+
+``RetrievalNet.blend_imagenet(w)`` concatenates the backbone's own ImageNet vector (a frozen
+copy of the weight package's stages from the fine-tuned one up, average-pooled head map) to
+the trained vector, so cosine similarity is ``w`` x ImageNet's + ``(1 - w)`` x the trained
+one's. The model is embedded once with the blend on and each weight re-weights its two
+parts, which is exactly what the model at that weight returns. Sets: Bagisto and Solidus
+(no recipe trains on them) and the held-out Luma products and clothing contributors of
+``--recipe``; whole photos, leave-one-out, the fair tie rule, 95 % bootstrap intervals.
+
+The weight is chosen leave-one-shop-out: among the weights that keep the in-shop goals
+(held-out Luma R@1 >= 0.60 and mAP >= 0.62, clothing P@1 >= 0.80), each transfer shop gets
+the weight that maximises the *other* shop's mean of R@1 and mAP, so no shop scores a weight
+chosen on itself. ``--save`` writes the model at the weight both shops agree on (or the
+smaller of the two) as a checkpoint usable with ``--model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from vestis.evaluation import bootstrap_intervals, retrieval_metrics
+from vestis.evaluation.run import bootstrap_groups, embed_dataset
+from vestis.evaluation.uncertainty import compare_results
+from vestis.models import Encoder, create_model, save_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recipes import replace_section  # noqa: E402
+from transfer import interval_cell  # noqa: E402
+from transfer_ablation import SETS, TRANSFER, eval_sets  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TITLE = "## ImageNet blend (`bench/imagenet_blend.py`)"
+PROBE = 0.5  # the weight the parts are embedded at; any weight in (0, 1) gives the same parts
+IN_SHOP_GOALS = (("luma held-out", "R@1", 0.60), ("luma held-out", "mAP", 0.62),
+                 ("clothing held-out", "P@1", 0.80))
+SHOPS = ("Bagisto", "Solidus")
+
+
+def blended(model: str, weight: float):
+    """``model`` with the ImageNet blend at ``weight``, sharing the stages below its first
+    fine-tuned one (``finetune_from_stage`` of its recipe, else the whole network)."""
+    net = create_model(model)
+    recipe = getattr(net, "checkpoint_meta", {}).get("recipe", {})
+    net.blend_imagenet(weight, recipe.get("model", {}).get("finetune_from_stage") or 0)
+    return net
+
+
+def embed_parts(model: str, sets: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per set: query and gallery vectors of the model blended at :data:`PROBE`."""
+    encoder = Encoder(blended(model, PROBE))
+    return {name: embed_dataset(encoder, dataset) for name, dataset in sets.items()}
+
+
+def reweight(vectors: np.ndarray, trained_dim: int, weight: float) -> np.ndarray:
+    """The vectors the model returns at ``weight``, from those at :data:`PROBE`."""
+    width = vectors.shape[1] - trained_dim
+    return np.hstack([vectors[:, :width] * (weight / PROBE) ** 0.5,
+                      vectors[:, width:] * ((1 - weight) / (1 - PROBE)) ** 0.5])
+
+
+def score(dataset, queries: np.ndarray, gallery: np.ndarray):
+    result = retrieval_metrics(queries, dataset.query_ids, gallery, dataset.gallery_ids,
+                               query_gallery_index=dataset.query_gallery_index)
+    result.intervals = bootstrap_intervals(result.per_query(), bootstrap_groups(result, dataset))
+    return result
+
+
+def sweep(parts: dict, sets: dict, trained_dim: int, weights: list[float]) -> dict[float, dict]:
+    """``{weight: {set: result}}``."""
+    return {weight: {name: score(sets[name], reweight(queries, trained_dim, weight),
+                                 reweight(gallery, trained_dim, weight))
+                     for name, (queries, gallery) in parts.items()}
+            for weight in weights}
+
+
+def keeps_in_shop_goals(results: dict) -> bool:
+    return all(results[name].metrics[metric] >= goal for name, metric, goal in IN_SHOP_GOALS)
+
+
+def shop_score(results: dict, shop: str) -> float:
+    return (results[shop].metrics["R@1"] + results[shop].metrics["mAP"]) / 2
+
+
+def leave_one_shop_out(table: dict[float, dict]) -> dict[str, float]:
+    """Per transfer shop: the weight chosen on the other shop among those keeping the goals."""
+    feasible = [w for w, results in table.items() if keeps_in_shop_goals(results)]
+    if not feasible:
+        raise SystemExit("no weight keeps the in-shop goals")
+    chosen = {}
+    for shop in SHOPS:
+        other = next(s for s in SHOPS if s != shop)
+        chosen[shop] = max(feasible, key=lambda w: (shop_score(table[w], other), -w))
+    return chosen
+
+
+def baselines(sets: dict) -> dict[str, dict]:
+    out = {}
+    for model in ("lite0", "lite2"):
+        encoder = Encoder.from_name(model)
+        out[model] = {name: score(sets[name], *embed_dataset(encoder, sets[name]))
+                      for name in TRANSFER}
+    return out
+
+
+def cell(result, metric: str) -> str:
+    return interval_cell(result.metrics[metric], *result.intervals[metric])
+
+
+def paired(a, b, dataset, metric: str) -> str:
+    """``a - b`` on the same queries, with its paired interval; ``~`` when it holds 0."""
+    comparison = compare_results(a, b, bootstrap_groups(a, dataset))
+    low, high = comparison.intervals[metric]
+    return (f"{comparison.difference[metric]:+.3f} ({low:+.2f} to {high:+.2f})"
+            + (" ~" if low <= 0 <= high else ""))
+
+
+def section(model: str, table: dict, chosen: dict, imagenet: dict, recipe: Path,
+            sets: dict) -> list[str]:
+    weights = list(table)
+    lines = [
+        TITLE, "",
+        f"`{model}` with its ImageNet features blended in at weight w (cosine similarity "
+        "w x ImageNet Lite0's + (1 - w) x the trained vector's; w = 0 is the model as "
+        f"shipped). Held-out splits: those of `{recipe.relative_to(REPO)}`. A cell is the "
+        "metric and its 95 % bootstrap interval. `goals`: whether the in-shop goals hold "
+        "(held-out Luma R@1 >= 0.60 and mAP >= 0.62, clothing P@1 >= 0.80).",
+        "",
+        "| w | goals | " + " | ".join(f"{s} {m}" for s, ms in SETS.items() for m in ms) + " |",
+        "|---:|---|" + "---:|" * sum(len(ms) for ms in SETS.values()),
+    ]
+    for weight in weights:
+        results = table[weight]
+        cells = [cell(results[s], m) for s, ms in SETS.items() for m in ms]
+        lines.append(f"| {weight:g} | {'yes' if keeps_in_shop_goals(results) else 'no'} | "
+                     + " | ".join(cells) + " |")
+    for name, results in imagenet.items():
+        cells = [cell(results[s], m) if s in results else "-" for s, ms in SETS.items()
+                 for m in ms]
+        lines.append(f"| ImageNet {name} | - | " + " | ".join(cells) + " |")
+    lines += ["", "Leave-one-shop-out choice (the weight chosen on the other shop, among "
+              "those keeping the in-shop goals):"]
+    for shop, weight in chosen.items():
+        results = table[weight]
+        versus = "; ".join(
+            f"{m} {paired(results[shop], imagenet[b][shop], sets[shop], m)} against {b}"
+            for b in imagenet for m in ("R@1", "mAP"))
+        lines.append(f"- {shop}: w = {weight:g} → R@1 {cell(results[shop], 'R@1')}, mAP "
+                     f"{cell(results[shop], 'mAP')} (shipped model: "
+                     f"{table[0.0][shop].metrics['R@1']:.3f} / "
+                     f"{table[0.0][shop].metrics['mAP']:.3f}). Paired differences: {versus}.")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vestis-lite0")
+    parser.add_argument("--weights", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
+    parser.add_argument("--recipe", type=Path, default=REPO / "configs" / "vestis-lite0.yaml")
+    parser.add_argument("--save", type=Path, help="Write the blended model at the chosen w.")
+    parser.add_argument("--update", type=Path, help="Replace this section in a BENCHMARKS.md.")
+    args = parser.parse_args()
+    weights = [float(w) for w in args.weights.split(",")]
+    if 0.0 not in weights:
+        parser.error("--weights must include 0 (the model as shipped)")
+    sets = eval_sets(args.recipe)
+    trained_dim = create_model(args.model).output_dim
+    table = sweep(embed_parts(args.model, sets), sets, trained_dim, weights)
+    chosen = leave_one_shop_out(table)
+    lines = section(args.model, table, chosen, baselines(sets), args.recipe.resolve(),
+                    sets)
+    print("\n".join(lines))
+    if args.update:
+        replace_section(args.update, lines)
+    if args.save:
+        weight = min(chosen.values())
+        net = blended(args.model, weight)
+        save_checkpoint(net, args.save, include_backbone=True, half=True,
+                        meta={**getattr(net, "checkpoint_meta", {}), "imagenet_weight": weight})
+        print(f"wrote {args.save} (w = {weight:g})")
+
+
+if __name__ == "__main__":
+    main()
