@@ -2,7 +2,7 @@
 
     python bench/imagenet_blend.py [--model vestis-lite0] [--weights 0,0.1,...,0.9]
                                    [--recipe configs/vestis-lite0.yaml] [--save PATH]
-                                   [--update BENCHMARKS.md]
+                                   [--update BENCHMARKS.md] [--note TEXT ...]
 
 ``RetrievalNet.blend_imagenet(w)`` concatenates the backbone's own ImageNet vector (a frozen
 copy of the weight package's stages from the fine-tuned one up, average-pooled head map) to
@@ -167,6 +167,8 @@ def main() -> None:
     parser.add_argument("--recipe", type=Path, default=REPO / "configs" / "vestis-lite0.yaml")
     parser.add_argument("--save", type=Path, help="Write the blended model at the chosen w.")
     parser.add_argument("--update", type=Path, help="Replace this section in a BENCHMARKS.md.")
+    parser.add_argument("--note", action="append", default=[],
+                        help="A paragraph to print under the section (repeatable).")
     args = parser.parse_args()
     weights = [float(w) for w in args.weights.split(",")]
     if 0.0 not in weights:
@@ -177,6 +179,8 @@ def main() -> None:
     chosen = leave_one_shop_out(table)
     lines = section(args.model, table, chosen, baselines(sets), args.recipe.resolve(),
                     sets)
+    for note in args.note:
+        lines += ["", note]
     print("\n".join(lines))
     if args.update:
         replace_section(args.update, lines)

@@ -1,7 +1,7 @@
 """K-fold scores of training recipes: every product held out once, mean ± spread, intervals.
 
     python bench/kfold.py RECIPE [RECIPE ...] [--folds 5] [--fold K] [--reuse] [--data DIR]
-                          [--update BENCHMARKS.md]
+                          [--update BENCHMARKS.md] [--note TEXT ...]
     python bench/kfold.py --table [--update BENCHMARKS.md]   # the section from saved scores
 
 Fold k of ``--folds`` K (``data.folds``/``data.fold`` in the recipe) holds out a K-th of the
@@ -171,6 +171,8 @@ def main() -> None:
     parser.add_argument("--table", action="store_true",
                         help="Only rebuild the section from saved scores.")
     parser.add_argument("--update", type=Path, help="Replace this section in a BENCHMARKS.md.")
+    parser.add_argument("--note", action="append", default=[],
+                        help="A paragraph to print under the table (repeatable).")
     args = parser.parse_args()
     if not args.table:
         run(parser, args)
@@ -178,6 +180,8 @@ def main() -> None:
     if not rows:
         sys.exit(f"no row has all its folds scored under {RUNS}")
     lines = table(rows)
+    for note in args.note:
+        lines += ["", note]
     print("\n".join(lines))
     if args.update:
         replace_section(args.update, lines)
