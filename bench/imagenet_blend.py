@@ -54,9 +54,9 @@ def blended(model: str, weight: float):
     return net
 
 
-def embed_parts(model: str, sets: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per set: query and gallery vectors of the model blended at :data:`PROBE`."""
-    encoder = Encoder(blended(model, PROBE))
+def embed_parts(net, sets: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per set: query and gallery vectors of ``net`` (blended at :data:`PROBE`)."""
+    encoder = Encoder(net)
     return {name: embed_dataset(encoder, dataset) for name, dataset in sets.items()}
 
 
@@ -174,8 +174,9 @@ def main() -> None:
     if 0.0 not in weights:
         parser.error("--weights must include 0 (the model as shipped)")
     sets = eval_sets(args.recipe)
-    trained_dim = create_model(args.model).output_dim
-    table = sweep(embed_parts(args.model, sets), sets, trained_dim, weights)
+    net = blended(args.model, PROBE)
+    trained_dim = net.output_dim - net.imagenet.num_features
+    table = sweep(embed_parts(net, sets), sets, trained_dim, weights)
     chosen = leave_one_shop_out(table)
     lines = section(args.model, table, chosen, baselines(sets), args.recipe.resolve(),
                     sets)
@@ -186,7 +187,7 @@ def main() -> None:
         replace_section(args.update, lines)
     if args.save:
         weight = min(chosen.values())
-        net = blended(args.model, weight)
+        net.blend_imagenet(weight, net.imagenet_from_stage)
         save_checkpoint(net, args.save, include_backbone=True, half=True,
                         meta={**getattr(net, "checkpoint_meta", {}), "imagenet_weight": weight})
         print(f"wrote {args.save} (w = {weight:g})")

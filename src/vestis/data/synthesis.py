@@ -97,81 +97,76 @@ class ConsumerStyle:
 
     def __call__(self, shop: Image.Image, rng: random.Random | None = None) -> Image.Image:
         """A consumer-style photo of ``shop``; ``rng`` (default: the own one) draws it."""
-        if rng is not None:
-            own, self.rng = self.rng, rng
-            try:
-                return self(shop)
-            finally:
-                self.rng = own
+        rng = rng or self.rng
         shop = shop.convert("RGB")
         width, height = self.size or shop.size
-        garment = self._cut_out(shop)
-        scene = self._background(width, height)
-        self._paste(scene, garment)
-        return self._degrade(self._relight(scene))
+        garment = self._cut_out(shop, rng)
+        scene = self._background(width, height, rng)
+        self._paste(scene, garment, rng)
+        return self._degrade(self._relight(scene, rng), rng)
 
-    def _cut_out(self, shop: Image.Image) -> Image.Image:
+    def _cut_out(self, shop: Image.Image, rng: random.Random) -> Image.Image:
         """The garment as RGBA: masked, cropped around the mask, randomly trimmed, tilted."""
         rgba = shop.copy()
         rgba.putalpha(garment_mask(shop))
         box = rgba.getchannel("A").point(lambda v: 255 if v > 32 else 0).getbbox()
         if box:
             rgba = rgba.crop(box)
-        rgba = self._random_trim(rgba)
+        rgba = self._random_trim(rgba, rng)
         if self.perspective:
             # Transparent fill: the tilted frame's corners must not be pasted.
-            rgba = random_perspective(rgba, self.perspective, (0, 0, 0, 0), self.rng)
+            rgba = random_perspective(rgba, self.perspective, (0, 0, 0, 0), rng)
         return rgba
 
-    def _random_trim(self, image: Image.Image) -> Image.Image:
+    def _random_trim(self, image: Image.Image, rng: random.Random) -> Image.Image:
         width, height = image.size
-        keep_w = max(1, round(width * self.rng.uniform(*self.crop_scale) ** 0.5))
-        keep_h = max(1, round(height * self.rng.uniform(*self.crop_scale) ** 0.5))
-        left = self.rng.randint(0, width - keep_w)
-        top = self.rng.randint(0, height - keep_h)
+        keep_w = max(1, round(width * rng.uniform(*self.crop_scale) ** 0.5))
+        keep_h = max(1, round(height * rng.uniform(*self.crop_scale) ** 0.5))
+        left = rng.randint(0, width - keep_w)
+        top = rng.randint(0, height - keep_h)
         return image.crop((left, top, left + keep_w, top + keep_h))
 
-    def _background(self, width: int, height: int) -> Image.Image:
-        path = self.rng.choice(self.backgrounds)
+    def _background(self, width: int, height: int, rng: random.Random) -> Image.Image:
+        path = rng.choice(self.backgrounds)
         photo = load_image(path, draft_size=max(width, height))
         # Cover the output: scale to fill, then a random crop of the right size.
-        scale = max(width / photo.width, height / photo.height) * self.rng.uniform(1.0, 1.4)
+        scale = max(width / photo.width, height / photo.height) * rng.uniform(1.0, 1.4)
         photo = photo.resize(
             (max(width, round(photo.width * scale)), max(height, round(photo.height * scale))),
             Image.BILINEAR,
         )
-        left = self.rng.randint(0, photo.width - width)
-        top = self.rng.randint(0, photo.height - height)
+        left = rng.randint(0, photo.width - width)
+        top = rng.randint(0, photo.height - height)
         return photo.crop((left, top, left + width, top + height))
 
-    def _paste(self, scene: Image.Image, garment: Image.Image) -> None:
-        target_h = scene.height * self.rng.uniform(*self.garment_height)
+    def _paste(self, scene: Image.Image, garment: Image.Image, rng: random.Random) -> None:
+        target_h = scene.height * rng.uniform(*self.garment_height)
         scale = min(target_h / garment.height, 0.95 * scene.width / garment.width)
         size = (max(1, round(garment.width * scale)), max(1, round(garment.height * scale)))
         garment = garment.resize(size, Image.BICUBIC)
-        left = self.rng.randint(0, scene.width - garment.width)
-        top = self.rng.randint(0, scene.height - garment.height)
+        left = rng.randint(0, scene.width - garment.width)
+        top = rng.randint(0, scene.height - garment.height)
         scene.paste(garment, (left, top), garment)
 
-    def _relight(self, image: Image.Image) -> Image.Image:
+    def _relight(self, image: Image.Image, rng: random.Random) -> Image.Image:
         """Gamma, brightness and a soft left-right light gradient; all channels alike."""
         array = np.asarray(image, dtype=np.float32) / 255.0
-        array = array ** self.rng.uniform(*self.gamma)
-        light = self.rng.uniform(*self.brightness)
-        tilt = self.rng.uniform(-0.15, 0.15)
+        array = array ** rng.uniform(*self.gamma)
+        light = rng.uniform(*self.brightness)
+        tilt = rng.uniform(-0.15, 0.15)
         gradient = light * (1 + tilt * np.linspace(-1, 1, image.width, dtype=np.float32))
         array = array * gradient[None, :, None]
         return Image.fromarray(np.clip(array * 255 + 0.5, 0, 255).astype(np.uint8))
 
-    def _degrade(self, image: Image.Image) -> Image.Image:
-        if self.rng.random() < self.blur:
-            image = image.filter(ImageFilter.GaussianBlur(self.rng.uniform(0.3, 1.5)))
-        if self.rng.random() < 0.5:  # a cheap phone sensor: lose resolution, scale back up
-            factor = self.rng.uniform(0.4, 0.9)
+    def _degrade(self, image: Image.Image, rng: random.Random) -> Image.Image:
+        if rng.random() < self.blur:
+            image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.5)))
+        if rng.random() < 0.5:  # a cheap phone sensor: lose resolution, scale back up
+            factor = rng.uniform(0.4, 0.9)
             small = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
             image = image.resize(small, Image.BILINEAR).resize(image.size, Image.BILINEAR)
         buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=self.rng.randint(*self.jpeg_quality))
+        image.save(buffer, format="JPEG", quality=rng.randint(*self.jpeg_quality))
         return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
 

@@ -201,9 +201,7 @@ class RetrievalNet(ModelHooks):
         else:
             shared, lower = self.extract_lower(x, cut)
             trained = self.embed_features(self.extract_upper(shared, lower, cut))
-        start = self.imagenet.run_stages(shared, cut)[-1] if cut else \
-            self.imagenet.run_stages(shared)[-1]
-        generic = self.imagenet.head(start).mean(dim=(2, 3))
+        generic = self.imagenet.head(self.imagenet.run_stages(shared, cut)[-1]).mean(dim=(2, 3))
         return torch.cat([self.imagenet_weight ** 0.5 * F.normalize(generic, dim=1),
                           (1 - self.imagenet_weight) ** 0.5 * F.normalize(trained, dim=1)],
                          dim=1)

@@ -522,13 +522,13 @@ class CachedFeatures:
         self.cache = self._load_or_extract(dataset.samples, config)  # name → (views, N, ...)
         self._validation_cache: dict[str, dict[str, torch.Tensor]] = {}
 
-    def _view(self, image, sample: ImageRecord, view: int) -> np.ndarray:
-        """View ``view`` of one image. Its randomness depends on the image and the view alone,
-        not on the sample list, so every run with the same settings (another fold, another
-        recipe) can reuse an image's cached views."""
+    def _view(self, image, key: str, view: int) -> np.ndarray:
+        """View ``view`` of the image whose :func:`_image_key` is ``key``. Its randomness
+        depends on the image and the view alone, not on the sample list, so every run with
+        the same settings (another fold, another recipe) can reuse an image's cached views."""
         if view == 0:
             return self.preprocess.to_array(image)
-        rng = random.Random(f"{self.seed}:{_image_key(sample)}:{view}")
+        rng = random.Random(f"{self.seed}:{key}:{view}")
         if self.synthesis is not None and rng.random() < self.synthetic_fraction:
             image = self.synthesis(image, rng)
         return self.augment(image, rng)
@@ -540,49 +540,43 @@ class CachedFeatures:
         file per image, so folds and recipes that share images share their views."""
         folder = config["cache"].get("dir")
         if not folder:
-            return self._extract_views(samples)
+            parts = [part for _, part in self._extract_views(samples)]
+            return {name: torch.cat([part[name] for part in parts], dim=1) for name in parts[0]}
         root = Path(folder) / _cache_key(config, self.model.cache_tag)
         paths = [root / f"{_image_key(sample)}.pt" for sample in samples]
         missing = [i for i, path in enumerate(paths) if not path.exists()]
         if missing:
             root.mkdir(parents=True, exist_ok=True)
-            self._extract_views([samples[i] for i in missing], [paths[i] for i in missing])
+        # Each image's file is written as soon as its views exist: an interrupted run keeps
+        # what it did.
+        for chunk, part in self._extract_views([samples[i] for i in missing]):
+            for offset, index in enumerate(chunk):
+                with atomic_path(paths[missing[index]]) as tmp:
+                    torch.save({name: value[:, offset].clone() for name, value in part.items()},
+                               tmp)
         loaded = [torch.load(path, weights_only=True) for path in paths]
         return {name: torch.stack([entry[name] for entry in loaded], dim=1)
                 for name in loaded[0]}
 
-    def _extract_views(self, samples: list[ImageRecord],
-                       paths: list[Path] | None = None) -> dict[str, torch.Tensor]:
-        """(views, N, ...) tensors of ``samples``; with ``paths``, each image's views are
-        written to its file as soon as they exist (an interrupted run keeps what it did)
-        and nothing is returned."""
-        out: dict[str, torch.Tensor] = {}
+    def _extract_views(self, samples: list[ImageRecord]):
+        """Per batch of ``samples``: its positions and its (views, batch, ...) tensors."""
         bar = tqdm(total=len(samples) * self.views, desc="caching features", unit="view",
                    disable=not self.progress)
         for start in range(0, len(samples), self.batch_size):
             chunk = samples[start:start + self.batch_size]
             images = [_open(sample) for sample in chunk]
+            keys = [_image_key(sample) for sample in chunk]
             part: dict[str, torch.Tensor] = {}
             for view in range(self.views):
-                arrays = np.stack([self._view(image, sample, view)
-                                   for image, sample in zip(images, chunk, strict=True)])
+                arrays = np.stack([self._view(image, key, view)
+                                   for image, key in zip(images, keys, strict=True)])
                 for name, value in self._extract(arrays).items():
                     if name not in part:
                         part[name] = value.new_zeros((self.views, len(chunk), *value.shape[1:]))
                     part[name][view] = value
                 bar.update(len(chunk))
-            if paths is None:
-                for name, value in part.items():
-                    if name not in out:
-                        out[name] = value.new_zeros((self.views, len(samples), *value.shape[2:]))
-                    out[name][:, start:start + len(chunk)] = value
-                continue
-            for offset, path in enumerate(paths[start:start + len(chunk)]):
-                with atomic_path(path) as tmp:
-                    torch.save({name: value[:, offset].clone() for name, value in part.items()},
-                               tmp)
+            yield range(start, start + len(chunk)), part
         bar.close()
-        return out
 
     def _extract(self, arrays: np.ndarray) -> dict[str, torch.Tensor]:
         """Frozen features of preprocessed views, always in eval mode: the validation views
