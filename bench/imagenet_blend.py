@@ -1,4 +1,4 @@
-"""The shipped model blended with its own ImageNet features, weight chosen leave-one-shop-out.
+"""The trained model blended with its own ImageNet features, weight chosen leave-one-shop-out.
 
     python bench/imagenet_blend.py [--model vestis-lite0] [--weights 0,0.1,...,0.9]
                                    [--recipe configs/vestis-lite0.yaml] [--save PATH]
@@ -129,9 +129,10 @@ def section(model: str, table: dict, chosen: dict, imagenet: dict, recipe: Path,
     lines = [
         TITLE, "",
         f"`{model}` with its ImageNet features blended in at weight w (cosine similarity "
-        "w x ImageNet Lite0's + (1 - w) x the trained vector's; w = 0 is the model as "
-        f"shipped). Held-out splits: those of `{recipe.relative_to(REPO)}`. A cell is the "
-        "metric and its 95 % bootstrap interval. `goals`: whether the in-shop goals hold "
+        "w x ImageNet Lite0's + (1 - w) x the trained vector's; w = 0 is the trained vector "
+        "alone, the model before the blend). Held-out splits: those of "
+        f"`{recipe.relative_to(REPO)}`. A cell is the metric and its 95 % bootstrap "
+        "interval. `goals`: whether the in-shop goals hold "
         "(held-out Luma R@1 >= 0.60 and mAP >= 0.62, clothing P@1 >= 0.80).",
         "",
         "| w | goals | " + " | ".join(f"{s} {m}" for s, ms in SETS.items() for m in ms) + " |",
@@ -154,7 +155,7 @@ def section(model: str, table: dict, chosen: dict, imagenet: dict, recipe: Path,
             f"{m} {paired(results[shop], imagenet[b][shop], sets[shop], m)} against {b}"
             for b in imagenet for m in ("R@1", "mAP"))
         lines.append(f"- {shop}: w = {weight:g} → R@1 {cell(results[shop], 'R@1')}, mAP "
-                     f"{cell(results[shop], 'mAP')} (shipped model: "
+                     f"{cell(results[shop], 'mAP')} (trained vector alone: "
                      f"{table[0.0][shop].metrics['R@1']:.3f} / "
                      f"{table[0.0][shop].metrics['mAP']:.3f}). Paired differences: {versus}.")
     return lines
@@ -172,7 +173,7 @@ def main() -> None:
     args = parser.parse_args()
     weights = [float(w) for w in args.weights.split(",")]
     if 0.0 not in weights:
-        parser.error("--weights must include 0 (the model as shipped)")
+        parser.error("--weights must include 0 (the trained vector alone)")
     sets = eval_sets(args.recipe)
     net = blended(args.model, PROBE)
     trained_dim = net.output_dim - net.imagenet.num_features

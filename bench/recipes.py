@@ -131,10 +131,11 @@ def recipes_section(reuse: bool, recipes: tuple[str, ...] = RECIPES) -> list[str
 
 
 def serving_settings() -> str:
-    """The shipped default's input size and category weight, which the training row's
-    validation (run before the recipe set them) did not use."""
+    """The shipped default's input size, category weight and ImageNet weight, which the
+    training row's validation (run before the recipe set them) did not use."""
     model = create_model("vestis-lite0")
-    return f"{model.preprocess.size} px, category weight {model.category_weight:g}"
+    return (f"{model.preprocess.size} px, category weight {model.category_weight:g}, "
+            f"ImageNet weight {model.imagenet_weight:g}")
 
 
 def video_note() -> str:

@@ -38,7 +38,7 @@ def _can_mount_tmpfs() -> bool:
 
 FULL_DISK_SCRIPT = """
 mount -t tmpfs -o size=4m tmpfs "$MNT" || exit 3
-for free in 64K 160K; do
+for free in 64K 360K; do
     rm -rf "$MNT/c" "$MNT/fill"
     cp -r "$CATALOG" "$MNT/c"
     dd if=/dev/zero of="$MNT/fill" bs=4k count=2000 2>/dev/null
@@ -64,7 +64,7 @@ def small_catalog(tmp_path_factory, luma_rows, data_dir) -> Path:
 @pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare -rm to mount a small tmpfs")
 def test_a_full_disk_is_one_line_and_the_catalog_survives_it(
         tmp_path, small_catalog, luma_rows, data_dir):
-    """A catalog on a 4 MB tmpfs with 64 KB left, then 160 KB: vestis index fails with one
+    """A catalog on a 4 MB tmpfs with 64 KB left, then 360 KB: vestis index fails with one
     line naming the full disk, in SQLite's words or the index save's, never a traceback;
     once space is freed the catalog is whole (index in sync with the store)."""
     more = luma_csv(luma_rows, data_dir, tmp_path / "b.csv", slice(8, 29))
@@ -75,7 +75,7 @@ def test_a_full_disk_is_one_line_and_the_catalog_survives_it(
     subprocess.run(["unshare", "-rm", "bash", "-c", FULL_DISK_SCRIPT], env=env, check=True,
                    timeout=120)
     for free, words in (("64K", "database or disk is full"),
-                        ("160K", "the index could not be saved")):
+                        ("360K", "the index could not be saved")):
         error = (tmp_path / f"index-{free}.err").read_text()
         lines = [line for line in error.splitlines() if line.strip() and "img/s" not in line]
         assert (tmp_path / f"index-{free}.rc").read_text().strip() == "2", error

@@ -101,7 +101,8 @@ def test_alignment_training_reduces_infonce_and_saved_head_checks_model(rows, pr
 def test_shipped_head_is_small_and_belongs_to_the_default_model(small_catalog):
     head = alignment_for(small_catalog.model_id)
     weights = Path(__file__).resolve().parents[1] / "src/vestis/text/weights"
-    assert sum(f.stat().st_size for f in weights.glob("*.pt")) < 1_000_000
+    # a linear map into the default model's 1565-d space, fp16: 1.2 MB
+    assert sum(f.stat().st_size for f in weights.glob("*.pt")) < 1_500_000
     assert head.model_id == small_catalog.model_id
     with pytest.raises(ModelMismatchError):
         head.check("another-model@0")
