@@ -230,6 +230,33 @@ def test_adapt_takes_a_source_or_a_catalog(tmp_path):
         assert not (tmp_path / "x.pt").exists() and not (tmp_path / "no.db").exists()
 
 
+def test_a_catalog_whose_model_file_changed_says_so_and_reembed_updates_it(tmp_path):
+    """A model name that now loads another file than the catalog was built with (as after an
+    upgrade of the default model): a search says so in one line naming ``vestis reembed``,
+    and ``vestis reembed`` re-embeds every image, keeping items and metadata."""
+    from vestis.catalog import Catalog
+
+    model = mapped_checkpoint(tmp_path / "shop-model.pt", seed=0)
+    source = separable_shop(tmp_path / "photos", n_items=6)
+    folder = tmp_path / "catalog"
+    with Catalog(folder, model=str(model)) as catalog:
+        catalog.add(source, metadata={"shop": "test"})
+        old_id = catalog.model_id
+    before = snapshot(folder)
+    mapped_checkpoint(model, seed=1)  # the same name, another file
+    photo = str(source.parent / "3-1.png")
+    runner = CliRunner()
+    refused = runner.invoke(app, ["search", photo, "--catalog", str(folder)])
+    assert refused.exit_code != 0 and "was built with" in refused.output
+    assert f"vestis reembed --catalog {folder}" in refused.output
+    done = runner.invoke(app, ["reembed", "--catalog", str(folder)])  # its own model name
+    assert done.exit_code == 0 and "12 images" in done.output, done.output
+    assert snapshot(folder) == before and siblings(folder) == []
+    with Catalog(folder) as catalog:
+        assert catalog.model_id == Encoder.from_name(str(model)).model_id != old_id
+        assert catalog.search(photo, k=1)[0].item_id == "item3"
+
+
 @pytest.mark.slow
 def test_reembed_swaps_in_a_complete_copy_and_open_handles_notice(tmp_path):
     """Every item, metadata value and upload is kept; a catalog opened before the swap

@@ -412,6 +412,31 @@ def reindex(
 
 @app.command()
 @friendly_errors
+def reembed(
+    catalog: str = CatalogOption,
+    model: str | None = typer.Option(None, help="The model to embed the catalog with (a "
+                                     "name or checkpoint; default: the catalog's own model "
+                                     "name, as it loads now)."),
+    ray: str | None = RayOption,
+    ray_workers: int | None = RayWorkersOption,
+) -> None:
+    """Re-embed every image of a catalog with a model (after an upgrade of the default model,
+    say), crash-safe: searches use the old vectors until the new catalog is complete."""
+    import time
+
+    from vestis.catalog.reembed import reembed as reembed_catalog
+
+    started = time.perf_counter()
+    old = open_catalog(catalog)
+    model = model or old.model_name
+    count = reembed_catalog(old, model, progress=True, runner=ray_runner(ray, ray_workers))
+    typer.echo(f"re-embedded catalog {catalog} with {model}: {count} images in "
+               f"{time.perf_counter() - started:.0f} s; servers open it again on their next "
+               "request")
+
+
+@app.command()
+@friendly_errors
 def info(
     catalog: str = CatalogOption,
     as_json: bool = typer.Option(False, "--json"),

@@ -178,7 +178,8 @@ class Catalog:
             raise ModelMismatchError(
                 f"catalog {self.location} was built with model {stored!r} "
                 f"({self._store.get_meta('model_id')}); it cannot use {model!r} "
-                f"({candidate.model_id}). Use a new catalog directory for another model."
+                f"({candidate.model_id}). Use a new catalog directory for another model, or "
+                f"re-embed this one: vestis reembed --catalog {self.location} --model {model}"
             )
         self._encoder = candidate
 
@@ -251,8 +252,13 @@ class Catalog:
     def encoder(self) -> Encoder:
         """The catalog's own model, loaded on first use."""
         if self._encoder is None:
-            self._encoder = Encoder.from_name(self.model_name, backend=self._backend)
-            self._check_model(self._encoder.model_id)
+            encoder = Encoder.from_name(self.model_name, backend=self._backend)
+            if encoder.model_id != self.model_id:
+                raise ModelMismatchError(
+                    f"catalog {self.location} was built with {self.model_name!r} as it was "
+                    f"then ({self.model_id}); that name now loads {encoder.model_id}. Re-embed "
+                    f"the catalog with it: vestis reembed --catalog {self.location}")
+            self._encoder = encoder
         return self._encoder
 
     def _check_model(self, model_id: str) -> None:

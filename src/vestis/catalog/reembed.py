@@ -1,4 +1,5 @@
-"""Re-embed a catalog with another model, crash-safe (``vestis adapt --catalog``).
+"""Re-embed a catalog with another model, crash-safe (``vestis reembed``, ``vestis adapt
+--catalog``).
 
 The new catalog is built complete beside the old one, from the old one's records, then
 swapped in whole if no write reached the old one meanwhile: for a directory, as below
@@ -150,7 +151,7 @@ def reembed(old: Catalog, model: str, *, progress: bool = False,
             if old.generation != generation:
                 raise CatalogChangedError(
                     f"catalog {old.location} was changed while it was being re-embedded; it "
-                    "is unchanged: run vestis adapt --catalog again")
+                    "is unchanged: run the command again")
             beside.swap()
         return count
     finally:
