@@ -188,7 +188,7 @@ def scale(args: argparse.Namespace) -> None:
 
 
 def performance(args: argparse.Namespace) -> None:
-    perf = argparse.Namespace(only=None, quick=False, repeats=3, note=None)
+    perf = argparse.Namespace(only=None, quick=False, repeats=3, note=None, dim=None)
     replace_perf_section(args.out, perf_section(perf))
 
 
