@@ -33,9 +33,11 @@ def main() -> None:
                         help="weight of the backbone's own ImageNet features in the similarity")
     args = parser.parse_args()
     dest = artifact_path(args.name, "retrieval")
-    out = store_retrieval(args.checkpoint, dest, fp16=args.fp16, serving=lambda model, meta:
-                          set_serving(model, meta, args.test_size, args.category_weight,
-                                                      args.imagenet_weight))
+    def serving(model, meta: dict) -> dict:
+        return set_serving(model, meta, args.test_size, args.category_weight,
+                           args.imagenet_weight)
+
+    out = store_retrieval(args.checkpoint, dest, fp16=args.fp16, serving=serving)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB)")
 
 

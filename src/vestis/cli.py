@@ -427,9 +427,10 @@ def reembed(
     from vestis.catalog.reembed import reembed as reembed_catalog
 
     started = time.perf_counter()
+    runner = ray_runner(ray, ray_workers)
     old = open_catalog(catalog)
     model = model or old.model_name
-    count = reembed_catalog(old, model, progress=True, runner=ray_runner(ray, ray_workers))
+    count = reembed_catalog(old, model, progress=True, runner=runner)
     typer.echo(f"re-embedded catalog {catalog} with {model}: {count} images in "
                f"{time.perf_counter() - started:.0f} s; servers open it again on their next "
                "request")
