@@ -207,3 +207,23 @@ def test_imagenet_distillation_is_logged_and_needs_cached_stages(tmp_path, data_
     no_cut = {**SMOKE, "epochs": 1, "model": {"imagenet_distill": 1.0}}
     with pytest.raises(ValueError, match="imagenet_distill needs finetune_from_stage"):
         train(CONFIGS / "triplet.yaml", tmp_path / "bad", overrides=no_cut, progress=False)
+
+
+def test_a_recipes_imagenet_weight_changes_no_training_step_and_blends_the_saved_model(
+        tmp_path, data_dir):
+    base = {**SMOKE, "epochs": 1, "model": {"finetune_from_stage": 6}}
+    blended = {**base, "model": {**base["model"], "imagenet_weight": 0.5,
+                                 "imagenet_from_stage": 6}}
+    for name, overrides in (("plain", base), ("blended", blended)):
+        train(CONFIGS / "triplet.yaml", tmp_path / name, overrides=overrides, progress=False)
+    # Same losses and validation scores: training and its validation use the trained vector.
+    def scores(run: str) -> list[dict]:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in read_log(run)]
+
+    assert scores(tmp_path / "plain") == scores(tmp_path / "blended")
+    photos = [data_dir / "luma" / "images" / f"mh06-{c}_main.jpg" for c in ("blue", "black")]
+    plain = Encoder.from_name(str(tmp_path / "plain" / "last.pt")).embed(photos)
+    mixed = Encoder.from_name(str(tmp_path / "blended" / "last.pt")).embed(photos)
+    assert plain.shape == (2, 256) and mixed.shape == (2, 256 + 1280)
+    # The saved model's trained part is the plain run's vector, at weight 1 - 0.5.
+    assert np.allclose(mixed[:, 1280:], plain * 0.5 ** 0.5, atol=1e-4)

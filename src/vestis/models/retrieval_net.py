@@ -150,7 +150,7 @@ class RetrievalNet(ModelHooks):
         images of one predicted category rank together, ordered by instance similarity.
         """
         adapted, embedding = self.head(features)
-        if self.output_dim == self.embed_dim:
+        if self.classifier is None or self.category_weight <= 0:
             return embedding
         probabilities = F.normalize(self.category_logits(adapted).softmax(dim=1), dim=1)
         return torch.cat([F.normalize(embedding, dim=1),
