@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 SCHEMA_VERSION = 1
-#: Rows per SQLite read of vectors: bounds a chunk's memory (4096 x 285 floats, 4.7 MB) and
+#: Rows per SQLite read of vectors: bounds a chunk's memory (4096 x 1565 floats, 26 MB) and
 #: an ``IN (?, ...)`` list's placeholders (SQLite allows 32,766).
 VECTOR_BATCH = 4096
 
