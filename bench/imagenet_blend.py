@@ -17,6 +17,12 @@ The weight is chosen leave-one-shop-out: among the weights that keep the in-shop
 the weight that maximises the *other* shop's mean of R@1 and mAP, so no shop scores a weight
 chosen on itself. ``--save`` writes the model at the weight both shops agree on (or the
 smaller of the two) as a checkpoint usable with ``--model``.
+
+``--runs DIR ...`` repeats the sweep over several trained runs of one recipe (each folder's
+``last.pt`` on its own held-out splits from its ``config.yaml``; for example the folds of
+``bench/kfold.py``, ``runs/kfold/vestis-lite0/fold-*``) and writes a second section: per
+weight, the mean ± standard deviation over the runs, and per run the weight each shop
+prefers, so that what the weight buys and costs is seen across trained seeds, not on one.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from transfer_ablation import SETS, TRANSFER, eval_sets  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TITLE = "## ImageNet blend (`bench/imagenet_blend.py`)"
+RUNS_TITLE = "## ImageNet blend over trained runs (`bench/imagenet_blend.py --runs`)"
 PROBE = 0.5  # the weight the parts are embedded at; any weight in (0, 1) gives the same parts
 IN_SHOP_GOALS = (("luma held-out", "R@1", 0.60), ("luma held-out", "mAP", 0.62),
                  ("clothing held-out", "P@1", 0.80))
@@ -91,11 +98,12 @@ def shop_score(results: dict, shop: str) -> float:
 
 
 def leave_one_shop_out(table: dict[float, dict]) -> dict[str, float]:
-    """Per transfer shop: the weight chosen on the other shop among those keeping the goals."""
+    """Per transfer shop: the weight chosen on the other shop among those keeping the goals
+    (none when no weight keeps them)."""
     feasible = [w for w, results in table.items() if keeps_in_shop_goals(results)]
-    if not feasible:
-        raise SystemExit("no weight keeps the in-shop goals")
     chosen = {}
+    if not feasible:
+        return chosen
     for shop in SHOPS:
         other = next(s for s in SHOPS if s != shop)
         chosen[shop] = max(feasible, key=lambda w: (shop_score(table[w], other), -w))
@@ -148,7 +156,8 @@ def section(model: str, table: dict, chosen: dict, imagenet: dict, recipe: Path,
                  for m in ms]
         lines.append(f"| ImageNet {name} | - | " + " | ".join(cells) + " |")
     lines += ["", "Leave-one-shop-out choice (the weight chosen on the other shop, among "
-              "those keeping the in-shop goals):"]
+              "those keeping the in-shop goals):"
+              + ("" if chosen else " none, no weight keeps the in-shop goals.")]
     for shop, weight in chosen.items():
         results = table[weight]
         versus = "; ".join(
@@ -161,12 +170,70 @@ def section(model: str, table: dict, chosen: dict, imagenet: dict, recipe: Path,
     return lines
 
 
+def run_sweep(run: Path, weights: list[float]) -> tuple[dict, dict]:
+    """The sweep of one training run folder: its ``last.pt`` on its own held-out splits."""
+    sets = eval_sets(run / "config.yaml")
+    net = blended(str(run / "last.pt"), PROBE)
+    trained_dim = net.output_dim - net.imagenet.num_features
+    return sweep(embed_parts(net, sets), sets, trained_dim, weights), sets
+
+
+def spread_cell(values: list[float]) -> str:
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def runs_section(runs: list[Path], tables: list[dict], imagenet: dict) -> list[str]:
+    """Per weight, every set's metric as mean ± sd over ``runs``; each run's choice."""
+    weights = list(tables[0])
+    columns = [(s, m) for s, ms in SETS.items() for m in ms]
+    queries = {s: sorted({len(table[0.0][s].query_indices) for table in tables})
+               for s, _ in columns}
+    lines = [
+        RUNS_TITLE, "",
+        f"The sweep of `ImageNet blend` repeated on {len(runs)} trained runs of one recipe "
+        f"({', '.join(f'`{_shown(run)}`' for run in runs)}), each scored with its `last.pt` "
+        "on its own held-out photos (so the held-out columns differ per run) and on the same "
+        "transfer shops. A cell: mean ± standard deviation over the runs. Queries per run: "
+        + ", ".join(f"{s} {'/'.join(map(str, n))}" for s, n in queries.items()) + ".",
+        "",
+        "| w | " + " | ".join(f"{s} {m}" for s, m in columns) + " |",
+        "|---:|" + "---:|" * len(columns),
+    ]
+    for weight in weights:
+        cells = [spread_cell([table[weight][s].metrics[m] for table in tables])
+                 for s, m in columns]
+        lines.append(f"| {weight:g} | " + " | ".join(cells) + " |")
+    for name, results in imagenet.items():
+        cells = [f"{results[s].metrics[m]:.3f}" if s in results else "-" for s, m in columns]
+        lines.append(f"| ImageNet {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Per run, the weight that scores best on each shop (mean of R@1 and mAP, "
+              "chosen on the shop itself, so a description, not a choice) and the weights "
+              "at which that run's held-out photos keep the in-shop goals (the goals are "
+              "set for the benchmark split's held-out fifth of Luma; a fold holds out a "
+              "larger share, so its gallery is larger and its figures lower):"]
+    for run, table in zip(runs, tables, strict=True):
+        best = ", ".join(f"{shop} w = {max(table, key=lambda w: shop_score(table[w], shop)):g}"
+                         for shop in SHOPS)
+        goals = [w for w, results in table.items() if keeps_in_shop_goals(results)]
+        lines.append(f"- `{_shown(run)}`: {best}; goals kept at w = "
+                     + (", ".join(f"{w:g}" for w in goals) or "none") + ".")
+    return lines
+
+
+def _shown(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vestis-lite0")
     parser.add_argument("--weights", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
     parser.add_argument("--recipe", type=Path, default=REPO / "configs" / "vestis-lite0.yaml")
     parser.add_argument("--save", type=Path, help="Write the blended model at the chosen w.")
+    parser.add_argument("--runs", type=Path, nargs="+",
+                        help="Sweep these training run folders (last.pt, config.yaml) instead, "
+                             "with the spread over them.")
     parser.add_argument("--update", type=Path, help="Replace this section in a BENCHMARKS.md.")
     parser.add_argument("--note", action="append", default=[],
                         help="A paragraph to print under the section (repeatable).")
@@ -174,6 +241,8 @@ def main() -> None:
     weights = [float(w) for w in args.weights.split(",")]
     if 0.0 not in weights:
         parser.error("--weights must include 0 (the trained vector alone)")
+    if args.runs:
+        return main_runs(args, weights)
     sets = eval_sets(args.recipe)
     net = blended(args.model, PROBE)
     trained_dim = net.output_dim - net.imagenet.num_features
@@ -187,11 +256,27 @@ def main() -> None:
     if args.update:
         replace_section(args.update, lines)
     if args.save:
+        if not chosen:
+            sys.exit("not saved: no weight keeps the in-shop goals")
         weight = min(chosen.values())
         net.blend_imagenet(weight, net.imagenet_from_stage)
         save_checkpoint(net, args.save, include_backbone=True, half=True,
                         meta={**getattr(net, "checkpoint_meta", {}), "imagenet_weight": weight})
         print(f"wrote {args.save} (w = {weight:g})")
+
+
+def main_runs(args: argparse.Namespace, weights: list[float]) -> None:
+    missing = [run for run in args.runs
+               if not ((run / "last.pt").is_file() and (run / "config.yaml").is_file())]
+    if missing:
+        sys.exit(f"not a finished training run (last.pt and config.yaml): {missing[0]}")
+    swept = [run_sweep(run, weights) for run in args.runs]
+    lines = runs_section(args.runs, [table for table, _ in swept], baselines(swept[0][1]))
+    for note in args.note:
+        lines += ["", note]
+    print("\n".join(lines))
+    if args.update:
+        replace_section(args.update, lines)
 
 
 if __name__ == "__main__":

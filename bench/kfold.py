@@ -9,7 +9,9 @@ Luma products and of the clothing contributors; the K runs of one recipe hold ou
 them exactly once, so every multi-view Luma item is a query once instead of one 20 % split.
 Each fold's held-out photos are scored leave-one-out among themselves, as the trainer's
 validation does, with the run's ``last.pt``: the recipe's fixed budget (``best.pt`` is chosen
-on the very photos it would be scored on). The ImageNet rows embed the same folds.
+on the very photos it would be scored on). The ImageNet rows embed the same folds. A recipe
+that starts from another recipe's run (``model.init_from: runs/bench/NAME/...``, as
+``video_finetune`` does) starts fold k from NAME's fold k.
 
 Per row and metric: the mean over all folds' queries with its 95 % bootstrap interval (Luma:
 whole items resampled), the per-fold mean ± standard deviation, and, since every row scores
@@ -53,7 +55,24 @@ def fold_config(recipe: Path, fold: int, folds: int, data: Path | None) -> dict:
         for source in config["data"]["sources"]:
             path = Path(source["path"])
             source["path"] = str(data / path.parent.name / path.name)
+    start = config["model"].get("init_from")
+    if start:
+        config["model"]["init_from"] = str(fold_start(Path(start), fold))
     return config
+
+
+def fold_start(start: Path, fold: int) -> Path:
+    """A recipe that starts from another recipe's run (``runs/bench/NAME/best.pt``) starts
+    each fold from that recipe's run of the same fold, never from a model chosen on another
+    split's held-out photos."""
+    name = start.parent.name
+    if not (CONFIGS / f"{name}.yaml").exists():
+        return start  # not a recipe's run: a file of the user's
+    own = RUNS / name / f"fold-{fold}" / "last.pt"
+    if not own.is_file():
+        raise SystemExit(f"{name} starts from {start}: run `python bench/kfold.py {name}` "
+                         "with the same --folds first")
+    return own
 
 
 def score_fold(encoder: Encoder, config: dict) -> dict:
