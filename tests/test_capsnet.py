@@ -3,12 +3,14 @@ network on cached stage maps, and the recipes end to end."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from tests.smoke import CONFIGS, smoke, smoke_log_rows
 from vestis.losses import TrainBatch, create_loss
@@ -282,3 +284,15 @@ def test_the_capsnet_recipes_train_end_to_end_on_a_smoke_budget(recipe, tmp_path
     vector = encoder.embed_one(data_dir / "luma" / "images" / "mh06-blue_main.jpg")
     assert vector.shape == (categories * 16,)
     assert np.isclose(np.linalg.norm(vector), 1.0, atol=1e-5)
+
+
+def test_a_capsnet_embeds_in_torch_when_its_export_fails_and_says_why_in_one_line(caplog):
+    model = capsnet()
+    with caplog.at_level(logging.WARNING, logger="vestis"):
+        encoder = Encoder(model, backend="auto")
+    assert encoder.backend_name == "torch"
+    warnings = [r.getMessage() for r in caplog.records if "ONNX Runtime unavailable" in r.message]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    image = np.full((64, 48, 3), 120, np.uint8)
+    vector = encoder.embed_arrays(encoder.preprocess.to_array(Image.fromarray(image))[None])
+    assert vector.shape == (1, model.output_dim)

@@ -162,6 +162,8 @@ def create_backend(
     try:
         return onnx_for(model, threads=threads, streams=streams)
     except Exception as exc:  # an architecture that does not export still embeds, in torch
+        # The exporter's message can carry the whole traced graph: its first line says why.
+        reason = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
         log.warning("ONNX Runtime unavailable for %s, using torch: %s",
-                    model.display_name, exc)
+                    model.display_name, reason)
         return TorchBackend(model, device or "cpu")
