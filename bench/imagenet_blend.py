@@ -45,7 +45,7 @@ from transfer_ablation import SETS, TRANSFER, eval_sets  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TITLE = "## ImageNet blend (`bench/imagenet_blend.py`)"
-RUNS_TITLE = "## ImageNet blend over trained runs (`bench/imagenet_blend.py --runs`)"
+RUNS_TITLE = "## ImageNet blend over trained runs of {recipe} (`bench/imagenet_blend.py --runs`)"
 PROBE = 0.5  # the weight the parts are embedded at; any weight in (0, 1) gives the same parts
 IN_SHOP_GOALS = (("luma held-out", "R@1", 0.60), ("luma held-out", "mAP", 0.62),
                  ("clothing held-out", "P@1", 0.80))
@@ -188,8 +188,9 @@ def runs_section(runs: list[Path], tables: list[dict], imagenet: dict) -> list[s
     columns = [(s, m) for s, ms in SETS.items() for m in ms]
     queries = {s: sorted({len(table[0.0][s].query_indices) for table in tables})
                for s, _ in columns}
+    recipes = sorted({run.resolve().parent.name for run in runs})
     lines = [
-        RUNS_TITLE, "",
+        RUNS_TITLE.format(recipe=", ".join(recipes)), "",
         f"The sweep of `ImageNet blend` repeated on {len(runs)} trained runs of one recipe "
         f"({', '.join(f'`{_shown(run)}`' for run in runs)}), each scored with its `last.pt` "
         "on its own held-out photos (so the held-out columns differ per run) and on the same "

@@ -2,6 +2,7 @@
 
     python bench/transfer.py [--runs runs/bench] [--models lite0,lite2,vestis-lite0]
                              [--shop NAME=CSV ...] [--update BENCHMARKS.md] [--json out.json]
+    python bench/transfer.py --kfold runs/kfold [--shop NAME=CSV ...] [--update BENCHMARKS.md]
 
 Users index *their* shop, so a model is only as good as it is on photos unlike its training
 data. Rows: the ImageNet baselines, the shipped default, and every trained recipe found in
@@ -11,6 +12,13 @@ Luma and the clothing photos for the models that did not train on them (a checkp
 recipe says which sources it read). ``--shop NAME=CSV`` adds a catalog of your own (the
 Luma CSV format, leave-one-out by ``item_id``). Every cell is ``vestis eval CSV --model M``
 with no other flag: the metric and its bootstrap interval.
+
+``--kfold DIR`` scores instead every recipe whose ``bench/kfold.py`` runs all finished in
+DIR (each fold's ``last.pt``: as many trained seeds as folds) on the shops no recipe trains
+on, beside the ImageNet baselines: a cell pools the per-query values of the recipe's fold
+models, with a bootstrap interval that resamples an item's queries of every fold model
+together, then the standard deviation over the fold models; ``vs lite0`` is the paired
+difference to ImageNet Lite0 on the same queries.
 """
 
 from __future__ import annotations
@@ -22,25 +30,28 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vestis.artifacts import ARTIFACTS
-from vestis.evaluation import EvalDataset, load_dataset
+from vestis.evaluation import EvalDataset, bootstrap_intervals, load_dataset
 from vestis.evaluation.datasets import leave_one_out
-from vestis.evaluation.run import score_dataset
+from vestis.evaluation.run import bootstrap_groups, score_dataset
 from vestis.models import Encoder
 from vestis.records import ImageRecord
 from vestis.train import load_config
 from vestis.train.sources import build_sources
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipes import RECIPES, SCORED_CHECKPOINT, replace_section  # noqa: E402
+from recipes import CONFIGS, RECIPES, SCORED_CHECKPOINT, replace_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 BASELINES = ("lite0", "lite2")
 SHIPPED = "vestis-lite0"
 TITLE = "## Transfer to other shops (`bench/transfer.py`)"
+KFOLD_TITLE = "## Transfer over k-fold runs (`bench/transfer.py --kfold`)"
+PAIRED = (("Bagisto", "R@1"), ("Bagisto", "mAP"), ("Solidus", "mAP"))
 
 
 @dataclass(frozen=True)
@@ -175,6 +186,108 @@ def _tied(table: dict) -> int:
                if isinstance(cell, dict))
 
 
+def kfold_models(root: Path) -> list[tuple[str, list[str]]]:
+    """``(recipe, fold checkpoints)`` of every recipe in configs/ whose k-fold runs under
+    ``root`` all finished (``bench/kfold.py`` writes ``RECIPE/fold-K/last.pt`` and
+    ``fold-K.json``): the table's recipes first, then the others."""
+    found = []
+    others = sorted(path.name for path in root.iterdir()
+                    if path.name not in RECIPES and (CONFIGS / f"{path.name}.yaml").exists())
+    for name in [*RECIPES, *others]:
+        saved = sorted((root / name).glob("fold-*.json"))
+        if not saved:
+            continue
+        folds = json.loads(saved[0].read_text())["folds"]
+        checkpoints = [root / name / f"fold-{k}" / "last.pt" for k in range(folds)]
+        if all(checkpoint.is_file() for checkpoint in checkpoints):
+            found.append((name, [str(checkpoint) for checkpoint in checkpoints]))
+    return found
+
+
+def per_query_scores(models: list[str], datasets: dict[str, EvalDataset]) -> dict:
+    """``{set: {"values": {metric: pooled array}, "groups": [...], "model": [...]}}``: the
+    per-query values of every model, queries of one item (of one query, for category sets)
+    in one resampling group across the models."""
+    pooled: dict[str, dict] = {}
+    for index, model in enumerate(models):
+        encoder = Encoder.from_name(model)
+        for name, dataset in datasets.items():
+            result = score_dataset(encoder, dataset, n_boot=0)
+            groups = bootstrap_groups(result, dataset) or [f"query {i}"
+                                                           for i in result.query_indices]
+            entry = pooled.setdefault(name, {"values": {}, "groups": [], "model": []})
+            for metric, values in result.per_query().items():
+                entry["values"].setdefault(metric, []).extend(values)
+            entry["groups"] += list(groups)
+            entry["model"] += [index] * len(groups)
+    return pooled
+
+
+def pooled_cell(entry: dict, metric: str) -> str:
+    values, models = np.asarray(entry["values"][metric]), np.asarray(entry["model"])
+    low, high = bootstrap_intervals({metric: values}, entry["groups"])[metric]
+    cell = interval_cell(values.mean(), low, high)
+    if len(set(models)) > 1:
+        per_model = [values[models == m].mean() for m in np.unique(models)]
+        cell += f" ± {np.std(per_model, ddof=1):.3f}"
+    return cell
+
+
+def paired_cell(entry: dict, reference: dict, metric: str) -> str:
+    """``entry`` minus ``reference`` (one model, repeated for each of entry's models)."""
+    repeats = len(set(entry["model"]))
+    difference = (np.asarray(entry["values"][metric])
+                  - np.tile(np.asarray(reference["values"][metric]), repeats))
+    low, high = bootstrap_intervals({metric: difference}, entry["groups"])[metric]
+    text = f"{difference.mean():+.3f} ({low:+.2f} to {high:+.2f})"
+    return f"**{text}**" if low > 0 or high < 0 else text
+
+
+def kfold_section(rows: dict[str, dict], shops: list[Shop], folds: dict[str, int]) -> list[str]:
+    headers = [f"{shop.name} {metric}" for shop in shops for metric in shop.metrics]
+    paired = [f"{name} {metric} vs lite0" for name, metric in PAIRED]
+    reference = rows["ImageNet lite0"]
+    queries = {shop.name: len(reference[shop.name]["groups"]) for shop in shops}
+    lines = [
+        KFOLD_TITLE,
+        "",
+        "Every recipe's k-fold runs (`K-fold recipe scores`: each fold's `last.pt`, trained "
+        "on the other folds' Luma products and clothing contributors, so as many trained "
+        "seeds as folds) on the shops no recipe trains on, scored as `vestis eval CSV --model "
+        "M` scores them. A cell pools the per-query values of the recipe's "
+        f"{'/'.join(map(str, sorted(set(folds.values()))))} fold models: the mean, its 95 % "
+        "bootstrap interval (an item's queries resampled together across the fold models), "
+        "then ± the standard deviation over the fold models. `vs lite0`: the paired "
+        "difference to ImageNet Lite0 on the same queries; **bold** when its interval "
+        "excludes 0. Queries per model: "
+        + ", ".join(f"{name} {count}" for name, count in queries.items()) + ".",
+        "",
+        "| row | " + " | ".join(headers + paired) + " |",
+        "|---|" + "---:|" * (len(headers) + len(paired)),
+    ]
+    for row, scores in rows.items():
+        cells = [pooled_cell(scores[shop.name], metric) for shop in shops
+                 for metric in shop.metrics]
+        cells += ["" if row == "ImageNet lite0" else
+                  paired_cell(scores[name], reference[name], metric) for name, metric in PAIRED]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main_kfold(root: Path, shops: list[Shop]) -> list[str]:
+    found = kfold_models(root)
+    if not found:
+        raise SystemExit(f"no recipe has all its k-fold runs under {root}")
+    shops = [shop for shop in shops if shop.source_kind is None]
+    datasets = {shop.name: shop_dataset(shop) for shop in shops}
+    models = [(f"ImageNet {name}", [name]) for name in BASELINES] + found
+    rows = {}
+    for row, checkpoints in models:
+        rows[row] = per_query_scores(checkpoints, datasets)
+        print(f"scored {row}", file=sys.stderr)
+    return kfold_section(rows, shops, {row: len(c) for row, c in found})
+
+
 def interval_cell(mean: float, low: float, high: float) -> str:
     """A table cell: the figure and its interval."""
     return f"{mean:.3f} ({low:.2f}-{high:.2f})"
@@ -190,8 +303,16 @@ def main() -> None:
                         help="Another shop's catalog CSV (image,item_id), leave-one-out.")
     parser.add_argument("--update", type=Path, help="Replace this section in a BENCHMARKS.md.")
     parser.add_argument("--json", type=Path, help="Also write the table as JSON.")
+    parser.add_argument("--kfold", type=Path,
+                        help="Score the k-fold runs in this folder instead (runs/kfold).")
     args = parser.parse_args()
     shops = default_shops() + [custom_shop(spec) for spec in args.shop]
+    if args.kfold:
+        lines = main_kfold(args.kfold, shops)
+        print("\n".join(lines))
+        if args.update:
+            replace_section(args.update, lines)
+        return
     models = [(name, name) for name in args.models.split(",") if name]
     models += recipe_runs(args.runs)
     table = score_models(models, shops)
