@@ -28,7 +28,7 @@ from vestis.models import Encoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from imagenet_blend import PROBE, _shown, blended, embed_parts, spread_cell  # noqa: E402
-from recipes import replace_section  # noqa: E402
+from recipes import publish_section  # noqa: E402
 from transfer_ablation import SETS, eval_sets  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,11 +107,7 @@ def main() -> None:
         sys.exit(f"need the same finished folds in {args.base} and {args.other}")
     folds = [scores(fold_parts(args.base / run, args.other / run), triples) for run in runs]
     lines = section(args.base, args.other, folds, triples)
-    for note in args.note:
-        lines += ["", note]
-    print("\n".join(lines))
-    if args.update:
-        replace_section(args.update, lines)
+    publish_section(lines, args.note, args.update)
 
 
 if __name__ == "__main__":

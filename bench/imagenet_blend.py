@@ -39,7 +39,7 @@ from vestis.evaluation.uncertainty import compare_results
 from vestis.models import Encoder, create_model, save_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipes import replace_section  # noqa: E402
+from recipes import publish_section  # noqa: E402
 from transfer import interval_cell  # noqa: E402
 from transfer_ablation import SETS, TRANSFER, eval_sets  # noqa: E402
 
@@ -251,11 +251,7 @@ def main() -> None:
     chosen = leave_one_shop_out(table)
     lines = section(args.model, table, chosen, baselines(sets), args.recipe.resolve(),
                     sets)
-    for note in args.note:
-        lines += ["", note]
-    print("\n".join(lines))
-    if args.update:
-        replace_section(args.update, lines)
+    publish_section(lines, args.note, args.update)
     if args.save:
         if not chosen:
             sys.exit("not saved: no weight keeps the in-shop goals")
@@ -273,11 +269,7 @@ def main_runs(args: argparse.Namespace, weights: list[float]) -> None:
         sys.exit(f"not a finished training run (last.pt and config.yaml): {missing[0]}")
     swept = [run_sweep(run, weights) for run in args.runs]
     lines = runs_section(args.runs, [table for table, _ in swept], baselines(swept[0][1]))
-    for note in args.note:
-        lines += ["", note]
-    print("\n".join(lines))
-    if args.update:
-        replace_section(args.update, lines)
+    publish_section(lines, args.note, args.update)
 
 
 if __name__ == "__main__":

@@ -218,6 +218,15 @@ def _row_name(line: str) -> str:
     return line.split("|")[1].strip()
 
 
+def publish_section(lines: list[str], notes: list[str], update: Path | None) -> None:
+    """Print a section with its note paragraphs, and replace it in ``update`` if given."""
+    for note in notes:
+        lines = [*lines, "", note]
+    print("\n".join(lines))
+    if update:
+        replace_section(update, lines)
+
+
 def replace_section(path: Path, section: list[str]) -> None:
     """Swap the recipes section of an existing report (or append it), keeping the rest."""
     lines = path.read_text().splitlines() if path.exists() else ["# Benchmarks", ""]
