@@ -36,7 +36,7 @@ from vestis.train import load_config, train
 from vestis.train.sources import build_sources
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipes import CONFIGS, replace_section  # noqa: E402
+from recipes import CONFIGS, publish_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "kfold"
@@ -122,13 +122,19 @@ def load_scores() -> dict[str, dict]:
 
 
 def summary(entry: dict, split: str, metric: str) -> dict:
-    values = np.asarray(entry[metric])
-    folds = np.asarray(entry["fold"])
     groups = None if split in CATEGORY_SPLITS else entry["group"]
-    low, high = bootstrap_intervals({metric: values}, groups)[metric]
-    per_fold = [values[folds == k].mean() for k in np.unique(folds)]
+    return pooled_summary(entry[metric], entry["fold"], groups)
+
+
+def pooled_summary(values, runs, groups) -> dict:
+    """Per-query ``values`` pooled over runs (``runs``: each value's run): the mean with its
+    bootstrap interval (``groups`` resampled whole), and the per-run mean ± sd."""
+    values, runs = np.asarray(values), np.asarray(runs)
+    low, high = bootstrap_intervals({"value": values}, groups)["value"]
+    per_run = [values[runs == k].mean() for k in np.unique(runs)]
+    std = float(np.std(per_run, ddof=1)) if len(per_run) > 1 else float("nan")
     return {"mean": values.mean(), "low": low, "high": high,
-            "fold_mean": float(np.mean(per_fold)), "fold_std": float(np.std(per_fold, ddof=1))}
+            "fold_mean": float(np.mean(per_run)), "fold_std": std}
 
 
 def paired(entry: dict, reference: dict, split: str, metric: str) -> tuple[float, float, float]:
@@ -199,11 +205,7 @@ def main() -> None:
     if not rows:
         sys.exit(f"no row has all its folds scored under {RUNS}")
     lines = table(rows)
-    for note in args.note:
-        lines += ["", note]
-    print("\n".join(lines))
-    if args.update:
-        replace_section(args.update, lines)
+    publish_section(lines, args.note, args.update)
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -43,7 +43,8 @@ from vestis.train import load_config
 from vestis.train.sources import build_sources
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipes import CONFIGS, RECIPES, SCORED_CHECKPOINT, replace_section  # noqa: E402
+from kfold import pooled_summary  # noqa: E402
+from recipes import CONFIGS, RECIPES, SCORED_CHECKPOINT, publish_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -224,13 +225,9 @@ def per_query_scores(models: list[str], datasets: dict[str, EvalDataset]) -> dic
 
 
 def pooled_cell(entry: dict, metric: str) -> str:
-    values, models = np.asarray(entry["values"][metric]), np.asarray(entry["model"])
-    low, high = bootstrap_intervals({metric: values}, entry["groups"])[metric]
-    cell = interval_cell(values.mean(), low, high)
-    if len(set(models)) > 1:
-        per_model = [values[models == m].mean() for m in np.unique(models)]
-        cell += f" ± {np.std(per_model, ddof=1):.3f}"
-    return cell
+    pooled = pooled_summary(entry["values"][metric], entry["model"], entry["groups"])
+    cell = interval_cell(pooled["mean"], pooled["low"], pooled["high"])
+    return cell if np.isnan(pooled["fold_std"]) else f"{cell} ± {pooled['fold_std']:.3f}"
 
 
 def paired_cell(entry: dict, reference: dict, metric: str) -> str:
@@ -308,20 +305,14 @@ def main() -> None:
     args = parser.parse_args()
     shops = default_shops() + [custom_shop(spec) for spec in args.shop]
     if args.kfold:
-        lines = main_kfold(args.kfold, shops)
-        print("\n".join(lines))
-        if args.update:
-            replace_section(args.update, lines)
+        publish_section(main_kfold(args.kfold, shops), [], args.update)
         return
     models = [(name, name) for name in args.models.split(",") if name]
     models += recipe_runs(args.runs)
     table = score_models(models, shops)
-    lines = section(table, shops)
-    print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps(table, indent=2) + "\n")
-    if args.update:
-        replace_section(args.update, lines)
+    publish_section(section(table, shops), [], args.update)
 
 
 if __name__ == "__main__":
