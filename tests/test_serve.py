@@ -279,6 +279,19 @@ def test_filters_keep_only_matching_items(client, photos):
     assert matches_of(both) == []
 
 
+def test_a_photo_cropped_at_ingest_is_served_as_the_file_it_was(tmp_path, luma_subset_csv):
+    """The garment box the parser found at ingest is not part of the stored content hash
+    (the file as given is): the file is unchanged, so it is served."""
+    with Catalog(tmp_path / "catalog", model="lite0") as catalog:
+        catalog.add(luma_subset_csv, crop="garment")
+        row = next(image for item_id in catalog.item_ids()
+                   for image in catalog.get(item_id).images if image.box is not None)
+    with serving(create_app(tmp_path / "catalog", token=TOKEN)) as client:
+        response = client.get(f"/images/{row.image_id}")
+        assert response.status_code == 200
+        assert response.content == Path(row.path).read_bytes()
+
+
 def test_item_and_image_lookups(client, photos):
     item_id = sorted(photos)[0]
     item = client.get(f"/items/{item_id}").json()
