@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -76,6 +77,18 @@ def stored_rows(catalog: Path) -> list[tuple[int, str, str]]:
         return list(db.execute("SELECT image_id, item_id, path FROM images ORDER BY image_id"))
 
 
+def stored_view(cat, row) -> np.ndarray:
+    """The photo of a stored image embedded as ingest embedded it (its box, in its photo's
+    context when the garment parser found it), as a (1, dim) query."""
+    from vestis.catalog.reembed import parser_boxed
+    from vestis.views import context_vectors
+
+    file = cat.file_of(row)
+    if parser_boxed([row], [file])[0]:
+        return context_vectors(cat.encoder, [file], [row.box])
+    return cat.encoder.embed([file], [row.box] if row.box else None)
+
+
 def check_catalog(catalog: Path, allowed: set[str]) -> int:
     """Assert the id-level invariants (module docstring); returns the images checked."""
     from vestis.catalog import Catalog
@@ -90,7 +103,8 @@ def check_catalog(catalog: Path, allowed: set[str]) -> int:
         assert info["index_in_sync"], f"index ids differ from the store's: {info}"
         assert info["images"] == len(rows) == info["indexed_vectors"], info
         for image_id, item_id, path in rows:  # ties (same pixels) may put another first
-            found = cat.search(cat.file_of(cat.image(image_id)), k=min(len(rows), 100))
+            found = cat.search_vectors(stored_view(cat, cat.image(image_id)),
+                                       k=min(len(rows), 100))[0]
             best = {m.item_id for m in found if m.score > 0.999}
             assert item_id in best, f"image {image_id} ({path}) is not found by its photo"
     return len(rows)

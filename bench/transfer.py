@@ -36,7 +36,7 @@ import torch
 from vestis.artifacts import ARTIFACTS
 from vestis.evaluation import EvalDataset, bootstrap_intervals, load_dataset
 from vestis.evaluation.datasets import leave_one_out
-from vestis.evaluation.run import bootstrap_groups, score_dataset
+from vestis.evaluation.run import bootstrap_groups, prepare_dataset, score_dataset
 from vestis.models import Encoder
 from vestis.records import ImageRecord
 from vestis.train import load_config
@@ -85,28 +85,30 @@ def custom_shop(spec: str) -> Shop:
     return Shop(name, Path(path), ("R@1", "R@10", "mAP"))
 
 
-def shop_dataset(shop: Shop) -> EvalDataset:
+def shop_dataset(shop: Shop, crop: str = "auto") -> EvalDataset:
+    """The shop as ``vestis eval CSV --crop CROP`` reads it (``auto``: with no flag)."""
     if not shop.by_category:
-        return load_dataset(shop.csv)
+        return prepare_dataset(load_dataset(shop.csv), crop=crop)
     with shop.csv.open(newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row["category"] not in ("", "Other")]
     samples = [ImageRecord(shop.csv.parent / row["image"], row["category"],
                            category=row["category"]) for row in rows]
     dataset = leave_one_out(f"{shop.csv.parent.name} categories", samples)
     dataset.match = "category"
-    return dataset
+    return prepare_dataset(dataset, crop=crop)
 
 
-def held_out_sets(recipe: Path) -> dict[str, EvalDataset]:
+def held_out_sets(recipe: Path, crop: str = "auto") -> dict[str, EvalDataset]:
     """The held-out splits of ``recipe`` (its seed and split), each leave-one-out, named
-    ``"<source> held-out"``; clothing matches by category."""
+    ``"<source> held-out"``; clothing matches by category. Photos are read as ``vestis
+    eval --crop CROP`` reads them (``auto``: with no flag)."""
     _, validation = build_sources(load_config(recipe))
     sets = {}
     for split in validation:
         dataset = leave_one_out(f"{split.name} held-out", list(split.samples))
         if split.name == "clothing":
             dataset.match = "category"
-        sets[dataset.name] = dataset
+        sets[dataset.name] = prepare_dataset(dataset, crop=crop, progress=True)
     return sets
 
 
@@ -160,7 +162,9 @@ def section(table: dict, shops: list[Shop]) -> list[str]:
         TITLE,
         "",
         "Each model on shops whose photos it never trained on, exactly as `vestis eval CSV "
-        "--model M` scores them (whole photos, leave-one-out by item; category P@1 by the "
+        "--model M` scores them (with no flag: each photo by the garment its category names, "
+        "in context, the whole photo where it names none; leave-one-out by item; category "
+        "P@1 by the "
         "shop's category column, `Other` left out). A cell is the metric and its 95 % "
         "bootstrap interval (views of one item resampled together); `trained on` marks a shop "
         "the model's recipe trained on. Queries: "
@@ -251,7 +255,8 @@ def kfold_section(rows: dict[str, dict], shops: list[Shop], folds: dict[str, int
         "Every recipe's k-fold runs (`K-fold recipe scores`: each fold's `last.pt`, trained "
         "on the other folds' Luma products and clothing contributors, so as many trained "
         "seeds as folds) on the shops no recipe trains on, scored as `vestis eval CSV --model "
-        "M` scores them. A cell pools the per-query values of the recipe's "
+        "M` scores them (with no flag: photos cropped to the garment their category names, "
+        "none in Bagisto). A cell pools the per-query values of the recipe's "
         f"{'/'.join(map(str, sorted(set(folds.values()))))} fold models: the mean, its 95 % "
         "bootstrap interval (an item's queries resampled together across the fold models), "
         "then ± the standard deviation over the fold models. `vs lite0`: the paired "

@@ -8,7 +8,8 @@ What training changes do to transfer and to the in-shop goals, measured on the s
 queries for both models: Bagisto and Solidus (shops no recipe trains on; leave-one-out by
 item, and Solidus by category), and the held-out Luma products and clothing contributors
 of ``--recipe`` (its seed and split: train the candidate with the same ``seed`` and
-``data`` so that both models held out the same photos). Whole photos, the fair tie rule.
+``data`` so that both models held out the same photos). Photos as ``vestis eval`` reads
+them with no flag (cropped to the garment their category names), the fair tie rule.
 Every cell is a metric with its 95 % bootstrap interval; the difference is candidate minus
 base with a paired interval (items resampled whole; clothing queries one by one). ``~``
 marks a difference whose interval contains 0: not a win or a loss. The ImageNet models are
@@ -49,9 +50,12 @@ SETS = {  # set name → metrics reported
 TRANSFER = ("Bagisto", "Solidus", "Solidus category")
 
 
-def eval_sets(recipe: Path) -> dict[str, EvalDataset]:
-    shops = {shop.name: shop_dataset(shop) for shop in default_shops() if shop.name in TRANSFER}
-    return {**shops, **held_out_sets(recipe)}
+def eval_sets(recipe: Path, crop: str = "auto") -> dict[str, EvalDataset]:
+    """The transfer shops and ``recipe``'s held-out splits, read as ``vestis eval --crop
+    CROP`` reads them (``auto``: with no flag)."""
+    shops = {shop.name: shop_dataset(shop, crop) for shop in default_shops()
+             if shop.name in TRANSFER}
+    return {**shops, **held_out_sets(recipe, crop)}
 
 
 def score(model: str, sets: dict[str, EvalDataset], names) -> dict:

@@ -172,6 +172,7 @@ def siblings(folder: Path) -> list[str]:
 def test_adapt_catalog_reembeds_the_catalog_with_the_kept_map(luma_rows, data_dir, tmp_path):
     from vestis.catalog import Catalog
     from vestis.train.adapt import adapt_catalog
+    from vestis.views import context_vectors
 
     source = write_luma_subset(luma_rows, data_dir, tmp_path / "shop.csv", n_products=24)
     folder = tmp_path / "catalog"
@@ -188,8 +189,9 @@ def test_adapt_catalog_reembeds_the_catalog_with_the_kept_map(luma_rows, data_di
     photo = next(iter(before.values()))[1][0][0]
     with Catalog(folder) as catalog:
         assert catalog.model_name == str(out.resolve()) and catalog.model_id != before_id
-        expected = Encoder.from_name(str(out)).embed([photo])
         row = catalog.get(next(iter(before))).images[0]
+        # the garment box its category named at ingest is kept: embedded in context again
+        expected = context_vectors(Encoder.from_name(str(out)), [row.path], [row.box])
         np.testing.assert_allclose(
             catalog._store.vectors_by_id([row.image_id]), expected, atol=1e-4)
         assert catalog.search(photo, k=1)[0].item_id == next(iter(before))

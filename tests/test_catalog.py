@@ -13,10 +13,11 @@ from vestis.catalog.catalog import INDEX_NAME, INDEX_STAMP_NAME
 
 @pytest.fixture(scope="module", params=STORES)
 def built(request, tmp_path_factory, luma_subset_csv, encoder):
-    """The Luma subset in a catalog of each store (a directory, a Milvus Lite file)."""
+    """The Luma subset in a catalog of each store (a directory, a Milvus Lite file), whole
+    photos (crops at ingest: tests/test_garment_search.py)."""
     catalog = Catalog(catalog_location(request.param, tmp_path_factory.mktemp("catalog")),
                       encoder=encoder)
-    report = catalog.add(luma_subset_csv)
+    report = catalog.add(luma_subset_csv, crop="none")
     yield catalog, report
     catalog.close()
 

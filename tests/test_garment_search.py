@@ -24,7 +24,8 @@ from vestis.detect.categories import (
 )
 from vestis.evaluation import evaluate
 from vestis.evaluation.datasets import load_dataset
-from vestis.evaluation.run import with_garment_boxes
+from vestis.evaluation.run import embed_dataset, prepare_dataset, with_garment_boxes
+from vestis.models import Encoder
 
 runner = CliRunner()
 
@@ -200,11 +201,56 @@ def test_garment_crops_store_a_box_and_a_group_per_image(cropped_catalog, luma_b
 
 def test_a_catalog_without_crops_still_knows_its_garment_groups(tmp_path, luma_subset_csv):
     with Catalog(tmp_path / "catalog") as catalog:
-        catalog.add(luma_subset_csv)
+        catalog.add(luma_subset_csv, crop="none")
         assert catalog.crop_mode == "none" and catalog.has_garment_groups
         item = catalog.get(catalog.item_ids()[0])
         assert all(image.box is None for image in item.images)
         assert item.images[0].metadata["garment"] == category_group(item.metadata["category"])
+
+
+def with_uncategorised_product(csv_path: Path, out: Path) -> tuple[Path, str]:
+    """``csv_path`` with the category of its first product's photos emptied."""
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    bare = rows[0]["product"]
+    with open(out, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**row, "category": "" if row["product"] == bare else row["category"]}
+                         for row in rows)
+    return out, bare
+
+
+def test_a_new_catalog_crops_the_garment_its_category_names_and_keeps_the_rest_whole(
+        tmp_path, luma_subset_csv, parser):
+    source, bare = with_uncategorised_product(luma_subset_csv, tmp_path / "mixed.csv")
+    with Catalog(tmp_path / "catalog") as catalog:
+        assert catalog.crop_mode == "auto"
+        catalog.add(source)
+        assert catalog.crop_mode == "auto" and catalog.has_garment_groups
+        boxed = 0
+        for item_id in catalog.item_ids():
+            item = catalog.get(item_id)
+            for image in item.images:
+                if item_id.startswith(bare):
+                    assert image.box is None and "garment" not in image.metadata
+                    continue
+                photo = Image.open(image.path).convert("RGB")
+                group = category_group(item.metadata["category"])
+                found = product_box(parser.parse(photo), group, photo.size)
+                assert image.box == (found[0] if found else None)
+                boxed += image.box is not None
+        assert boxed > 0
+
+
+def test_a_catalog_that_stored_photos_before_its_crop_choice_was_recorded_keeps_whole_photos(
+        tmp_path, luma_subset_csv):
+    with Catalog(tmp_path / "catalog") as catalog:
+        catalog.add(luma_subset_csv, crop="none")
+        catalog._store.set_meta({"crop": ""})  # as written before the choice was recorded
+        catalog._store.commit()
+    with Catalog(tmp_path / "catalog") as catalog:
+        assert catalog.crop_mode == "none"
 
 
 def test_list_filters_match_any_of_their_values(cropped_catalog):
@@ -312,12 +358,33 @@ def test_eval_crops_box_every_image_by_its_category(data_dir, tmp_path, parser):
         found = product_box(parser.parse(photo), category_group(sample.category), photo.size)
         assert sample.box == (found[0] if found else None)
         assert sample.in_context == (sample.box is not None)
-    plain = evaluate(dataset, "lite0", progress=False)
+    plain = evaluate(dataset, "lite0", progress=False, crop="none")
     cropped = evaluate(dataset, "lite0", progress=False, crop="garment")
     assert plain.metrics["n_queries"] == cropped.metrics["n_queries"]
     assert 0 <= cropped.metrics["R@1"] <= 1
     with pytest.raises(ValueError, match="crop must be one of"):
         evaluate(dataset, "lite0", progress=False, crop="tight")
+
+
+def test_eval_with_no_flag_scores_the_vectors_a_catalog_indexed_with_no_flag_stores(
+        tmp_path, luma_subset_csv):
+    """The benchmark is the product: ``vestis eval CSV`` and ``vestis index CSV`` (no crop
+    choice) embed every photo alike, cropped where its category names a garment."""
+    source, bare = with_uncategorised_product(luma_subset_csv, tmp_path / "mixed.csv")
+    dataset = prepare_dataset(source)
+    encoder = Encoder.from_name("lite0")
+    _, gallery = embed_dataset(encoder, dataset)
+    assert {s.box is None for s in dataset.gallery if s.item_id.startswith(bare)} == {True}
+    assert any(s.box is not None for s in dataset.gallery)
+    with Catalog(tmp_path / "catalog", model="lite0") as catalog:
+        catalog.add(source)
+        rows = {str(image.path): image for item_id in catalog.item_ids()
+                for image in catalog.get(item_id).images}
+        for sample, vector in zip(dataset.gallery, gallery, strict=True):
+            image = rows[str(sample.path)]
+            assert image.box == sample.box
+            stored = catalog._store.vectors_by_id([image.image_id])[0]
+            np.testing.assert_allclose(stored, vector, atol=1e-5)
 
 
 def test_ingest_uploads_and_queries_embed_a_garment_by_one_rule(cropped_catalog):

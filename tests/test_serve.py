@@ -56,8 +56,8 @@ def small_catalog(tmp_path_factory, luma_rows, data_dir) -> Path:
             writer.writeheader()
             for row in luma_subset(luma_rows):
                 writer.writerow({**row, "image": str(data_dir / "luma" / row["image"])})
-        with Catalog(folder / "catalog") as catalog:
-            report = catalog.add(source)
+        with Catalog(folder / "catalog") as catalog:  # whole photos: searched whole below
+            report = catalog.add(source, crop="none")
             assert not report.failed
         _template.append(folder / "catalog")
     copy = tmp_path_factory.mktemp("serve-catalog") / "catalog"

@@ -160,9 +160,10 @@ def index(
     batch_size: int = typer.Option(BATCH_SIZE, min=1, help="Images per embedding batch."),
     backend: str = BackendOption,
     crop: str | None = typer.Option(
-        None, "--crop", help="garment: index each photo by the garment its item's category "
-        "names (found by the garment parser); none: the whole photo. Kept for later runs "
-        "(default: the catalog's choice, at first none)."),
+        None, "--crop", help="auto: index each photo by the garment its item's category "
+        "names (found by the garment parser), the whole photo when the category names none; "
+        "garment: the same, but the largest garment when it names none; none: the whole "
+        "photo. Kept for later runs (default: the catalog's choice, at first auto)."),
     products: Path | None = typer.Option(
         None, "--products", help="A products.csv (product,name,description,attributes...): "
         "each item with a matching 'product' value gets its description and attributes."),
@@ -530,9 +531,10 @@ def eval_(
     report: Path | None = typer.Option(None, "--report", help="Write a Markdown report."),
     batch_size: int = typer.Option(EVAL_BATCH_SIZE, min=1),
     crop: str = typer.Option(
-        "none", "--crop", help="Images without a box: none (whole photo), garment (the garment "
-        "each image's category names, as vestis index --crop garment does) or largest (the "
-        "largest garment found)."),
+        "auto", "--crop", help="Images without a box, as vestis index --crop stores them: "
+        "auto (the garment each image's category names, else the whole photo: what vestis "
+        "index does by default), garment (the same, else the largest garment), none (whole "
+        "photos) or largest (the largest garment found)."),
     rerank: bool = typer.Option(
         False, "--rerank", help="Re-rank each query's top --rerank-k with the learned matcher "
         "rerank-lite0: its metrics, and the paired difference against the plain ranking."),

@@ -23,6 +23,7 @@ import numpy as np
 
 from vestis.catalog.backend import CatalogStore, ItemHit, ReadOnlyCatalogError, store_kind
 from vestis.catalog.garments import (
+    DEFAULT_CROP,
     GarmentCropper,
     GarmentHits,
     check_crop_mode,
@@ -235,8 +236,13 @@ class Catalog:
 
     @property
     def crop_mode(self) -> str:
-        """How new shop photos are cropped: ``none`` or ``garment`` (set by :meth:`add`)."""
-        return self._store.get_meta("crop") or "none"
+        """How new shop photos are cropped (see :mod:`vestis.catalog.garments`): the choice
+        of the first :meth:`add`, ``auto`` by default. A catalog that stored photos before
+        the choice was recorded keeps ``none``, its photos' mode."""
+        stored = self._store.get_meta("crop")
+        if stored:
+            return stored
+        return "none" if self._store.count_images() else DEFAULT_CROP
 
     @property
     def has_garment_groups(self) -> bool:
@@ -353,9 +359,10 @@ class Catalog:
         Bad images are reported in ``IngestReport.failed`` (and to ``on_error``) and the
         rest are added. Images already in the catalog for the same item are skipped.
         ``item_id`` and ``metadata`` apply to every image of a list or file source.
-        ``crop``: ``garment`` indexes each photo by the garment its category names (see
-        :mod:`vestis.catalog.garments`), ``none`` by the whole photo; the choice is kept
-        for later adds (default: the catalog's, at first ``none``). ``runner``: where hashing
+        ``crop``: ``auto`` indexes each photo by the garment its category names, the whole
+        photo when it names none; ``garment`` the same, but the largest garment then;
+        ``none`` the whole photo (see :mod:`vestis.catalog.garments`). The choice is kept
+        for later adds (default: the catalog's, at first ``auto``). ``runner``: where hashing
         and embedding run (default: here; :class:`vestis.catalog.ray_ingest.RayRunner` on Ray).
         """
 

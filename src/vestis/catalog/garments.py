@@ -1,10 +1,11 @@
 """Garments in catalog and query photos: the crop an item is indexed by, and one search per
 garment of a query photo.
 
-Catalog side: with ``crop="garment"`` each shop photo is parsed, and the garment its item's
-category names (:func:`vestis.detect.categories.category_group`; the largest garment when
-there is no category, or it names no group) becomes the image's box. Every image whose
-category maps to a group (cropped or not) gets a ``garment`` metadata value, the group.
+Catalog side: with ``crop="auto"`` (the default) each shop photo whose item's category names
+a garment group (:func:`vestis.detect.categories.category_group`) is parsed, and that garment
+becomes the image's box; a photo whose category names none stays whole. ``crop="garment"``
+also crops those, to the largest garment found. Every image whose category maps to a group
+(cropped or not) gets a ``garment`` metadata value, the group.
 
 Query side: :func:`search_garments` parses the photo, embeds each garment and searches
 the catalog once per garment, among catalog images of compatible groups only
@@ -32,7 +33,9 @@ if TYPE_CHECKING:
     from vestis.catalog.catalog import Catalog, Match
     from vestis.detect import GarmentParser
 
-CROP_MODES = ("none", "garment")
+CROP_MODES = ("auto", "none", "garment")
+#: What a new catalog crops by (BENCHMARKS.md, "Garment crops at ingest over k-fold runs").
+DEFAULT_CROP = "auto"
 #: The metadata key that holds an image's garment group.
 GARMENT_KEY = "garment"
 #: Metadata keys read, in order, for an item's category.
@@ -40,9 +43,9 @@ CATEGORY_KEYS = ("category", "label")
 #: How the pixels of a garment's box outside its mask are painted before embedding.
 MASK_FILLS: dict[str, tuple[int, int, int] | None] = {
     "none": None, "grey": (127, 127, 127), "white": (255, 255, 255)}
-__all__ = ["CATEGORY_KEYS", "CROP_MODES", "GARMENT_KEY", "MASK_FILLS", "WHOLE_IMAGE",
-           "GarmentCropper", "GarmentHits", "check_crop_mode", "garment_vectors", "mask_fill",
-           "query_views", "search_garments"]
+__all__ = ["CATEGORY_KEYS", "CROP_MODES", "DEFAULT_CROP", "GARMENT_KEY", "MASK_FILLS",
+           "WHOLE_IMAGE", "GarmentCropper", "GarmentHits", "check_crop_mode",
+           "garment_vectors", "mask_fill", "query_views", "search_garments"]
 
 
 def check_crop_mode(crop: str) -> str:
@@ -107,14 +110,16 @@ class GarmentCropper:
         """Records with their category's ``garment`` group in their metadata (no parsing)."""
         return [self._with_group(record, self.group_of(record.metadata)) for record in records]
 
-    def crop(self, records: Sequence[ImageRecord], *, progress: bool = False
-             ) -> list[ImageRecord]:
+    def crop(self, records: Sequence[ImageRecord], *, largest: bool = True,
+             progress: bool = False) -> list[ImageRecord]:
         """Records with the box of their garment and its group. A record that already has a
-        box keeps it; an unreadable photo is passed on unchanged (the encoder reports it)."""
+        box keeps it, and so does one whose category names no group unless ``largest``
+        (then: the largest garment found); an unreadable photo is passed on unchanged (the
+        encoder reports it)."""
         out = []
         for record in tqdm(records, desc="finding garments", unit="img", disable=not progress):
             group = self.group_of(record.metadata)
-            if record.box is not None:
+            if record.box is not None or (group is None and not largest):
                 out.append(self._with_group(record, group))
                 continue
             try:

@@ -120,10 +120,12 @@ def photo_view(encoder: Encoder, cropper: GarmentCropper, image: ImageSource,
                metadata: dict[str, Any], crop: str) -> tuple[np.ndarray, Box | None,
                                                           dict[str, Any]]:
     """One photo as a catalog image: its vector, its box (the garment its metadata names,
-    with ``crop="garment"``; none otherwise or when no garment is found) and its metadata
-    (with the ``garment`` group, when known). What uploads are ingested by."""
-    parser = cropper.parser if crop == "garment" else None
-    found, box, vector = product_view(encoder, parser, image, cropper.group_of(metadata))
+    with ``crop`` ``auto`` or ``garment``: see :mod:`vestis.catalog.garments`; none
+    otherwise or when no garment is found) and its metadata (with the ``garment`` group,
+    when known). What uploads are ingested by."""
+    group = cropper.group_of(metadata)
+    parsed = crop == "garment" or (crop == "auto" and group is not None)
+    found, box, vector = product_view(encoder, cropper.parser if parsed else None, image, group)
     fields = {**metadata, GARMENT_KEY: found} if found else dict(metadata)
     return vector, box, fields
 
@@ -153,7 +155,7 @@ class Indexer:
             located = self._locate_garments(todo, crop, progress)
             parsed_box = [new.box is not None and old.box is None
                           for (new, _), (old, _) in zip(located, todo, strict=True)]
-            if crop != (self.store.get_meta("crop") or "none"):
+            if crop != self.store.get_meta("crop"):
                 self.store.set_meta({"crop": crop})
             self._embed_and_store(located, report, on_error, progress, parsed_box)
             self.store.commit()
@@ -161,11 +163,12 @@ class Indexer:
         return report
 
     def _locate_garments(self, todo, crop: str, progress: bool) -> list[tuple[ImageRecord, str]]:
-        """Each record's garment group and, with ``crop="garment"``, its garment's box. The
-        content hash stays the one of the photo as given, so a re-run skips it unparsed."""
+        """Each record's garment group and, with ``crop`` ``auto`` or ``garment``, its
+        garment's box. The content hash stays the one of the photo as given, so a re-run
+        skips it unparsed."""
         records = [record for record, _ in todo]
-        if crop == "garment":
-            records = self.cropper.crop(records, progress=progress)
+        if crop in ("auto", "garment"):
+            records = self.cropper.crop(records, largest=crop == "garment", progress=progress)
         else:
             records = self.cropper.label(records)
         if any(GARMENT_KEY in r.metadata for r in records) \

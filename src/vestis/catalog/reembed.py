@@ -197,13 +197,19 @@ def _build(old: Catalog, beside, model: str, progress: bool,
         return new.num_images
 
 
+def parser_boxed(rows: list[ImageRow], files: list) -> list[bool]:
+    """Per stored image, whether its box came from the garment parser at ingest (then it is
+    embedded in its photo's context): its content hash is the file's own, without the box."""
+    return [row.box is not None and file_digest(file)[0] == row.sha256
+            for row, file in zip(rows, files, strict=True)]
+
+
 def _store_batch(old: Catalog, new: Catalog, embedder: IngestRunner | Encoder,
                  tmp: Path | None, items: dict[str, dict], rows: list[ImageRow], bar) -> None:
     """Embed and store one batch; files inside a catalog directory are linked into ``tmp``
     (None: the new catalog keeps the old one's files directory)."""
     files = [source_of(old, row) for row in rows]
-    in_context = [row.box is not None and file_digest(file)[0] == row.sha256
-                  for row, file in zip(rows, files, strict=True)]
+    in_context = parser_boxed(rows, files)
     boxes = [None if context else row.box for row, context in zip(rows, in_context, strict=True)]
     vectors = np.zeros((len(rows), new.dim), dtype=np.float32)
     errors = []

@@ -35,8 +35,9 @@ from vestis.models.matcher import (
 from vestis.records import ImageRecord
 from vestis.views import in_context, locate_groups
 
-#: How ``evaluate`` crops images without a box: see :func:`evaluate`.
-CROPS = ("none", "garment", "largest")
+#: How ``evaluate`` crops images without a box: see :func:`evaluate`. ``auto`` is what a
+#: catalog indexed with no ``crop`` choice stores (:data:`vestis.catalog.garments.DEFAULT_CROP`).
+CROPS = ("auto", "none", "garment", "largest")
 
 
 def evaluate(
@@ -49,15 +50,17 @@ def evaluate(
     progress: bool = True,
     report_dir: str | Path | None = None,
     json_path: str | Path | None = None,
-    crop: str = "none",
+    crop: str = "auto",
     n_boot: int = N_BOOTSTRAP,
 ) -> RetrievalResult:
     """Evaluate ``model`` (a registry name, a checkpoint path or an :class:`Encoder`) on
     ``dataset`` (a path read by :func:`load_dataset`, or an :class:`EvalDataset`).
 
-    ``crop`` (images without a box of their own): ``none`` embeds whole photos;
-    ``garment`` the garment each image's category names, as a catalog indexed with
-    ``crop="garment"`` does; ``largest`` the largest garment found, ignoring categories.
+    ``crop`` (images without a box of their own), each as a catalog indexed with that
+    ``crop`` stores its photos: ``auto`` (the default, as ``vestis index`` with no flag)
+    the garment each image's category names, the whole photo when it names none;
+    ``garment`` the same, but the largest garment found when the category names none;
+    ``none`` whole photos; ``largest`` the largest garment found, ignoring categories.
     The result's ``intervals`` hold 95 % bootstrap intervals of the headline metrics
     (``n_boot`` resamples; :mod:`vestis.evaluation.uncertainty`).
     Optionally writes a full report to ``report_dir`` and the metrics JSON to ``json_path``.
@@ -167,7 +170,7 @@ def score_vectors(query_emb, gallery_emb, dataset: EvalDataset, n_boot: int = N_
 
 
 def prepare_dataset(dataset: str | Path | EvalDataset, *, format: str | None = None,
-                    split: str = "test", crop: str = "none", progress: bool = False
+                    split: str = "test", crop: str = "auto", progress: bool = False
                     ) -> EvalDataset:
     """The dataset read (if a path) and, with ``crop``, boxed to its garments."""
     if crop not in CROPS:
@@ -175,7 +178,8 @@ def prepare_dataset(dataset: str | Path | EvalDataset, *, format: str | None = N
     if not isinstance(dataset, EvalDataset):
         dataset = load_dataset(dataset, format, split=split)
     if crop != "none":
-        dataset = with_garment_boxes(dataset, use_category=crop == "garment", progress=progress)
+        dataset = with_garment_boxes(dataset, use_category=crop != "largest",
+                                     whole_without_group=crop == "auto", progress=progress)
     return dataset
 
 
@@ -233,25 +237,32 @@ def embed_dataset(
     return vectors[query_rows], vectors[gallery_rows]
 
 
-def with_garment_boxes(dataset: EvalDataset, *, use_category: bool = True, parser=None,
+def with_garment_boxes(dataset: EvalDataset, *, use_category: bool = True,
+                       whole_without_group: bool = False, parser=None,
                        progress: bool = False) -> EvalDataset:
     """``dataset`` with every box-less sample boxed to its garment (see
     :func:`vestis.detect.categories.product_box`), embedded in its photo's context; the whole
-    photo where no garment is trusted."""
+    photo where no garment is trusted. ``whole_without_group``: a sample whose category
+    names no garment group stays whole (else it gets the largest garment); no photo is
+    parsed when none names one."""
     from tqdm.auto import tqdm
 
     from vestis.detect import load_parser
     from vestis.detect.categories import category_group
 
-    parser = parser or load_parser()
-
     def group_of(sample: ImageRecord) -> str | None:
         return category_group(sample.category) if use_category else None
 
+    def parsed(sample: ImageRecord) -> bool:
+        return sample.box is None and not (whole_without_group and group_of(sample) is None)
+
     groups: dict[Path, set[str | None]] = {}
     for sample in dataset.gallery + dataset.queries:
-        if sample.box is None:
+        if parsed(sample):
             groups.setdefault(sample.path, set()).add(group_of(sample))
+    if not groups:
+        return dataset
+    parser = parser or load_parser()
     boxes: dict[tuple[Path, str | None], tuple[int, int, int, int] | None] = {}
     for path, wanted in tqdm(groups.items(), desc="finding garments", unit="img",
                              disable=not progress):
@@ -259,7 +270,7 @@ def with_garment_boxes(dataset: EvalDataset, *, use_category: bool = True, parse
             boxes[(path, group)] = box
 
     def boxed(sample: ImageRecord) -> ImageRecord:
-        if sample.box is not None:
+        if not parsed(sample):
             return sample
         box = boxes[(sample.path, group_of(sample))]
         return replace(sample, box=box, in_context=box is not None)
