@@ -71,8 +71,9 @@ def baseline_section() -> list[str]:
     lines = [
         "## Retrieval quality: ImageNet baseline",
         "",
-        "Leave-one-out on `../shared/data/luma/catalog.csv` (`vestis eval ... --model lite0`); "
-        "each figure with its 95 % bootstrap interval (views of one item resampled together).",
+        "Leave-one-out on `../shared/data/luma/catalog.csv` (`vestis eval ... --model lite0`: "
+        "each photo cropped to the garment its category names, in context); each figure with "
+        "its 95 % bootstrap interval (views of one item resampled together).",
         "",
         "| model | " + " | ".join(BASELINE_METRICS) + " | queries | gallery |",
         "|---|" + "---:|" * (len(BASELINE_METRICS) + 2),
