@@ -78,15 +78,12 @@ def stored_rows(catalog: Path) -> list[tuple[int, str, str]]:
 
 
 def stored_view(cat, row) -> np.ndarray:
-    """The photo of a stored image embedded as ingest embedded it (its box, in its photo's
-    context when the garment parser found it), as a (1, dim) query."""
-    from vestis.catalog.reembed import parser_boxed
-    from vestis.views import context_vectors
+    """The photo of a stored image embedded as ingest embedded it, as a (1, dim) query."""
+    from vestis.catalog.reembed import embed_as_stored
 
-    file = cat.file_of(row)
-    if parser_boxed([row], [file])[0]:
-        return context_vectors(cat.encoder, [file], [row.box])
-    return cat.encoder.embed([file], [row.box] if row.box else None)
+    vectors, errors = embed_as_stored(cat.encoder, cat.encoder, [row], [cat.file_of(row)])
+    assert not errors, errors
+    return vectors
 
 
 def check_catalog(catalog: Path, allowed: set[str]) -> int:

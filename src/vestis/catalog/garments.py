@@ -45,7 +45,12 @@ MASK_FILLS: dict[str, tuple[int, int, int] | None] = {
     "none": None, "grey": (127, 127, 127), "white": (255, 255, 255)}
 __all__ = ["CATEGORY_KEYS", "CROP_MODES", "DEFAULT_CROP", "GARMENT_KEY", "MASK_FILLS",
            "WHOLE_IMAGE", "GarmentCropper", "GarmentHits", "check_crop_mode",
-           "garment_vectors", "mask_fill", "query_views", "search_garments"]
+           "garment_vectors", "mask_fill", "parses_photo", "query_views", "search_garments"]
+
+
+def parses_photo(crop: str, group: str | None) -> bool:
+    """Whether ingest with ``crop`` parses a photo whose category names ``group``."""
+    return crop == "garment" or (crop == "auto" and group is not None)
 
 
 def check_crop_mode(crop: str) -> str:
@@ -110,16 +115,16 @@ class GarmentCropper:
         """Records with their category's ``garment`` group in their metadata (no parsing)."""
         return [self._with_group(record, self.group_of(record.metadata)) for record in records]
 
-    def crop(self, records: Sequence[ImageRecord], *, largest: bool = True,
+    def crop(self, records: Sequence[ImageRecord], crop: str = "garment", *,
              progress: bool = False) -> list[ImageRecord]:
-        """Records with the box of their garment and its group. A record that already has a
-        box keeps it, and so does one whose category names no group unless ``largest``
-        (then: the largest garment found); an unreadable photo is passed on unchanged (the
-        encoder reports it)."""
+        """Records with the box of their garment and its group, for ingest with ``crop``
+        (:func:`parses_photo`). A record that already has a box keeps it, and so does one
+        ``crop`` does not parse; an unreadable photo is passed on unchanged (the encoder
+        reports it)."""
         out = []
         for record in tqdm(records, desc="finding garments", unit="img", disable=not progress):
             group = self.group_of(record.metadata)
-            if record.box is not None or (group is None and not largest):
+            if record.box is not None or not parses_photo(crop, group):
                 out.append(self._with_group(record, group))
                 continue
             try:

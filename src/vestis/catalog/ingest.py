@@ -30,7 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vestis.catalog.backend import CatalogStore
-from vestis.catalog.garments import GARMENT_KEY, GarmentCropper
+from vestis.catalog.garments import GARMENT_KEY, GarmentCropper, parses_photo
 from vestis.catalog.store import NewImage
 from vestis.images import Box, ImageSource, file_digest
 from vestis.images import content_hash as content_hash  # the catalog's, re-exported
@@ -124,8 +124,8 @@ def photo_view(encoder: Encoder, cropper: GarmentCropper, image: ImageSource,
     otherwise or when no garment is found) and its metadata (with the ``garment`` group,
     when known). What uploads are ingested by."""
     group = cropper.group_of(metadata)
-    parsed = crop == "garment" or (crop == "auto" and group is not None)
-    found, box, vector = product_view(encoder, cropper.parser if parsed else None, image, group)
+    parser = cropper.parser if parses_photo(crop, group) else None
+    found, box, vector = product_view(encoder, parser, image, group)
     fields = {**metadata, GARMENT_KEY: found} if found else dict(metadata)
     return vector, box, fields
 
@@ -167,8 +167,8 @@ class Indexer:
         garment's box. The content hash stays the one of the photo as given, so a re-run
         skips it unparsed."""
         records = [record for record, _ in todo]
-        if crop in ("auto", "garment"):
-            records = self.cropper.crop(records, largest=crop == "garment", progress=progress)
+        if crop != "none":
+            records = self.cropper.crop(records, crop, progress=progress)
         else:
             records = self.cropper.label(records)
         if any(GARMENT_KEY in r.metadata for r in records) \

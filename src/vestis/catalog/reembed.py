@@ -197,11 +197,25 @@ def _build(old: Catalog, beside, model: str, progress: bool,
         return new.num_images
 
 
-def parser_boxed(rows: list[ImageRow], files: list) -> list[bool]:
-    """Per stored image, whether its box came from the garment parser at ingest (then it is
-    embedded in its photo's context): its content hash is the file's own, without the box."""
-    return [row.box is not None and file_digest(file)[0] == row.sha256
-            for row, file in zip(rows, files, strict=True)]
+def embed_as_stored(embedder: IngestRunner | Encoder, encoder: Encoder, rows: list[ImageRow],
+                    files: list) -> tuple[np.ndarray, list[str]]:
+    """Stored images' files embedded as ingest embedded them by ``embedder`` (``encoder``,
+    or a runner of it): a box the garment parser found (the stored content hash is the
+    file's own, without the box) in its photo's context, a given box on its own, else the
+    whole photo. Also the files that could not be embedded, with why."""
+    in_context = [row.box is not None and file_digest(file)[0] == row.sha256
+                  for row, file in zip(rows, files, strict=True)]
+    boxes = [None if context else row.box for row, context in zip(rows, in_context, strict=True)]
+    vectors = np.zeros((len(rows), encoder.dim), dtype=np.float32)
+    errors = []
+    for batch in embedder.iter_batches(files, boxes):
+        errors += [f"{files[position]}: {error.reason}" for position, error in batch.errors]
+        vectors[batch.indices] = batch.vectors
+    parsed = [n for n, context in enumerate(in_context) if context]
+    if parsed and not errors:
+        vectors[parsed] = context_vectors(encoder, [files[n] for n in parsed],
+                                          [rows[n].box for n in parsed], whole=vectors[parsed])
+    return vectors, errors
 
 
 def _store_batch(old: Catalog, new: Catalog, embedder: IngestRunner | Encoder,
@@ -209,20 +223,10 @@ def _store_batch(old: Catalog, new: Catalog, embedder: IngestRunner | Encoder,
     """Embed and store one batch; files inside a catalog directory are linked into ``tmp``
     (None: the new catalog keeps the old one's files directory)."""
     files = [source_of(old, row) for row in rows]
-    in_context = parser_boxed(rows, files)
-    boxes = [None if context else row.box for row, context in zip(rows, in_context, strict=True)]
-    vectors = np.zeros((len(rows), new.dim), dtype=np.float32)
-    errors = []
-    for batch in embedder.iter_batches(files, boxes):
-        errors += [f"{files[position]}: {error.reason}" for position, error in batch.errors]
-        vectors[batch.indices] = batch.vectors
+    vectors, errors = embed_as_stored(embedder, new.encoder, rows, files)
     if errors:
         raise ValueError(f"{len(errors)} image(s) of the catalog cannot be re-embedded "
                          f"(first: {errors[0]}); the catalog is unchanged")
-    parsed = [n for n, context in enumerate(in_context) if context]
-    if parsed:
-        vectors[parsed] = context_vectors(new.encoder, [files[n] for n in parsed],
-                                          [rows[n].box for n in parsed], whole=vectors[parsed])
     for row in rows if tmp is not None else ():
         _link_inside(old.path, tmp, row.path)
     images = [NewImage(row.item_id, row.path, row.sha256, vector, row.metadata, row.box)
