@@ -1,7 +1,7 @@
 """``vestis adapt`` measured: adapt on half of a shop's products, score the other half.
 
     python bench/bench_adapt.py [--seeds 0,1,2] [--bases vestis-lite0,lite0]
-                                 [--update BENCHMARKS.md]
+                                 [--folds runs/kfold/vestis-lite0] [--update BENCHMARKS.md]
 
 For each shop and seed the products (Luma: by ``product``, so colours of one design stay
 together; Bagisto: by item) are split in two halves. ``adapt`` sees only the first half
@@ -10,6 +10,10 @@ then scored on the second half, whose products the adaptation never saw, leave-o
 item, with a paired bootstrap interval of the difference. A refused adaptation writes the
 base unchanged, so its difference is exactly 0. Nothing here is shipped: the adapted files
 are written to a temporary folder.
+
+The shipped model trained on most Luma products, so its Luma rows are in-shop. ``--folds``
+adds the fair version: each fold model of a k-fold run (``bench/kfold.py``) on the Luma
+products its fold held out, which that model never saw, halved the same way (seed = fold).
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ import numpy as np
 
 from vestis.evaluation import compare_results, retrieval_metrics
 from vestis.models import Encoder
+from vestis.train import load_config
 from vestis.train.adapt import adapt
+from vestis.train.sources import build_sources
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipes import replace_section  # noqa: E402
+from recipes import publish_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -38,10 +44,13 @@ TITLE = "## Shop adaptation (`bench/bench_adapt.py`)"
 METRICS = ("R@1", "mAP")
 
 
-def halves(csv_path: Path, key: str, seed: int) -> tuple[list[dict], list[dict]]:
+def read_rows(csv_path: Path) -> list[dict]:
     with csv_path.open(newline="") as handle:
-        rows = [{**row, "image": str(csv_path.parent / row["image"])}
+        return [{**row, "image": str(csv_path.parent / row["image"])}
                 for row in csv.DictReader(handle)]
+
+
+def halves(rows: list[dict], key: str, seed: int) -> tuple[list[dict], list[dict]]:
     groups = sorted({row[key] for row in rows})
     random.Random(seed).shuffle(groups)
     first = set(groups[: len(groups) // 2])
@@ -68,25 +77,44 @@ def score_half(models: list[str], rows: list[dict]):
     return compare_results(*results, groups)
 
 
-def run(shops: list[str], bases: list[str], seeds: list[int]) -> list[dict]:
+def unseen_luma_rows(run: Path) -> list[dict]:
+    """The Luma catalog rows of the products ``run``'s recipe held out (its model never saw
+    them)."""
+    _, validation = build_sources(load_config(run / "config.yaml"))
+    held = {Path(sample.path).resolve() for split in validation if split.name == "luma"
+            for sample in split.samples}
+    return [row for row in read_rows(SHOPS["Luma"][0]) if Path(row["image"]).resolve() in held]
+
+
+def run(shops: list[str], bases: list[str], seeds: list[int], folds: Path | None) -> list[dict]:
+    cases = [(shop, seed, base, read_rows(SHOPS[shop][0]), SHOPS[shop][1])
+             for shop in shops for seed in seeds for base in bases]
+    for k, fold in enumerate(sorted(p for p in folds.glob("fold-*") if p.is_dir())
+                             if folds else []):
+        cases.append(("Luma, unseen products", k, str(fold / "last.pt"),
+                      unseen_luma_rows(fold), "product"))
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        for shop in shops:
-            csv_path, key = SHOPS[shop]
-            for seed in seeds:
-                first, second = halves(csv_path, key, seed)
-                source = write_csv(first, Path(folder) / f"{shop}-{seed}.csv")
-                for base in bases:
-                    out = Path(folder) / f"{shop}-{seed}-{base}.pt"
-                    report = adapt(source, out, base=base, seed=seed, progress=False)
-                    comparison = score_half([str(out), base], second)
-                    rows.append({"shop": shop, "seed": seed, "base": base,
-                                 "kept": report.kept, "seconds": report.seconds,
-                                 "queries": comparison.n_queries, "comparison": comparison})
-                    print(f"{shop} seed {seed} {base}: kept {report.kept}, R@1 "
-                          f"{comparison.metrics_b['R@1']:.3f} -> "
-                          f"{comparison.metrics_a['R@1']:.3f}", file=sys.stderr)
+        for n, (shop, seed, base, shop_rows, key) in enumerate(cases):
+            first, second = halves(shop_rows, key, seed)
+            source = write_csv(first, Path(folder) / f"{n}.csv")
+            out = Path(folder) / f"{n}.pt"
+            report = adapt(source, out, base=base, seed=seed, progress=False)
+            comparison = score_half([str(out), base], second)
+            rows.append({"shop": shop, "seed": seed, "base": _shown(base),
+                         "kept": report.kept, "map": report.map, "shares": report.shares,
+                         "seconds": report.seconds, "queries": comparison.n_queries,
+                         "comparison": comparison})
+            print(f"{shop} seed {seed} {base}: {report.map} {report.shares}, R@1 "
+                  f"{comparison.metrics_b['R@1']:.3f} -> {comparison.metrics_a['R@1']:.3f}",
+                  file=sys.stderr)
     return rows
+
+
+def _shown(base: str) -> str:
+    path = Path(base)
+    return str(path.relative_to(REPO)) if path.is_absolute() and path.is_relative_to(REPO) \
+        else base
 
 
 def section(rows: list[dict]) -> list[str]:
@@ -96,13 +124,18 @@ def section(rows: list[dict]) -> list[str]:
         "Adapted on half of a shop's products (the first half of a seeded split), scored on "
         "the other half: products the adaptation never saw. Leave-one-out by item on that "
         "half; a cell is the base's figure, the adapted one, and the paired difference with "
-        "its 95 % bootstrap interval (items resampled whole). `kept`: whether `adapt`'s own "
-        "check (a held-out part of the first half) accepted the map; when it did not, the "
-        "written file is the base unchanged. `vestis-lite0` trained on most Luma products, so "
-        "its Luma rows are in-shop; Lite0 rows show the method on a base that never saw "
-        "either shop.",
+        "its 95 % bootstrap interval (items resampled whole). `map`: what `adapt`'s own check "
+        "(cross-validation over the first half's products) kept, `identity` when no map beat "
+        "the base "
+        "beyond the noise (the written file is then the base unchanged); `reweight` and "
+        "`whiten` with the ImageNet share they chose, where the base blends ImageNet "
+        "features. `vestis-lite0` trained on most Luma products, so its `Luma` rows are "
+        "in-shop; the `Luma, unseen products` rows adapt each fold model of a k-fold run on "
+        "half of the Luma products its fold held out and score the other half, products the "
+        "base never saw; Lite0 rows show the method on a base that never saw either shop. "
+        "Photos are scored whole.",
         "",
-        "| shop | base | seed | kept | queries | R@1 base → adapted (difference) "
+        "| shop | base | seed | map | queries | R@1 base → adapted (difference) "
         "| mAP base → adapted (difference) | time |",
         "|---|---|---:|---|---:|---|---|---:|",
     ]
@@ -113,18 +146,26 @@ def section(rows: list[dict]) -> list[str]:
             low, high = comparison.intervals[name]
             cells.append(f"{comparison.metrics_b[name]:.3f} → {comparison.metrics_a[name]:.3f} "
                          f"({comparison.difference[name]:+.3f}, {low:+.2f} to {high:+.2f})")
-        lines.append(f"| {row['shop']} | {row['base']} | {row['seed']} | "
-                     f"{'yes' if row['kept'] else 'no'} | {row['queries']} | "
+        share = row["shares"].get("imagenet")
+        shown = row["map"] + (f" (ImageNet {share:.1f})" if row["kept"] and share is not None
+                              else "")
+        lines.append(f"| {row['shop']} | {row['base']} | {row['seed']} | {shown} | "
+                     f"{row['queries']} | "
                      + " | ".join(cells) + f" | {row['seconds']:.0f} s |")
     lines += ["", "Mean R@1 difference over seeds (± standard deviation):"]
     for shop in dict.fromkeys(row["shop"] for row in rows):
-        for base in dict.fromkeys(row["base"] for row in rows):
+        for base in dict.fromkeys(_kind(row["base"]) for row in rows if row["shop"] == shop):
             gains = [r["comparison"].difference["R@1"] for r in rows
-                     if r["shop"] == shop and r["base"] == base]
+                     if r["shop"] == shop and _kind(r["base"]) == base]
             spread = f" ± {np.std(gains, ddof=1):.3f}" if len(gains) > 1 else ""
             lines.append(f"- {shop}, {base}: {np.mean(gains):+.3f}{spread} "
                          f"({len(gains)} seeds)")
     return lines
+
+
+def _kind(base: str) -> str:
+    """Fold models of one run count as seeds of one base."""
+    return str(Path(base).parent.parent) if base.endswith("last.pt") else base
 
 
 def main() -> None:
@@ -132,14 +173,15 @@ def main() -> None:
     parser.add_argument("--shops", default=",".join(SHOPS))
     parser.add_argument("--bases", default="vestis-lite0,lite0")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--folds", type=Path, help="A k-fold run of a recipe (its fold-* "
+                        "folders): adds its fold models on their unseen Luma products.")
     parser.add_argument("--update", type=Path, help="Replace this section in a BENCHMARKS.md.")
+    parser.add_argument("--note", action="append", default=[],
+                        help="A paragraph to print under the section (repeatable).")
     args = parser.parse_args()
     rows = run(args.shops.split(","), args.bases.split(","),
-               [int(seed) for seed in args.seeds.split(",")])
-    lines = section(rows)
-    print("\n".join(lines))
-    if args.update:
-        replace_section(args.update, lines)
+               [int(seed) for seed in args.seeds.split(",")], args.folds)
+    publish_section(section(rows), args.note, args.update)
 
 
 if __name__ == "__main__":

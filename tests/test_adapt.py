@@ -17,29 +17,7 @@ from typer.testing import CliRunner
 from tests.conftest import write_luma_subset
 from vestis.cli import app
 from vestis.models import Encoder
-from vestis.train.adapt import adapt, fit_map
-
-
-def test_adapting_imagenet_features_to_a_shop_separates_its_unseen_items(
-        luma_rows, data_dir, tmp_path):
-    """ImageNet Lite0 confuses the views of Luma's items; the map learnt on some products
-    must make products it never saw easier to tell apart."""
-    source = write_luma_subset(luma_rows, data_dir, tmp_path / "shop.csv", n_products=24)
-    out = tmp_path / "shop.pt"
-    report = adapt(source, out, base="lite0", holdout=0.4, views=2, progress=False)
-    assert report.kept
-    assert report.held_out_items >= 8
-    assert report.adapted_metrics["R@1"] > report.base_metrics["R@1"] + 0.05
-    assert report.adapted_metrics["mAP"] > report.base_metrics["mAP"]
-
-    # The checkpoint is a model: the base's vectors through the saved map.
-    photos = [line.split(",")[0] for line in source.read_text().splitlines()[1:4]]
-    base = Encoder.from_name("lite0", backend="torch").embed(photos)
-    adapted = Encoder.from_name(str(out), backend="torch").embed(photos)
-    weight = torch.load(out, weights_only=True)["state_dict"]["transform.weight"].float()
-    expected = torch.nn.functional.normalize(torch.from_numpy(base) @ weight.T, dim=1)
-    np.testing.assert_allclose(adapted, expected.numpy(), atol=1e-4)
-    assert not np.allclose(adapted, base, atol=1e-3)
+from vestis.train.adapt import adapt, choose_shares, fit_map, part_scales
 
 
 def separable_shop(folder: Path, n_items: int = 10) -> Path:
@@ -94,6 +72,49 @@ def test_the_map_shrinks_what_varies_within_items():
     assert abs(weight[0, 0]) > 2 * abs(weight[1, 1])
     identity = fit_map(torch.from_numpy(vectors), torch.from_numpy(labels), 1.0).numpy()
     np.testing.assert_allclose(identity, np.eye(2), atol=1e-9)
+
+
+def test_the_shares_lean_on_the_block_that_tells_the_items_apart():
+    """Two blocks, one telling 20 items apart and one noise: whichever comes first, the
+    chosen shares give the telling block nearly all the weight."""
+    rng = np.random.default_rng(0)
+    labels = [str(item) for item in np.repeat(np.arange(20), 3)]
+    telling = rng.normal(0, 1, (20, 8))[np.repeat(np.arange(20), 3)] + rng.normal(0, 0.3, (60, 8))
+    noise = rng.normal(0, 1, (60, 8))
+    unit = [block / np.linalg.norm(block, axis=1, keepdims=True) for block in (telling, noise)]
+    for order in ((0, 1), (1, 0)):
+        parts = [("first", 8, 0.7), ("second", 8, 0.3)]
+        vectors = np.hstack([unit[order[0]] * 0.7 ** 0.5, unit[order[1]] * 0.3 ** 0.5])
+        shares = choose_shares(parts, vectors, labels)
+        assert abs(sum(shares) - 1) < 1e-9
+        assert shares[order.index(0)] >= 0.9
+    scaled = vectors * part_scales(parts, (0.2, 0.8))
+    np.testing.assert_allclose(np.linalg.norm(scaled[:, :8], axis=1) ** 2, 0.2)
+
+
+def test_adapting_the_default_to_luma_photos_reweights_its_imagenet_blend(
+        luma_rows, data_dir, tmp_path):
+    """The default model's trained vector knows Luma's studio shots far better than its
+    ImageNet half: adapting to Luma photos must move the share toward the trained vector
+    and score better on products the map did not learn from."""
+    source = write_luma_subset(luma_rows, data_dir, tmp_path / "shop.csv", n_products=24)
+    report = adapt(source, tmp_path / "shop.pt", holdout=0.4, views=1, progress=False)
+    assert report.base == "vestis-lite0"
+    assert report.kept and report.map == "reweight"
+    assert report.shares["imagenet"] < 0.7
+    assert report.adapted_metrics["R@1"] > report.base_metrics["R@1"]
+    meta = torch.load(tmp_path / "shop.pt", weights_only=True)["meta"]["adapt"]
+    assert meta["shares"] == report.shares and meta["map"] == report.map
+
+    # The checkpoint is a model: the base's vectors through the saved map.
+    photos = [line.split(",")[0] for line in source.read_text().splitlines()[1:4]]
+    base = Encoder.from_name("vestis-lite0", backend="torch").embed(photos)
+    adapted = Encoder.from_name(str(tmp_path / "shop.pt"), backend="torch").embed(photos)
+    weight = torch.load(tmp_path / "shop.pt", weights_only=True)["state_dict"][
+        "transform.weight"].float()
+    expected = torch.nn.functional.normalize(torch.from_numpy(base) @ weight.T, dim=1)
+    np.testing.assert_allclose(adapted, expected.numpy(), atol=1e-4)
+    assert not np.allclose(adapted, base, atol=1e-3)
 
 
 # -- vestis adapt --catalog: adapt on a catalog's images, then re-embed it, crash-safe ------
@@ -176,13 +197,13 @@ def test_adapt_catalog_reembeds_the_catalog_with_the_kept_map(luma_rows, data_di
 
     source = write_luma_subset(luma_rows, data_dir, tmp_path / "shop.csv", n_products=24)
     folder = tmp_path / "catalog"
-    with Catalog(folder, model="lite0") as catalog:
+    with Catalog(folder) as catalog:
         catalog.add(source)
         before_id = catalog.model_id
     before = snapshot(folder)
     out = tmp_path / "shop.pt"
     done = adapt_catalog(folder, out, minutes=5, progress=False, holdout=0.4, views=2)
-    assert done.adapt.kept and done.adapt.base == "lite0"
+    assert done.adapt.kept and done.adapt.base == "vestis-lite0"
     assert done.reembedded == sum(len(images) for _, images in before.values())
     assert snapshot(folder) == before
     assert siblings(folder) == []
@@ -619,7 +640,7 @@ def test_vestis_adapt_reembeds_a_milvus_catalog_with_the_kept_map(
 
     source = write_luma_subset(luma_rows, data_dir, tmp_path / "shop.csv", n_products=24)
     location = f"milvus-lite:{tmp_path / 'shop.db'}#shop"
-    with Catalog(location, model="lite0") as catalog:
+    with Catalog(location) as catalog:
         catalog.add(source)
     before = snapshot(location)
     out = tmp_path / "shop.pt"

@@ -910,8 +910,9 @@ def adapt(
                                        "kept), crash-safe."),
     minutes: float = typer.Option(10.0, min=0.0, help="Time for augmented views; every "
                                   "photo keeps its own vector whatever the budget."),
-    holdout: float = typer.Option(0.3, help="Share of the products held out to check that "
-                                  "adapting helps."),
+    holdout: float = typer.Option(0.3, help="Share of the products each fold of the check "
+                                  "holds out (round(1 / holdout) folds, every product "
+                                  "checked once)."),
     seed: int = typer.Option(0, help="Seed of the held-out choice and the augmentations."),
     ray: str | None = RayOption,
     ray_workers: int | None = RayWorkersOption,
@@ -934,15 +935,16 @@ def adapt(
         model = model or DEFAULT_MODEL
         report = adapt_model(source, out, base=model, minutes=minutes, holdout=holdout,
                              seed=seed, progress=True)
-    typer.echo(f"held out {report.held_out_items} items ({report.held_out_queries} queries) "
-               f"of {report.train_items + report.held_out_items}; {report.photos} photos")
+    typer.echo(f"checked on {report.items} items ({report.queries} queries), each by a map "
+               f"learnt without it ({report.check_folds} folds); {report.photos} photos")
     for name in ("R@1", "R@10", "mAP"):
         low, high = report.intervals[name]
         typer.echo(f"{name:<4} base {report.base_metrics[name]:.4f}  adapted "
                    f"{report.adapted_metrics[name]:.4f}  difference "
                    f"{report.difference[name]:+.4f} [{low:+.4f}, {high:+.4f}]")
     if report.kept:
-        typer.echo(f"wrote {out}: adapted to all {report.train_items + report.held_out_items} "
+        shares = ", ".join(f"{name} {share:.1f}" for name, share in report.shares.items())
+        typer.echo(f"wrote {out}: {report.map} map ({shares}) learnt on all {report.items} "
                    f"items ({report.seconds:.0f} s); use --model {out}")
     else:
         typer.echo(f"adapting did not help on the held-out products: wrote {out} with "

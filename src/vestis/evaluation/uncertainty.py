@@ -114,7 +114,21 @@ def compare_results(
     if not np.array_equal(a.query_indices, b.query_indices):
         raise ValueError("the two results did not evaluate the same queries: compare runs on "
                          "one dataset")
-    values_a, values_b = a.per_query(), b.per_query()
+    return compare_values(a.per_query(), b.per_query(), groups, n_boot=n_boot, level=level,
+                          seed=seed)
+
+
+def compare_values(
+    values_a: dict[str, np.ndarray],
+    values_b: dict[str, np.ndarray],
+    groups: Sequence[Hashable] | None = None,
+    *,
+    n_boot: int = N_BOOTSTRAP,
+    level: float = LEVEL,
+    seed: int = 0,
+) -> Comparison:
+    """:func:`compare_results` from per-query values (``RetrievalResult.per_query()``) of the
+    same queries, in the same order: for queries pooled from several evaluations."""
     names = [name for name in values_a if name in values_b]
     differences = {name: values_a[name] - values_b[name] for name in names}
     right_a, right_b = values_a["P@1"] > 0.5, values_b["P@1"] > 0.5
@@ -126,6 +140,6 @@ def compare_results(
                                       seed=seed),
         only_a=np.flatnonzero(right_a & ~right_b),
         only_b=np.flatnonzero(right_b & ~right_a),
-        n_queries=len(a.query_indices),
+        n_queries=len(values_a["P@1"]),
         level=level,
     )

@@ -1,10 +1,11 @@
 """A shop-adapted model: any base model followed by a learned linear map of its vectors.
 
 ``vestis adapt`` learns the map from a shop's own catalog (photos that share an ``item_id``
-are views of one product). It starts at the identity and is pulled back toward it while it
-trains, so the adapted space keeps what the base model knows and only re-weights it for the
-shop. The base is named, never copied: a checkpoint stores the map alone (a few hundred KB)
-and rebuilds the base with ``create_model(base)``.
+are views of one product; :mod:`vestis.train.adapt`): a re-weighting of the blocks of a
+joined base's vector, or a within-item whitening shrunk toward the identity, so the adapted
+space keeps what the base model knows and only re-weights it for the shop. The base is
+named, never copied: a checkpoint stores the map alone (a square matrix of the base's
+width) and rebuilds the base with ``create_model(base)``.
 """
 
 from __future__ import annotations

@@ -79,6 +79,13 @@ class ModelHooks(nn.Module):
         :meth:`has_attention_maps` implement it."""
         raise ValueError(f"model {self.display_name!r} has no attention map to show")
 
+    def vector_parts(self) -> list[tuple[str, int, float]]:
+        """The blocks the output vector concatenates, in order: ``(name, width, share)``.
+        Each block is L2-normalised and scaled so that its squared norm is its share of 1,
+        so re-weighting blocks (what ``vestis adapt`` may learn) is a diagonal map of the
+        vector. Default: one block."""
+        return [("vector", self.output_dim, 1.0)]
+
     def has_attention_maps(self) -> bool:
         """Whether the class overrides :meth:`attention_maps`."""
         return type(self).attention_maps is not ModelHooks.attention_maps

@@ -186,6 +186,13 @@ class RetrievalNet(ModelHooks):
             self.imagenet = imagenet.eval().requires_grad_(False)
             self.output_dim = trained_dim + imagenet.num_features
 
+    def vector_parts(self) -> list[tuple[str, int, float]]:
+        if self.imagenet is None:
+            return super().vector_parts()
+        width = self.imagenet.num_features
+        return [("imagenet", width, self.imagenet_weight),
+                ("trained", self.output_dim - width, 1.0 - self.imagenet_weight)]
+
     def train(self, mode: bool = True) -> RetrievalNet:
         super().train(mode)
         if self.imagenet is not None:
