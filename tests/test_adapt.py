@@ -219,6 +219,31 @@ def test_adapt_catalog_reembeds_the_catalog_with_the_kept_map(luma_rows, data_di
         assert catalog.info()["index_in_sync"]
 
 
+def test_adapting_a_source_learns_from_the_vectors_its_catalog_stores(
+        luma_rows, data_dir, tmp_path):
+    """`vestis adapt SOURCE` crops and embeds photos as `vestis index` stores them (here the
+    garment each category names, in context), so it checks and learns exactly what
+    `vestis adapt --catalog` does on the catalog indexed from that source."""
+    from vestis.catalog import Catalog
+    from vestis.catalog.reembed import catalog_records
+
+    source = write_luma_subset(luma_rows, data_dir, tmp_path / "shop.csv", n_products=16)
+    with Catalog(tmp_path / "catalog") as catalog:
+        catalog.add(source)
+        assert catalog.crop_mode == "auto"
+        records, in_context = catalog_records(catalog)  # what adapt --catalog learns from
+    assert in_context
+    settings = {"holdout": 0.5, "views": 1, "progress": False}
+    from_source = adapt(source, tmp_path / "a.pt", **settings)
+    from_catalog = adapt(records, tmp_path / "b.pt", in_context=in_context, **settings)
+    assert from_source.queries == from_catalog.queries > 0
+    for name in ("R@1", "mAP"):
+        assert from_source.base_metrics[name] == pytest.approx(
+            from_catalog.base_metrics[name], abs=1e-6)
+    whole = adapt(source, tmp_path / "c.pt", crop="none", **settings)
+    assert whole.base_metrics != from_source.base_metrics
+
+
 def test_adapt_catalog_that_does_not_help_leaves_the_catalog_untouched(tmp_path):
     from vestis.catalog import Catalog
 

@@ -914,6 +914,10 @@ def adapt(
                                   "holds out (round(1 / holdout) folds, every product "
                                   "checked once)."),
     seed: int = typer.Option(0, help="Seed of the held-out choice and the augmentations."),
+    crop: str = typer.Option(
+        "auto", "--crop", help="SOURCE's photos as vestis index --crop stores them: auto "
+        "(the garment each photo's category names, else the whole photo), garment or none. "
+        "With --catalog, the catalog's stored views."),
     ray: str | None = RayOption,
     ray_workers: int | None = RayWorkersOption,
 ) -> None:
@@ -934,7 +938,7 @@ def adapt(
     else:
         model = model or DEFAULT_MODEL
         report = adapt_model(source, out, base=model, minutes=minutes, holdout=holdout,
-                             seed=seed, progress=True)
+                             seed=seed, crop=crop, progress=True)
     typer.echo(f"checked on {report.items} items ({report.queries} queries), each by a map "
                f"learnt without it ({report.check_folds} folds); {report.photos} photos")
     for name in ("R@1", "R@10", "mAP"):

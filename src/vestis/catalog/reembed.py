@@ -70,15 +70,26 @@ class CatalogChangedError(ValueError):
     """The catalog was written to while it was being re-embedded; nothing was swapped."""
 
 
-def catalog_records(catalog: Catalog) -> list[ImageRecord]:
-    """One record per stored image: its file, item, box and metadata (item's, then image's)."""
-    records = []
+def catalog_records(catalog: Catalog) -> tuple[list[ImageRecord], set[Path | str]]:
+    """One record per stored image (its file, item, box and metadata: item's, then
+    image's), and the files whose box the garment parser found (:func:`found_by_parser`)."""
+    records, in_context = [], set()
     for item_id in catalog.item_ids():
         item = catalog.get(item_id)
         for row in item.images:
-            records.append(ImageRecord(source_of(catalog, row), item_id, box=row.box,
+            source = source_of(catalog, row)
+            records.append(ImageRecord(source, item_id, box=row.box,
                                        metadata={**item.metadata, **row.metadata}))
-    return records
+            if found_by_parser(row, source):
+                in_context.add(source)
+    return records, in_context
+
+
+def found_by_parser(row: ImageRow, file: Path | str) -> bool:
+    """Whether a stored image's box is a garment the parser found, which ingest embeds in
+    its photo's context: ingest hashes the file as given, so then the stored hash is the
+    file's own (a given box is part of its hash)."""
+    return row.box is not None and file_digest(file)[0] == row.sha256
 
 
 def source_of(catalog: Catalog, row: ImageRow) -> Path | str:
@@ -203,8 +214,7 @@ def embed_as_stored(embedder: IngestRunner | Encoder, encoder: Encoder, rows: li
     or a runner of it): a box the garment parser found (the stored content hash is the
     file's own, without the box) in its photo's context, a given box on its own, else the
     whole photo. Also the files that could not be embedded, with why."""
-    in_context = [row.box is not None and file_digest(file)[0] == row.sha256
-                  for row, file in zip(rows, files, strict=True)]
+    in_context = [found_by_parser(row, file) for row, file in zip(rows, files, strict=True)]
     boxes = [None if context else row.box for row, context in zip(rows, in_context, strict=True)]
     vectors = np.zeros((len(rows), encoder.dim), dtype=np.float32)
     errors = []

@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 
 from vestis.catalog import Catalog
 from vestis.catalog.backend import store_kind
+from vestis.catalog.garments import DEFAULT_CROP, GarmentCropper, check_crop_mode
 from vestis.catalog.local import DB_NAME
 from vestis.catalog.reembed import RunnerFactory, catalog_records, reembed
 from vestis.catalog.sources import read_source
@@ -71,6 +72,7 @@ from vestis.images import ImageError, crop_box, is_uri, load_image
 from vestis.models import DEFAULT_MODEL, Encoder, save_checkpoint
 from vestis.models.adapted import AdaptedNet
 from vestis.records import ImageRecord
+from vestis.views import context_vectors
 
 #: ``holdout``: share of products each check fold holds out; ``views``: vectors per photo
 #: (its own and augmented ones); ``shrinkage``: weight of the identity in the whitening.
@@ -114,20 +116,30 @@ def adapt(
     base: str = DEFAULT_MODEL,
     minutes: float = 10.0,
     progress: bool = True,
+    crop: str = DEFAULT_CROP,
+    in_context: set | None = None,
     **settings: Any,
 ) -> AdaptReport:
     """Adapt ``base`` to the shop in ``source`` (a folder or CSV, as for ``vestis index``)
     and write the checkpoint ``out`` (usable as a model name anywhere). Augmented views stop
-    after ``minutes`` (from the start); every photo keeps at least its own vector."""
+    after ``minutes`` (from the start); every photo keeps at least its own vector.
+
+    Photos are embedded as ``vestis index --crop CROP`` stores them (by default the garment
+    their category names, in their photo's context). ``source`` may instead be records whose
+    boxes are already chosen, with ``in_context`` the files whose box the parser found (a
+    catalog's, :func:`vestis.catalog.reembed.catalog_records`); then nothing is parsed."""
     started = time.perf_counter()
     options = _settings(settings)
-    samples = _readable_samples(read_source(source), progress)
+    records = read_source(source)
+    if in_context is None:
+        records, in_context = _cropped(records, check_crop_mode(crop), progress)
+    samples = _readable_samples(records, progress)
     folds = _check_folds(samples, options)
     multi = [sample for fold in folds for sample in fold]
     encoder = Encoder.from_name(base)
     parts = encoder.model.vector_parts() if encoder.model is not None else [
         ("vector", encoder.dim, 1.0)]
-    vectors = _plain_vectors(encoder, samples, progress)
+    vectors = _stored_vectors(encoder, samples, {Path(file) for file in in_context}, progress)
     views = _views_by_photo(encoder, multi, vectors, samples, options,
                             started + minutes * 60, progress) if len(parts) == 1 else {}
     checks = []
@@ -228,14 +240,14 @@ def adapt_catalog(
     old = _open_existing(catalog)
     path = old.location
     try:
-        records = catalog_records(old)
+        records, in_context = catalog_records(old)
         missing = [str(record.path) for record in records
                    if not is_uri(record.path) and not Path(record.path).is_file()]
         if missing:
             raise ValueError(f"{len(missing)} image(s) of catalog {path} have no file to "
                              f"re-embed (first: {missing[0]}); nothing was changed")
         report = adapt(records, out, base=base or old.model_name, minutes=minutes,
-                       progress=progress, **settings)
+                       progress=progress, in_context=in_context, **settings)
         count = 0
         if report.kept:
             count = reembed(old, str(Path(out).expanduser().resolve()), progress=progress,
@@ -305,9 +317,30 @@ def _count_items(samples: list[ImageRecord]) -> int:
     return len({sample.item_id for sample in samples})
 
 
-def _plain_vectors(encoder: Encoder, samples: list[ImageRecord], progress: bool) -> np.ndarray:
-    return encoder.embed([s.path for s in samples], [s.box for s in samples],
-                         progress=progress)
+def _cropped(records: list[ImageRecord], crop: str, progress: bool
+             ) -> tuple[list[ImageRecord], set]:
+    """``records`` with the boxes ``vestis index --crop CROP`` gives them, and the files
+    whose box the parser found."""
+    if crop == "none":
+        return records, set()
+    cropped = GarmentCropper().crop(records, crop, progress=progress)
+    return cropped, {after.path for before, after in zip(records, cropped, strict=True)
+                     if before.box is None and after.box is not None}
+
+
+def _stored_vectors(encoder: Encoder, samples: list[ImageRecord], in_context: set[Path],
+                    progress: bool) -> np.ndarray:
+    """Each photo's vector as a catalog stores it: a parser-found box in its photo's
+    context, a given box on its own, else the whole photo."""
+    vectors = encoder.embed([s.path for s in samples],
+                            [None if s.path in in_context else s.box for s in samples],
+                            progress=progress)
+    parsed = [i for i, sample in enumerate(samples) if sample.path in in_context]
+    if parsed:
+        vectors[parsed] = context_vectors(encoder, [samples[i].path for i in parsed],
+                                          [samples[i].box for i in parsed],
+                                          whole=vectors[parsed], progress=progress)
+    return vectors
 
 
 def _views_by_photo(encoder, chosen, vectors, samples, options, deadline: float,
