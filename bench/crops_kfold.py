@@ -28,7 +28,7 @@ from vestis.models import Encoder
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipes import publish_section  # noqa: E402
 from transfer import interval_cell  # noqa: E402
-from transfer_ablation import SETS, TRANSFER, eval_sets  # noqa: E402
+from transfer_ablation import SETS, TRANSFER, _shown, eval_sets  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TITLE = "## Garment crops at ingest over k-fold runs (`bench/crops_kfold.py`)"
@@ -60,13 +60,19 @@ def score(model: str, sets: dict, fold: int, pooled: dict, names) -> None:
     encoder = Encoder.from_name(model)
     for name in names:
         for mode, dataset in sets[name].items():
-            result = score_dataset(encoder, dataset, n_boot=0)
-            groups = bootstrap_groups(result, dataset) or [
-                f"{fold}: query {i}" for i in result.query_indices]
-            entry = pooled.setdefault((name, mode), {"values": {}, "groups": []})
-            for metric, values in result.per_query().items():
-                entry["values"].setdefault(metric, []).extend(values)
-            entry["groups"] += list(groups)
+            add_values(pooled, (name, mode), score_dataset(encoder, dataset, n_boot=0),
+                       dataset, fold)
+
+
+def add_values(pooled: dict, key, result, dataset, fold: int) -> None:
+    """Pool one fold's per-query values of ``result`` on ``dataset`` under ``key``, with
+    their resampling groups (a query's item; category queries one by one)."""
+    groups = bootstrap_groups(result, dataset) or [
+        f"{fold}: query {i}" for i in result.query_indices]
+    entry = pooled.setdefault(key, {"values": {}, "groups": []})
+    for metric, values in result.per_query().items():
+        entry["values"].setdefault(metric, []).extend(values)
+    entry["groups"] += list(groups)
 
 
 def difference_cell(entry: dict, base: dict, metric: str) -> str:
@@ -85,7 +91,7 @@ def value_cell(entry: dict, metric: str) -> str:
 def section(rows: dict[str, dict], runs: Path, folds: int) -> list[str]:
     lines = [
         TITLE, "",
-        f"The {folds} fold models of `{runs.relative_to(REPO)}` (the shipped recipe as "
+        f"The {folds} fold models of `{_shown(runs)}` (the shipped recipe as "
         "served; each fold's held-out Luma products and clothing contributors are unseen by "
         "its model) and ImageNet Lite0 and Lite2 (Luma folds and the shops), each photo read "
         "as `vestis eval` reads it: `none` whole photos; `auto` (what `vestis index` and "
@@ -114,8 +120,10 @@ def section(rows: dict[str, dict], runs: Path, folds: int) -> list[str]:
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def fold_arguments(description: str) -> tuple[argparse.Namespace, list[Path]]:
+    """``--runs`` (a k-fold run of the shipped recipe), ``--update``, ``--note``; and the
+    run's finished folds."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--runs", type=Path, default=REPO / "runs/kfold/vestis-lite0")
     parser.add_argument("--update", type=Path, help="Replace this section in a BENCHMARKS.md.")
     parser.add_argument("--note", action="append", default=[],
@@ -124,6 +132,11 @@ def main() -> None:
     runs = sorted(path for path in args.runs.glob("fold-*") if (path / "last.pt").is_file())
     if not runs:
         sys.exit(f"no finished fold under {args.runs} (python bench/kfold.py vestis-lite0)")
+    return args, runs
+
+
+def main() -> None:
+    args, runs = fold_arguments(__doc__.splitlines()[0])
     shops: dict = {}
     rows: dict[str, dict] = {args.runs.name: {}, **{f"ImageNet {m}": {} for m in BASELINES}}
     for fold, run in enumerate(runs):
