@@ -97,17 +97,19 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
 
 
-def row_vectors(base: np.ndarray, probe: np.ndarray, width: int, spec) -> np.ndarray:
+def row_vectors(base: np.ndarray, probe: np.ndarray, width: int, instance: int,
+                spec) -> np.ndarray:
     """The default's vectors with the ImageNet block and weights of one :data:`ROWS` row
-    (``base``: the fold model's vectors, ImageNet block first, ``width`` wide)."""
+    (``base``: the fold model's vectors, ImageNet block first, ``width`` wide; the trained
+    block's instance embedding ``instance`` wide, then its category probabilities)."""
     descriptors, share, category = spec
     parts = blocks(probe)
     imagenet = np.hstack([weight ** 0.5 * parts[name] for name, weight in descriptors])
     imagenet = _unit(imagenet)
     trained = _unit(base[:, width:])
-    if category != 0.5:  # the trained block is [instance (256), 0.5 x category probabilities]
-        instance, probabilities = _unit(trained[:, :256]), _unit(trained[:, 256:])
-        trained = _unit(np.hstack([instance, category * probabilities]))
+    if category != 0.5:  # the trained block is [instance, 0.5 x category probabilities]
+        embedding, probabilities = _unit(trained[:, :instance]), _unit(trained[:, instance:])
+        trained = _unit(np.hstack([embedding, category * probabilities]))
     return np.hstack([share ** 0.5 * imagenet, (1 - share) ** 0.5 * trained])
 
 
@@ -120,7 +122,7 @@ def score_fold(run: Path, fold: int, pooled: dict) -> None:
     for name, dataset in sets.items():
         probe = embed_dataset(encoder, dataset)
         for row, spec in ROWS.items():
-            queries, gallery = (row_vectors(b, p, width, spec) for b, p in
+            queries, gallery = (row_vectors(b, p, width, net.embed_dim, spec) for b, p in
                                 zip(base[name], probe, strict=True))
             result = retrieval_metrics(queries, dataset.query_ids, gallery,
                                        dataset.gallery_ids,

@@ -210,21 +210,30 @@ def _build(old: Catalog, beside, model: str, progress: bool,
 
 def embed_as_stored(embedder: IngestRunner | Encoder, encoder: Encoder, rows: list[ImageRow],
                     files: list) -> tuple[np.ndarray, list[str]]:
-    """Stored images' files embedded as ingest embedded them by ``embedder`` (``encoder``,
-    or a runner of it): a box the garment parser found (the stored content hash is the
-    file's own, without the box) in its photo's context, a given box on its own, else the
-    whole photo. Also the files that could not be embedded, with why."""
-    in_context = [found_by_parser(row, file) for row, file in zip(rows, files, strict=True)]
-    boxes = [None if context else row.box for row, context in zip(rows, in_context, strict=True)]
-    vectors = np.zeros((len(rows), encoder.dim), dtype=np.float32)
+    """Stored images' files embedded as ingest embedded them (:func:`embed_views`), each
+    box in context when the parser found it (:func:`found_by_parser`)."""
+    return embed_views(embedder, encoder, files, [row.box for row in rows],
+                       [found_by_parser(row, file) for row, file in zip(rows, files, strict=True)])
+
+
+def embed_views(embedder: IngestRunner | Encoder, encoder: Encoder, files: list,
+                boxes: list, in_context: list[bool], *, progress: bool = False
+                ) -> tuple[np.ndarray, list[str]]:
+    """Files embedded as ingest stores them by ``embedder`` (``encoder``, or a runner of
+    it): a box the garment parser found (``in_context``) in its photo's context, a given
+    box on its own, else the whole photo. Also the files that could not be embedded, with
+    why (then no box is put in context)."""
+    alone = [None if context else box for box, context in zip(boxes, in_context, strict=True)]
+    vectors = np.zeros((len(files), encoder.dim), dtype=np.float32)
     errors = []
-    for batch in embedder.iter_batches(files, boxes):
+    for batch in embedder.iter_batches(files, alone, progress=progress):
         errors += [f"{files[position]}: {error.reason}" for position, error in batch.errors]
         vectors[batch.indices] = batch.vectors
     parsed = [n for n, context in enumerate(in_context) if context]
     if parsed and not errors:
         vectors[parsed] = context_vectors(encoder, [files[n] for n in parsed],
-                                          [rows[n].box for n in parsed], whole=vectors[parsed])
+                                          [boxes[n] for n in parsed], whole=vectors[parsed],
+                                          progress=progress)
     return vectors, errors
 
 

@@ -58,7 +58,7 @@ from vestis.catalog import Catalog
 from vestis.catalog.backend import store_kind
 from vestis.catalog.garments import DEFAULT_CROP, GarmentCropper, check_crop_mode
 from vestis.catalog.local import DB_NAME
-from vestis.catalog.reembed import RunnerFactory, catalog_records, reembed
+from vestis.catalog.reembed import RunnerFactory, catalog_records, embed_views, reembed
 from vestis.catalog.sources import read_source
 from vestis.catalog.stores import store_exists
 from vestis.data import build_train_transform, split_by_group
@@ -72,7 +72,6 @@ from vestis.images import ImageError, crop_box, is_uri, load_image
 from vestis.models import DEFAULT_MODEL, Encoder, save_checkpoint
 from vestis.models.adapted import AdaptedNet
 from vestis.records import ImageRecord
-from vestis.views import context_vectors
 
 #: ``holdout``: share of products each check fold holds out; ``views``: vectors per photo
 #: (its own and augmented ones); ``shrinkage``: weight of the identity in the whitening.
@@ -330,16 +329,12 @@ def _cropped(records: list[ImageRecord], crop: str, progress: bool
 
 def _stored_vectors(encoder: Encoder, samples: list[ImageRecord], in_context: set[Path],
                     progress: bool) -> np.ndarray:
-    """Each photo's vector as a catalog stores it: a parser-found box in its photo's
-    context, a given box on its own, else the whole photo."""
-    vectors = encoder.embed([s.path for s in samples],
-                            [None if s.path in in_context else s.box for s in samples],
-                            progress=progress)
-    parsed = [i for i, sample in enumerate(samples) if sample.path in in_context]
-    if parsed:
-        vectors[parsed] = context_vectors(encoder, [samples[i].path for i in parsed],
-                                          [samples[i].box for i in parsed],
-                                          whole=vectors[parsed], progress=progress)
+    """Each photo's vector as a catalog stores it (:func:`embed_views`)."""
+    vectors, errors = embed_views(encoder, encoder, [s.path for s in samples],
+                                  [s.box for s in samples],
+                                  [s.path in in_context for s in samples], progress=progress)
+    if errors:
+        raise ValueError(f"{len(errors)} photo(s) could not be embedded (first: {errors[0]})")
     return vectors
 
 
