@@ -49,6 +49,7 @@ def test_adapt_refuses_when_it_does_not_help_and_keeps_the_base(tmp_path):
     base = Encoder.from_name("lite0", backend="torch").embed(photos)
     unchanged = Encoder.from_name(str(out), backend="torch").embed(photos)
     np.testing.assert_allclose(unchanged, base, atol=1e-5)
+    assert out.stat().st_size < 100_000  # the base's name and settings, no map
 
 
 def test_adapt_needs_enough_multi_photo_items_and_known_settings(tmp_path):
@@ -110,11 +111,12 @@ def test_adapting_the_default_to_luma_photos_reweights_its_imagenet_blend(
     photos = [line.split(",")[0] for line in source.read_text().splitlines()[1:4]]
     base = Encoder.from_name("vestis-lite0", backend="torch").embed(photos)
     adapted = Encoder.from_name(str(tmp_path / "shop.pt"), backend="torch").embed(photos)
-    weight = torch.load(tmp_path / "shop.pt", weights_only=True)["state_dict"][
-        "transform.weight"].float()
-    expected = torch.nn.functional.normalize(torch.from_numpy(base) @ weight.T, dim=1)
+    scale = torch.load(tmp_path / "shop.pt", weights_only=True)["state_dict"]["scale"].float()
+    expected = torch.nn.functional.normalize(torch.from_numpy(base) * scale, dim=1)
     np.testing.assert_allclose(adapted, expected.numpy(), atol=1e-4)
     assert not np.allclose(adapted, base, atol=1e-3)
+    # A re-weighting is stored as its diagonal: kilobytes, not a square matrix of the width.
+    assert (tmp_path / "shop.pt").stat().st_size < 100_000
 
 
 # -- vestis adapt --catalog: adapt on a catalog's images, then re-embed it, crash-safe ------

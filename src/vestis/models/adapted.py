@@ -4,8 +4,10 @@
 are views of one product; :mod:`vestis.train.adapt`): a re-weighting of the blocks of a
 joined base's vector, or a within-item whitening shrunk toward the identity, so the adapted
 space keeps what the base model knows and only re-weights it for the shop. The base is
-named, never copied: a checkpoint stores the map alone (a square matrix of the base's
-width) and rebuilds the base with ``create_model(base)``.
+named, never copied: a checkpoint stores the map alone and rebuilds the base with
+``create_model(base)``. The map is a square matrix of the base's width (``"matrix"``), a
+scale per dimension (``"diagonal"``: a re-weighting, a few kB instead of megabytes) or
+nothing (``"identity"``: the base unchanged).
 """
 
 from __future__ import annotations
@@ -19,14 +21,19 @@ from torch import nn
 from vestis.models.hooks import ModelHooks
 from vestis.models.registry import create_model, register_model
 
+MAPS = ("matrix", "diagonal", "identity")
+
 
 class AdaptedNet(ModelHooks):
-    """``W · normalise(base(x))``; ``W`` starts as the identity."""
+    """``W · normalise(base(x))``; ``W`` (a matrix, a diagonal or none, see :data:`MAPS`)
+    starts as the identity."""
 
     architecture = "adapted"
 
-    def __init__(self, base: str):
+    def __init__(self, base: str, map: str = "matrix"):
         super().__init__()
+        if map not in MAPS:
+            raise ValueError(f"unknown map {map!r}; expected one of {', '.join(MAPS)}")
         base = _portable_name(base)
         # Named "backbone" so that checkpoints leave the base's weights out (they load from
         # the base model's own file) and the trainer treats it as frozen.
@@ -35,11 +42,28 @@ class AdaptedNet(ModelHooks):
             parameter.requires_grad_(False)
         self.preprocess = self.backbone.preprocess
         self.embed_dim = self._base_dim()
-        self.transform = nn.Linear(self.embed_dim, self.embed_dim, bias=False)
-        with torch.no_grad():
-            self.transform.weight.copy_(torch.eye(self.embed_dim))
+        self.map = map
+        if map == "matrix":
+            self.transform = nn.Linear(self.embed_dim, self.embed_dim, bias=False)
+            with torch.no_grad():
+                self.transform.weight.copy_(torch.eye(self.embed_dim))
+        elif map == "diagonal":
+            self.scale = nn.Parameter(torch.ones(self.embed_dim))
         self.onnx_exportable = self.backbone.onnx_exportable
-        self.config = {"base": base}
+        self.config = {"base": base, "map": map}
+
+    @classmethod
+    def with_map(cls, base: str, weight: torch.Tensor | None) -> AdaptedNet:
+        """``base`` followed by ``weight``: a square matrix, a vector (the diagonal of one)
+        or ``None`` (the identity)."""
+        kind = "identity" if weight is None else "diagonal" if weight.dim() == 1 else "matrix"
+        model = cls(base, map=kind)
+        with torch.no_grad():
+            if kind == "matrix":
+                model.transform.weight.copy_(weight)
+            elif kind == "diagonal":
+                model.scale.copy_(weight)
+        return model
 
     def _base_dim(self) -> int:
         size = self.preprocess.size
@@ -51,7 +75,9 @@ class AdaptedNet(ModelHooks):
 
     def map_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
         """The learned map applied to normalised base vectors (training runs on these)."""
-        return self.transform(vectors)
+        if self.map == "matrix":
+            return self.transform(vectors)
+        return vectors * self.scale if self.map == "diagonal" else vectors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.map_vectors(self.base_vectors(x))
@@ -69,5 +95,6 @@ def _portable_name(base: str) -> str:
 
 
 @register_model("adapted")
-def adapted(pretrained: bool = True, base: str = "vestis-lite0") -> AdaptedNet:
-    return AdaptedNet(base)
+def adapted(pretrained: bool = True, base: str = "vestis-lite0", map: str = "matrix"
+            ) -> AdaptedNet:
+    return AdaptedNet(base, map=map)

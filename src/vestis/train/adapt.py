@@ -151,7 +151,7 @@ def adapt(
     if gain[0] > 0:  # the check passed: learn the map from every product
         kind, weight, shares = _learn_map(parts, vectors, samples, multi, views, options)
     else:
-        kind, weight = "identity", torch.eye(vectors.shape[1])
+        kind, weight = "identity", None
         shares = {name: round(share, 6) for name, _, share in parts}
     report = AdaptReport(
         base=base, out=Path(out), kept=kind != "identity", photos=len(samples),
@@ -167,14 +167,15 @@ def _learn_map(parts, vectors: np.ndarray, samples: list[ImageRecord],
                chosen: list[ImageRecord], views: dict[Path, np.ndarray], options: dict
                ) -> tuple[str, torch.Tensor, dict[str, float]]:
     """``(kind, map, shares)`` learnt on the ``chosen`` photos: for a base whose vector
-    joins blocks, the blocks' shares chosen on the photos' own vectors; for a one-block
-    base, the within-item whitening of their ``views`` (per photo: its vectors)."""
+    joins blocks, the blocks' shares chosen on the photos' own vectors (the map: a scale
+    per dimension); for a one-block base, the within-item whitening of their ``views`` (per
+    photo: its vectors; the map: a square matrix)."""
     if len(parts) > 1:
         row = {sample.path: i for i, sample in enumerate(samples)}
         shares = choose_shares(parts, vectors[[row[sample.path] for sample in chosen]],
                                [sample.item_id for sample in chosen])
         scale = torch.from_numpy(part_scales(parts, shares)).float()
-        return "reweight", torch.diag(scale), {
+        return "reweight", scale, {
             name: share for (name, _, _), share in zip(parts, shares, strict=True)}
     rows = np.concatenate([views[sample.path] for sample in chosen])
     labels = [sample.item_id for sample in chosen for _ in range(len(views[sample.path]))]
@@ -392,7 +393,7 @@ def _check_values(weight: torch.Tensor, vectors: np.ndarray, samples: list[Image
     labels = [samples[i].item_id for i in unseen]
     position = {samples[i].path: j for j, i in enumerate(unseen)}
     queries = np.array([position[sample.path] for sample in fold])
-    adapted = F.normalize(torch.from_numpy(gallery) @ weight.T, dim=1).numpy()
+    adapted = F.normalize(mapped(torch.from_numpy(gallery), weight), dim=1).numpy()
     results = [retrieval_metrics(v[queries], [labels[i] for i in queries], v, labels,
                                  ks=(1, 10), query_gallery_index=queries)
                for v in (adapted, gallery)]
@@ -411,8 +412,11 @@ def _pooled(checks: list[tuple[dict, dict, list[str]]]) -> tuple[Comparison, tup
     return compare_values(adapted, base, groups), bootstrap_intervals(gain, groups)["score"]
 
 
-def _save(base: str, weight: torch.Tensor, report: AdaptReport) -> None:
-    model = AdaptedNet(base)
-    with torch.no_grad():
-        model.transform.weight.copy_(weight)
+def mapped(vectors: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``vectors`` through a map: a square matrix, or a vector (the diagonal of one)."""
+    return vectors * weight if weight.dim() == 1 else vectors @ weight.T
+
+
+def _save(base: str, weight: torch.Tensor | None, report: AdaptReport) -> None:
+    model = AdaptedNet.with_map(base, weight)
     save_checkpoint(model, report.out, include_backbone=False, meta={"adapt": report.to_dict()})
