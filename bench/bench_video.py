@@ -35,6 +35,7 @@ import numpy as np
 from vestis.catalog import Catalog
 from vestis.data.products import write_catalog_rows
 from vestis.detect.categories import compatible_groups
+from vestis.evaluation import bootstrap_intervals
 from vestis.video.fusion import load_fusion
 from vestis.video.reader import probe, sample_frames
 from vestis.video.search import search_tracks, split_items, track_for_group
@@ -70,7 +71,7 @@ def retrieval(args, work: Path) -> dict:
     catalog = held_out_catalog(work, args.crop)
     fusions = {"first frame": lambda scores, quality=None: scores[0],
                **{name: load_fusion(name) for name in ("max", "mean", "learned")}}
-    hits = {name: np.zeros(len(KS)) for name in fusions}
+    hits = {name: np.zeros((len(names), len(KS))) for name in fusions}  # per clip, per K
     frames, tracks_per_clip, seconds, group_found = [], [], [], 0
     for n, name in enumerate(names):
         photos, group = items[name]
@@ -91,15 +92,21 @@ def retrieval(args, work: Path) -> dict:
         for label, fusion in fusions.items():
             found = search_tracks(catalog, [track], max(KS), fusion=fusion)[0].matches
             ranked = [m.item_id for m in found]
-            hits[label] += [name in ranked[:k] for k in KS]
+            hits[label][n] = [name in ranked[:k] for k in KS]
         print(f"{n + 1}/{len(names)} {name}: {len(tracks)} tracks, item track {track.group} "
               f"x{len(track)}", file=sys.stderr)
     catalog.close()
     return {"clips": len(names), "items": len(items),
-            "recall": {label: (hits[label] / len(names)).tolist() for label in fusions},
+            "recall": {label: _with_intervals(hits[label]) for label in fusions},
             "frames": float(np.mean(frames)) if frames else 0.0,
             "tracks": float(np.mean(tracks_per_clip)), "group_found": group_found,
             "seconds": float(np.median(seconds))}
+
+
+def _with_intervals(hits: np.ndarray) -> list[tuple[float, float, float]]:
+    """Per K: the clips' hit rate and its 95 % bootstrap interval (clips resampled)."""
+    intervals = bootstrap_intervals({str(k): hits[:, n] for n, k in enumerate(KS)})
+    return [(float(hits[:, n].mean()), *intervals[str(k)]) for n, k in enumerate(KS)]
 
 
 def long_check(args, work: Path) -> dict:
@@ -145,10 +152,12 @@ def section(args, result: dict | None, long: dict | None) -> list[str]:
             f"its garment group) has {result['frames']:.1f} frames on average; "
             f"{result['tracks']:.1f} tracks per clip; the item's group was tracked in "
             f"{result['group_found']} of {result['clips']} clips. Median sampling + tracking "
-            f"time per clip: {result['seconds']:.1f} s (shared CPU).", "",
+            f"time per clip: {result['seconds']:.1f} s (shared CPU). A cell is the hit rate "
+            "and its 95 % bootstrap interval (clips resampled).", "",
             "| fusion | clip R@1 | clip R@5 |", "|---|---:|---:|"]
         for label, values in result["recall"].items():
-            lines.append(f"| {label} | {values[0]:.4f} | {values[1]:.4f} |")
+            lines.append(f"| {label} | " + " | ".join(
+                f"{mean:.3f} ({low:.2f}-{high:.2f})" for mean, low, high in values) + " |")
         lines.append("")
     if long:
         marks = ", ".join(f"{m} min {mb} MB" for m, mb in long["marks"][::2])
