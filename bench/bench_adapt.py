@@ -84,22 +84,22 @@ def unseen_luma_rows(run: Path) -> list[dict]:
 
 
 def run(shops: list[str], bases: list[str], seeds: list[int], folds: Path | None) -> list[dict]:
-    cases = [(shop, seed, base, read_rows(SHOPS[shop][0]), SHOPS[shop][1])
+    cases = [(shop, seed, base, base, read_rows(SHOPS[shop][0]), SHOPS[shop][1])
              for shop in shops for seed in seeds for base in bases]
     for k, fold in enumerate(sorted(p for p in folds.glob("fold-*") if p.is_dir())
-                             if folds else []):
-        cases.append(("Luma, unseen products", k, str(fold / "last.pt"),
+                             if folds else []):  # a run's fold models count as its seeds
+        cases.append(("Luma, unseen products", k, str(fold / "last.pt"), _shown(str(folds)),
                       unseen_luma_rows(fold), "product"))
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        for n, (shop, seed, base, shop_rows, key) in enumerate(cases):
+        for n, (shop, seed, base, kind, shop_rows, key) in enumerate(cases):
             first, second = halves(shop_rows, key, seed)
             source = write_csv(first, Path(folder) / f"{n}.csv")
             out = Path(folder) / f"{n}.pt"
             report = adapt(source, out, base=base, seed=seed, progress=False)
             comparison = score_half([str(out), base],
                                     write_csv(second, Path(folder) / f"{n}-second.csv"))
-            rows.append({"shop": shop, "seed": seed, "base": _shown(base),
+            rows.append({"shop": shop, "seed": seed, "base": _shown(base), "kind": kind,
                          "kept": report.kept, "map": report.map, "shares": report.shares,
                          "seconds": report.seconds, "queries": comparison.n_queries,
                          "comparison": comparison})
@@ -154,18 +154,13 @@ def section(rows: list[dict]) -> list[str]:
                      + " | ".join(cells) + f" | {row['seconds']:.0f} s |")
     lines += ["", "Mean R@1 difference over seeds (± standard deviation):"]
     for shop in dict.fromkeys(row["shop"] for row in rows):
-        for base in dict.fromkeys(_kind(row["base"]) for row in rows if row["shop"] == shop):
+        for base in dict.fromkeys(row["kind"] for row in rows if row["shop"] == shop):
             gains = [r["comparison"].difference["R@1"] for r in rows
-                     if r["shop"] == shop and _kind(r["base"]) == base]
+                     if r["shop"] == shop and r["kind"] == base]
             spread = f" ± {np.std(gains, ddof=1):.3f}" if len(gains) > 1 else ""
             lines.append(f"- {shop}, {base}: {np.mean(gains):+.3f}{spread} "
                          f"({len(gains)} seeds)")
     return lines
-
-
-def _kind(base: str) -> str:
-    """Fold models of one run count as seeds of one base."""
-    return str(Path(base).parent.parent) if base.endswith("last.pt") else base
 
 
 def main() -> None:
