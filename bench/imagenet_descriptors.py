@@ -9,7 +9,10 @@ recipe trains on without costing the in-shop goals? For each fold of the shipped
 k-fold runs, the fold's model is embedded once (its two blocks) and a probe network embeds
 the same photos with several descriptors of the frozen ImageNet Lite0: the head map
 average- and GeM-pooled, both also averaged with the horizontally flipped photo, and
-GeM-pooled stage 4 and 5 maps (lower stages keep more colour and texture). Each row swaps
+GeM-pooled stage 4 and 5 maps (lower stages keep more colour and texture), ImageNet Lite2's
+head map (a larger backbone) and Lite0's head map at other input sizes (192 and 352 px, for
+multi-scale descriptors; the 352 px input is resized once and the 192 px one taken from it).
+Each row swaps
 the ImageNet block (or re-weights the category block) and scores Bagisto, Solidus and the
 fold's held-out Luma products and clothing contributors, photos read as ``vestis eval``
 reads them with no flag. Per-query values are pooled over the folds; each row's difference
@@ -19,6 +22,7 @@ to the shipped descriptor is paired, with a 95 % bootstrap interval.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +44,10 @@ from transfer_ablation import SETS, _shown, eval_sets  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 TITLE = "## ImageNet descriptors in the default's blend (`bench/imagenet_descriptors.py`)"
 DESCRIPTORS = {"head avg": 1280, "head gem": 1280, "head avg+flip": 1280,
-               "head gem+flip": 1280, "stage5 gem": 192, "stage4 gem": 112}
+               "head gem+flip": 1280, "stage5 gem": 192, "stage4 gem": 112,
+               "lite2 head avg": 1280}
+#: Lite0's average-pooled head map at other input sizes: the first is the probe's input.
+SCALES = {"head avg 352": 352, "head avg 192": 192}
 #: Row name → (ImageNet block as (descriptor, weight) pairs, ImageNet share, category weight).
 ROWS = {
     "shipped (head avg)": ((("head avg", 1.0),), 0.7, 0.5),
@@ -50,6 +57,11 @@ ROWS = {
     "head avg + stage 5": ((("head avg", 1.0), ("stage5 gem", 0.3)), 0.7, 0.5),
     "head avg + stages 4, 5": ((("head avg", 1.0), ("stage5 gem", 0.3),
                                 ("stage4 gem", 0.3)), 0.7, 0.5),
+    "Lite2 head avg": ((("lite2 head avg", 1.0),), 0.7, 0.5),
+    "Lite0 + Lite2 head avg": ((("head avg", 1.0), ("lite2 head avg", 1.0)), 0.7, 0.5),
+    "head avg at 192, 256, 352 px": ((("head avg 192", 1.0), ("head avg", 1.0),
+                                      ("head avg 352", 1.0)), 0.7, 0.5),
+    "head avg at 256, 352 px": ((("head avg", 1.0), ("head avg 352", 1.0)), 0.7, 0.5),
     "category weight 0": ((("head avg", 1.0),), 0.7, 0.0),
     "category weight 0.25": ((("head avg", 1.0),), 0.7, 0.25),
     "ImageNet share 0.8": ((("head avg", 1.0),), 0.8, 0.5),
@@ -62,11 +74,13 @@ def gem(x: torch.Tensor, p: float = 3.0) -> torch.Tensor:
 
 
 class DescriptorProbe(ModelHooks):
-    """Frozen ImageNet Lite0; the vector joins the L2-normalised :data:`DESCRIPTORS`."""
+    """Frozen ImageNet Lite0 and Lite2; the vector joins the L2-normalised
+    :data:`DESCRIPTORS`."""
 
     def __init__(self, preprocess):
         super().__init__()
         self.net = efficientnet_lite("lite0", pretrained=True).eval()
+        self.lite2 = efficientnet_lite("lite2", pretrained=True).eval()
         self.preprocess = preprocess
         self.embed_dim = sum(DESCRIPTORS.values())
         self.onnx_exportable = False
@@ -82,14 +96,37 @@ class DescriptorProbe(ModelHooks):
         plain, flipped = self.pooled(x), self.pooled(x.flip(3))
         plain["head avg+flip"] = plain["head avg"] + flipped["head avg"]
         plain["head gem+flip"] = plain["head gem"] + flipped["head gem"]
+        plain["lite2 head avg"] = self.lite2.head(self.lite2.run_stages(x)[-1]).mean(dim=(2, 3))
         return torch.cat([F.normalize(plain[name], dim=1) for name in DESCRIPTORS], dim=1)
 
 
-def blocks(vectors: np.ndarray) -> dict[str, np.ndarray]:
+class ScaleProbe(ModelHooks):
+    """Frozen ImageNet Lite0's average-pooled head map at each of :data:`SCALES`."""
+
+    def __init__(self, preprocess):
+        super().__init__()
+        self.net = efficientnet_lite("lite0", pretrained=True).eval()
+        self.preprocess = replace(preprocess, size=next(iter(SCALES.values())))
+        self.embed_dim = 1280 * len(SCALES)
+        self.onnx_exportable = False
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        views = [x if size == x.shape[-1] else F.interpolate(
+            x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            for size in SCALES.values()]
+        return torch.cat([F.normalize(self.net.head(self.net.run_stages(view)[-1])
+                                      .mean(dim=(2, 3)), dim=1) for view in views], dim=1)
+
+
+def blocks(vectors: np.ndarray, scales: np.ndarray) -> dict[str, np.ndarray]:
+    """Each descriptor of the two probes' vectors, L2-normalised."""
     out, start = {}, 0
     for name, width in DESCRIPTORS.items():
         out[name] = _unit(vectors[:, start:start + width])
         start += width
+    for n, name in enumerate(SCALES):
+        out[name] = _unit(scales[:, 1280 * n:1280 * (n + 1)])
     return out
 
 
@@ -97,13 +134,13 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
 
 
-def row_vectors(base: np.ndarray, probe: np.ndarray, width: int, instance: int,
+def row_vectors(base: np.ndarray, parts: dict[str, np.ndarray], width: int, instance: int,
                 spec) -> np.ndarray:
     """The default's vectors with the ImageNet block and weights of one :data:`ROWS` row
     (``base``: the fold model's vectors, ImageNet block first, ``width`` wide; the trained
-    block's instance embedding ``instance`` wide, then its category probabilities)."""
+    block's instance embedding ``instance`` wide, then its category probabilities;
+    ``parts``: the probes' descriptors, :func:`blocks`)."""
     descriptors, share, category = spec
-    parts = blocks(probe)
     imagenet = np.hstack([weight ** 0.5 * parts[name] for name, weight in descriptors])
     imagenet = _unit(imagenet)
     trained = _unit(base[:, width:])
@@ -117,13 +154,15 @@ def score_fold(run: Path, fold: int, pooled: dict) -> None:
     sets = eval_sets(run / "config.yaml")
     net = blended(str(run / "last.pt"), PROBE)
     base = embed_parts(net, sets)
-    encoder = Encoder(DescriptorProbe(net.preprocess), backend="torch")
+    probes = [Encoder(probe(net.preprocess), backend="torch")
+              for probe in (DescriptorProbe, ScaleProbe)]
     width = net.imagenet.num_features
     for name, dataset in sets.items():
-        probe = embed_dataset(encoder, dataset)
+        descriptors, scales = (embed_dataset(encoder, dataset) for encoder in probes)
+        parts = [blocks(*pair) for pair in zip(descriptors, scales, strict=True)]
         for row, spec in ROWS.items():
             queries, gallery = (row_vectors(b, p, width, net.embed_dim, spec) for b, p in
-                                zip(base[name], probe, strict=True))
+                                zip(base[name], parts, strict=True))
             result = retrieval_metrics(queries, dataset.query_ids, gallery,
                                        dataset.gallery_ids,
                                        query_gallery_index=dataset.query_gallery_index)
