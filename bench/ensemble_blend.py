@@ -29,7 +29,7 @@ from vestis.models import Encoder
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from imagenet_blend import PROBE, _shown, blended, embed_parts, spread_cell  # noqa: E402
 from recipes import publish_section  # noqa: E402
-from transfer_ablation import SETS, eval_sets  # noqa: E402
+from transfer_ablation import SET_COLUMNS, SETS, eval_sets, set_table_head  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TITLE = "## ImageNet and two trained vectors over trained runs (`bench/ensemble_blend.py`)"
@@ -70,7 +70,6 @@ def scores(parts, triples) -> dict:
 
 
 def section(base: Path, other: Path, folds: list[dict], triples) -> list[str]:
-    columns = [(s, m) for s, ms in SETS.items() for m in ms]
     lines = [
         TITLE, "",
         f"Cosine similarity a x ImageNet Lite0's + b x `{base.name}`'s trained vector + c x "
@@ -79,11 +78,10 @@ def section(base: Path, other: Path, folds: list[dict], triples) -> list[str]:
         "held-out photos and shops). (0.7, 0.3, 0) is the shipped default's blend. A cell: mean "
         "± standard deviation over the folds.",
         "",
-        "| a, b, c | " + " | ".join(f"{s} {m}" for s, m in columns) + " |",
-        "|---|" + "---:|" * len(columns),
+        *set_table_head("a, b, c"),
     ]
     for triple in triples:
-        cells = [spread_cell([fold[triple][key] for fold in folds]) for key in columns]
+        cells = [spread_cell([fold[triple][key] for fold in folds]) for key in SET_COLUMNS]
         lines.append(f"| {', '.join(f'{w:g}' for w in triple)} | " + " | ".join(cells) + " |")
     return lines
 

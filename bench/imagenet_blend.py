@@ -41,7 +41,7 @@ from vestis.models import Encoder, create_model, save_checkpoint
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipes import publish_section  # noqa: E402
 from transfer import interval_cell  # noqa: E402
-from transfer_ablation import SETS, TRANSFER, eval_sets  # noqa: E402
+from transfer_ablation import SET_COLUMNS, SETS, TRANSFER, eval_sets, set_table_head  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TITLE = "## ImageNet blend (`bench/imagenet_blend.py`)"
@@ -185,7 +185,7 @@ def spread_cell(values: list[float]) -> str:
 def runs_section(runs: list[Path], tables: list[dict], imagenet: dict) -> list[str]:
     """Per weight, every set's metric as mean ± sd over ``runs``; each run's choice."""
     weights = list(tables[0])
-    columns = [(s, m) for s, ms in SETS.items() for m in ms]
+    columns = SET_COLUMNS
     queries = {s: sorted({len(table[0.0][s].query_indices) for table in tables})
                for s, _ in columns}
     recipes = sorted({run.resolve().parent.name for run in runs})
@@ -197,8 +197,7 @@ def runs_section(runs: list[Path], tables: list[dict], imagenet: dict) -> list[s
         "transfer shops. A cell: mean ± standard deviation over the runs. Queries per run: "
         + ", ".join(f"{s} {'/'.join(map(str, n))}" for s, n in queries.items()) + ".",
         "",
-        "| w | " + " | ".join(f"{s} {m}" for s, m in columns) + " |",
-        "|---:|" + "---:|" * len(columns),
+        *set_table_head("w", "---:"),
     ]
     for weight in weights:
         cells = [spread_cell([table[weight][s].metrics[m] for table in tables])

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from crops_kfold import add_values, difference_cell, fold_arguments, value_cell  # noqa: E402
 from imagenet_blend import PROBE, blended, embed_parts  # noqa: E402
 from recipes import publish_section  # noqa: E402
-from transfer_ablation import SETS, _shown, eval_sets  # noqa: E402
+from transfer_ablation import SET_COLUMNS, _shown, eval_sets, set_table_head  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TITLE = "## ImageNet descriptors in the default's blend (`bench/imagenet_descriptors.py`)"
@@ -170,7 +170,6 @@ def score_fold(run: Path, fold: int, pooled: dict) -> None:
 
 
 def section(pooled: dict, runs: Path, folds: int) -> list[str]:
-    columns = [(name, metric) for name, metrics in SETS.items() for metric in metrics]
     lines = [
         TITLE, "",
         f"The {folds} fold models of `{_shown(runs)}` with the ImageNet block of "
@@ -180,12 +179,11 @@ def section(pooled: dict, runs: Path, folds: int) -> list[str]:
         "per-query values of the folds: the metric and its 95 % bootstrap interval; below "
         "the first row, the paired difference to it, **bold** when its interval excludes 0.",
         "",
-        "| row | " + " | ".join(f"{name} {metric}" for name, metric in columns) + " |",
-        "|---|" + "---:|" * len(columns),
+        *set_table_head("row"),
     ]
     for row in ROWS:
         cells = []
-        for name, metric in columns:
+        for name, metric in SET_COLUMNS:
             entry, base = pooled[row, name], pooled[BASE_ROW, name]
             cells.append(value_cell(entry, metric) if row == BASE_ROW
                          else difference_cell(entry, base, metric))

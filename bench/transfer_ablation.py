@@ -47,6 +47,15 @@ SETS = {  # set name → metrics reported
     "luma held-out": ("R@1", "mAP"),
     "clothing held-out": ("P@1", "mAP"),
 }
+#: One table column per set and metric of :data:`SETS`, in order.
+SET_COLUMNS = [(name, metric) for name, metrics in SETS.items() for metric in metrics]
+
+
+def set_table_head(first: str, first_align: str = "---") -> list[str]:
+    """The two header lines of a table whose rows start with ``first`` and whose other
+    columns are :data:`SET_COLUMNS` (right-aligned)."""
+    return [f"| {first} | " + " | ".join(f"{name} {metric}" for name, metric in SET_COLUMNS)
+            + " |", f"|{first_align}|" + "---:|" * len(SET_COLUMNS)]
 TRANSFER = ("Bagisto", "Solidus", "Solidus category")
 
 

@@ -70,19 +70,18 @@ class CatalogChangedError(ValueError):
     """The catalog was written to while it was being re-embedded; nothing was swapped."""
 
 
-def catalog_records(catalog: Catalog) -> tuple[list[ImageRecord], set[Path | str]]:
-    """One record per stored image (its file, item, box and metadata: item's, then
-    image's), and the files whose box the garment parser found (:func:`found_by_parser`)."""
-    records, in_context = [], set()
+def catalog_records(catalog: Catalog) -> list[ImageRecord]:
+    """One record per stored image: its file, item, box (``in_context`` where the garment
+    parser found it, :func:`found_by_parser`) and metadata (item's, then image's)."""
+    records = []
     for item_id in catalog.item_ids():
         item = catalog.get(item_id)
         for row in item.images:
             source = source_of(catalog, row)
             records.append(ImageRecord(source, item_id, box=row.box,
+                                       in_context=found_by_parser(row, source),
                                        metadata={**item.metadata, **row.metadata}))
-            if found_by_parser(row, source):
-                in_context.add(source)
-    return records, in_context
+    return records
 
 
 def found_by_parser(row: ImageRow, file: Path | str) -> bool:

@@ -75,9 +75,9 @@ class AdaptedNet(ModelHooks):
 
     def map_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
         """The learned map applied to normalised base vectors (training runs on these)."""
-        if self.map == "matrix":
-            return self.transform(vectors)
-        return vectors * self.scale if self.map == "diagonal" else vectors
+        weight = (self.transform.weight if self.map == "matrix"
+                  else self.scale if self.map == "diagonal" else None)
+        return apply_map(vectors, weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.map_vectors(self.base_vectors(x))
@@ -86,6 +86,14 @@ class AdaptedNet(ModelHooks):
         super().train(mode)
         self.backbone.eval()  # the base never trains (its batch norms keep their statistics)
         return self
+
+
+def apply_map(vectors: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """``vectors`` through a map: a square matrix, a vector (the diagonal of one) or
+    ``None`` (the identity)."""
+    if weight is None:
+        return vectors
+    return vectors * weight if weight.dim() == 1 else vectors @ weight.T
 
 
 def _portable_name(base: str) -> str:

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ from vestis.evaluation import (
 )
 from vestis.images import ImageError, crop_box, is_uri, load_image
 from vestis.models import DEFAULT_MODEL, Encoder, save_checkpoint
-from vestis.models.adapted import AdaptedNet
+from vestis.models.adapted import AdaptedNet, apply_map
 from vestis.records import ImageRecord
 
 #: ``holdout``: share of products each check fold holds out; ``views``: vectors per photo
@@ -116,7 +116,6 @@ def adapt(
     minutes: float = 10.0,
     progress: bool = True,
     crop: str = DEFAULT_CROP,
-    in_context: set | None = None,
     **settings: Any,
 ) -> AdaptReport:
     """Adapt ``base`` to the shop in ``source`` (a folder or CSV, as for ``vestis index``)
@@ -125,20 +124,19 @@ def adapt(
 
     Photos are embedded as ``vestis index --crop CROP`` stores them (by default the garment
     their category names, in their photo's context). ``source`` may instead be records whose
-    boxes are already chosen, with ``in_context`` the files whose box the parser found (a
-    catalog's, :func:`vestis.catalog.reembed.catalog_records`); then nothing is parsed."""
+    boxes are already chosen (a catalog's, :func:`vestis.catalog.reembed.catalog_records`,
+    each box ``in_context`` where the parser found it), with ``crop="none"``: then nothing is
+    parsed."""
     started = time.perf_counter()
     options = _settings(settings)
-    records = read_source(source)
-    if in_context is None:
-        records, in_context = _cropped(records, check_crop_mode(crop), progress)
+    records = _cropped(read_source(source), check_crop_mode(crop), progress)
     samples = _readable_samples(records, progress)
     folds = _check_folds(samples, options)
     multi = [sample for fold in folds for sample in fold]
     encoder = Encoder.from_name(base)
     parts = encoder.model.vector_parts() if encoder.model is not None else [
         ("vector", encoder.dim, 1.0)]
-    vectors = _stored_vectors(encoder, samples, {Path(file) for file in in_context}, progress)
+    vectors = _stored_vectors(encoder, samples, progress)
     views = _views_by_photo(encoder, multi, vectors, samples, options,
                             started + minutes * 60, progress) if len(parts) == 1 else {}
     checks = []
@@ -240,14 +238,14 @@ def adapt_catalog(
     old = _open_existing(catalog)
     path = old.location
     try:
-        records, in_context = catalog_records(old)
+        records = catalog_records(old)
         missing = [str(record.path) for record in records
                    if not is_uri(record.path) and not Path(record.path).is_file()]
         if missing:
             raise ValueError(f"{len(missing)} image(s) of catalog {path} have no file to "
                              f"re-embed (first: {missing[0]}); nothing was changed")
         report = adapt(records, out, base=base or old.model_name, minutes=minutes,
-                       progress=progress, in_context=in_context, **settings)
+                       progress=progress, crop="none", **settings)
         count = 0
         if report.kept:
             count = reembed(old, str(Path(out).expanduser().resolve()), progress=progress,
@@ -293,7 +291,7 @@ def _readable_samples(records: list[ImageRecord], progress: bool) -> list[ImageR
             continue
         group = str(record.metadata.get("product") or record.item_id)
         samples.append(ImageRecord(Path(record.path), record.item_id, group=group,
-                                   box=record.box))
+                                   box=record.box, in_context=record.in_context))
     return samples
 
 
@@ -317,23 +315,22 @@ def _count_items(samples: list[ImageRecord]) -> int:
     return len({sample.item_id for sample in samples})
 
 
-def _cropped(records: list[ImageRecord], crop: str, progress: bool
-             ) -> tuple[list[ImageRecord], set]:
-    """``records`` with the boxes ``vestis index --crop CROP`` gives them, and the files
-    whose box the parser found."""
+def _cropped(records: list[ImageRecord], crop: str, progress: bool) -> list[ImageRecord]:
+    """``records`` with the boxes ``vestis index --crop CROP`` gives them, ``in_context``
+    where the parser found the box."""
     if crop == "none":
-        return records, set()
+        return records
     cropped = GarmentCropper().crop(records, crop, progress=progress)
-    return cropped, {after.path for before, after in zip(records, cropped, strict=True)
-                     if before.box is None and after.box is not None}
+    return [replace(after, in_context=True) if before.box is None and after.box is not None
+            else after for before, after in zip(records, cropped, strict=True)]
 
 
-def _stored_vectors(encoder: Encoder, samples: list[ImageRecord], in_context: set[Path],
-                    progress: bool) -> np.ndarray:
+def _stored_vectors(encoder: Encoder, samples: list[ImageRecord], progress: bool
+                    ) -> np.ndarray:
     """Each photo's vector as a catalog stores it (:func:`embed_views`)."""
     vectors, errors = embed_views(encoder, encoder, [s.path for s in samples],
                                   [s.box for s in samples],
-                                  [s.path in in_context for s in samples], progress=progress)
+                                  [s.in_context for s in samples], progress=progress)
     if errors:
         raise ValueError(f"{len(errors)} photo(s) could not be embedded (first: {errors[0]})")
     return vectors
@@ -393,7 +390,7 @@ def _check_values(weight: torch.Tensor, vectors: np.ndarray, samples: list[Image
     labels = [samples[i].item_id for i in unseen]
     position = {samples[i].path: j for j, i in enumerate(unseen)}
     queries = np.array([position[sample.path] for sample in fold])
-    adapted = F.normalize(mapped(torch.from_numpy(gallery), weight), dim=1).numpy()
+    adapted = F.normalize(apply_map(torch.from_numpy(gallery), weight), dim=1).numpy()
     results = [retrieval_metrics(v[queries], [labels[i] for i in queries], v, labels,
                                  ks=(1, 10), query_gallery_index=queries)
                for v in (adapted, gallery)]
@@ -410,11 +407,6 @@ def _pooled(checks: list[tuple[dict, dict, list[str]]]) -> tuple[Comparison, tup
     groups = [label for check in checks for label in check[2]]
     gain = {"score": (adapted["R@1"] - base["R@1"] + adapted["mAP"] - base["mAP"]) / 2}
     return compare_values(adapted, base, groups), bootstrap_intervals(gain, groups)["score"]
-
-
-def mapped(vectors: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``vectors`` through a map: a square matrix, or a vector (the diagonal of one)."""
-    return vectors * weight if weight.dim() == 1 else vectors @ weight.T
 
 
 def _save(base: str, weight: torch.Tensor | None, report: AdaptReport) -> None:
